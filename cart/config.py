@@ -1,0 +1,176 @@
+"""Typed configs: small YAML files, `key=value` overrides, one dataclass per stage.
+
+Every value the CART paper leaves open (K, M, V, model size, beam width, omega)
+is a field here with a documented default; the YAML files under `configs/` only
+say what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cart.errors import CartError
+
+
+@dataclass
+class CorpusConfig:
+    source: Literal["emoji", "karpathy", "coco", "manifest", "folder"] = "emoji"
+    path: str = ""  # the dataset file (karpathy, coco, manifest) or folder; unused for emoji
+    media_root: str = ""  # where relative media paths point; default: the folder holding `path`
+    split: str = "train"  # split given to every item when the source has none (coco, manifest, folder)
+    query_splits: list[str] = field(default_factory=lambda: ["test"])  # these splits' texts are held-out queries
+    check_media: bool = True  # decode every image so truncated files are caught here, not mid-training
+    on_bad: Literal["stop", "skip"] = "stop"  # skip: leave bad items out and report each one
+    cache_dir: str = "~/.cache/cart"  # emoji: the npm packages are fetched and unpacked here
+
+
+@dataclass
+class EmbedConfig:
+    encoder: Literal["efficientnet-lite0", "imagebind", "precomputed"] = "efficientnet-lite0"
+    weights: str = ""  # imagebind: the official imagebind_huge.pth; precomputed: a .npy/.safetensors file
+    imagebind_arch: dict[str, Any] = field(default_factory=dict)  # ImageBindModel kwargs; empty = imagebind_huge
+    batch_size: int = 32
+    device: str = "auto"  # auto: cuda when present, else cpu
+    save_every: int = 20  # batches between resumable partial saves
+
+
+@dataclass
+class IdsConfig:
+    scheme: Literal["cart", "rq", "hkmeans", "atomic"] = "cart"
+    clusters: int = 64  # K, the coarse K-Means token (paper: not published)
+    levels: int = 2  # M, residual codebooks of the RQ-VAE (paper: not published)
+    codebook_size: int = 128  # V, codes per level (paper: not published)
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""  # a local T5 folder for from_pretrained(dir); empty: build from the sizes below
+    d_model: int = 256
+    num_layers: int = 4
+    num_decoder_layers: int = 4
+    num_heads: int = 4
+    d_ff: int = 1024
+    dropout: float = 0.1
+    fusion: bool = True  # CART's coarse + fine fusion; False is the paper's "w/o fusion" ablation
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    rdrop_weight: float = 1.0  # omega; 0 is the paper's "w/o consistency" ablation (paper: not published)
+    tracker: Literal["none", "wandb", "tensorboard"] = "none"
+
+
+@dataclass
+class RetrieveConfig:
+    beam_width: int = 10  # paper: not published; k of R@k can be at most this
+    top_k: int = 10
+
+
+@dataclass
+class Config:
+    run: str = "emoji"  # outputs go to <output_dir>/<run>/
+    output_dir: str = "checkpoints"
+    seed: int = 0
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    ids: IdsConfig = field(default_factory=IdsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser() / self.run
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `a.b=value` overrides (values parsed as YAML), check every key and type."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CartError(f"config file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise CartError(f"{path}: not UTF-8 text") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise CartError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise CartError(f"{path}: expected a mapping of config keys at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CartError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CartError(f"override {item!r}: {part} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            node[leaf] = value
+    return _build(Config, data, source, prefix="")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls, data: dict, source: str, prefix: str):
+    if not isinstance(data, dict):
+        raise CartError(f"{source}: {prefix.rstrip('.')} should be a section (a mapping), got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise CartError(
+                f"{source}: unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})"
+            )
+    values = {key: _check(hints[key], value, source, prefix + key) for key, value in data.items()}
+    return cls(**values)
+
+
+def _check(hint, value, source: str, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise CartError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise CartError(f"{source}: {key} should be a list, got {value!r}")
+        return [_check(item_type, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CartError(f"{source}: {key} should be a mapping, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is float and not isinstance(value, bool):
+        try:  # YAML reads 1e-3 (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        return value
+    raise CartError(f"{source}: {key} should be {hint.__name__}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,105 @@
+"""Stage `cart embed`: embed every corpus item once.
+
+Reads `corpus.jsonl`; writes `embeddings.safetensors` (tensor `embeddings`, N x D
+float32, one L2-normalised row per item in corpus order) and its manifest.
+Work is saved every `embed.save_every` batches to `embeddings.partial/`, so an
+interrupted run picks up where it stopped; the partial folder is kept only
+while it belongs to the same corpus and encoder settings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from cart import corpus, encoders, files
+from cart.config import Config, to_dict
+from cart.errors import CartError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(cfg: Config) -> Path:
+    """Write `embeddings.safetensors` for the run's corpus; return its path."""
+    run_dir, e = cfg.run_dir, cfg.embed
+    records = corpus.read(run_dir)
+    _, corpus_manifest = files.verified_input(run_dir, files.CORPUS)
+    out = run_dir / files.EMBEDDINGS
+    if e.encoder == "precomputed":
+        matrix = encoders.load_precomputed(e.weights, [r["id"] for r in records])
+    else:
+        if e.batch_size < 1:
+            raise CartError(f"embed.batch_size must be at least 1, got {e.batch_size}")
+        matrix = _encode(records, cfg, corpus_manifest["sha256"])
+    matrix = F.normalize(matrix.float(), dim=-1).contiguous()
+    if not torch.isfinite(matrix).all():
+        raise CartError(f"{e.encoder} gave non-finite embeddings; check the inputs and weights")
+    with files.atomic_path(out) as tmp:
+        save_file({"embeddings": matrix}, str(tmp))
+    files.write_manifest(
+        out, "embed", to_dict(cfg), {files.CORPUS: corpus_manifest["sha256"]},
+        encoder=e.encoder, items=len(matrix), dim=matrix.shape[1],
+    )
+    shutil.rmtree(run_dir / files.EMBEDDINGS_PARTIAL, ignore_errors=True)
+    print(f"embed: {len(matrix)} x {matrix.shape[1]} ({e.encoder}) -> {out}")
+    return out
+
+
+def _encode(records: list[dict], cfg: Config, corpus_sha: str) -> torch.Tensor:
+    e = cfg.embed
+    encoder = encoders.load(e, pick_device(e.device))
+    unsupported = [r for r in records if r["modality"] not in encoder.modalities]
+    if unsupported:
+        r = unsupported[0]
+        raise CartError(
+            f"embed.encoder={e.encoder} cannot embed {r['modality']} items "
+            f"({len(unsupported)} in the corpus, e.g. {r['id']!r}); use imagebind"
+        )
+    partial = cfg.run_dir / files.EMBEDDINGS_PARTIAL
+    # Shards stay valid while the corpus and the model are the same (batch size and device do not matter).
+    done = _resume(partial, {"corpus": corpus_sha, "encoder": e.encoder, "weights": e.weights,
+                             "arch": e.imagebind_arch})
+    rows = sum(len(t) for t in done)
+    pending: list[torch.Tensor] = []
+    with tqdm(total=len(records), initial=rows, desc=f"embed ({e.encoder})", unit=" items") as bar:
+        for start in range(rows, len(records), e.batch_size):
+            batch = records[start: start + e.batch_size]
+            try:
+                pending.append(encoder.encode(batch))
+            except (OSError, ValueError) as err:
+                raise CartError(f"embed: item {batch[0]['id']!r} batch failed: {err}") from None
+            bar.update(len(batch))
+            if len(pending) == e.save_every:
+                done.append(_save_shard(partial, len(done), torch.cat(pending)))
+                pending = []
+    return torch.cat(done + pending)
+
+
+def _resume(partial: Path, state: dict) -> list[torch.Tensor]:
+    """Shards already written by an interrupted run with the same inputs; otherwise start afresh."""
+    state_file = partial / "state.json"
+    if state_file.exists() and json.loads(state_file.read_text(encoding="utf-8")) == state:
+        shards = sorted(partial.glob("shard-*.safetensors"))
+        if shards:
+            print(f"embed: resuming after {len(shards)} saved shards in {partial}")
+        return [load_file(str(s))["rows"] for s in shards]
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    files.write_text(state_file, json.dumps(state, sort_keys=True))
+    return []
+
+
+def _save_shard(partial: Path, index: int, rows: torch.Tensor) -> torch.Tensor:
+    with files.atomic_path(partial / f"shard-{index:06d}.safetensors") as tmp:
+        save_file({"rows": rows.contiguous()}, str(tmp))
+    return rows
