@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny media made in code, and the tiny config pointed at a temporary run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from cart.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = ["red", "green", "blue", "orange", "purple", "black"]
+# A tiny ImageBind: every tower one block of width 16; the same class and loading code as imagebind_huge.
+TINY_IMAGEBIND = {
+    f"{m}_{k}": v for m in ("vision", "audio", "text", "depth", "thermal", "imu")
+    for k, v in (("embed_dim", 16), ("num_blocks", 1), ("num_heads", 2))
+} | {"out_embed_dim": 8}
+
+
+def make_image(path: Path, colour: str = "red", shape: str = "ellipse", size: int = 48) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    getattr(draw, shape)([8, 8, size - 8, size - 8], fill=colour)
+    image.save(path)
+    return path
+
+
+@pytest.fixture
+def media(tmp_path) -> Path:
+    """Six small PNGs in tmp_path/media: img0.png .. img5.png, each a different colour."""
+    for i, colour in enumerate(COLOURS):
+        make_image(tmp_path / "media" / f"img{i}.png", colour, "ellipse" if i % 2 else "rectangle")
+    return tmp_path / "media"
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def manifest(tmp_path, media) -> Path:
+    rows = [
+        {"id": f"item{i}", "modality": "image", "path": f"media/img{i}.png",
+         "texts": [f"a {c} shape", f"{c}"], "split": "test" if i == 5 else "train"}
+        for i, c in enumerate(COLOURS)
+    ]
+    return write_jsonl(tmp_path / "manifest.jsonl", rows)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """configs/tiny.yaml with its outputs under tmp_path; extra overrides as key=value strings."""
+
+    def load(*overrides: str):
+        return load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}", *overrides])
+
+    return load
+
+
+def unit_rows(matrix) -> bool:
+    return bool(np.allclose(np.linalg.norm(np.asarray(matrix), axis=1), 1.0, atol=1e-5))

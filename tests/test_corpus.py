@@ -1,0 +1,159 @@
+import json
+
+import pytest
+
+from cart import corpus, files
+from cart.errors import CartError
+from conftest import COLOURS, make_image, write_jsonl
+
+
+def texts_of(records, kind):
+    return {r["id"]: [t["text"] for t in r["texts"] if t["kind"] == kind] for r in records}
+
+
+def test_manifest_jsonl(tiny_config, manifest):
+    cfg = tiny_config(f"corpus.path={manifest}")
+    out = corpus.run(cfg)
+    records = corpus.read(cfg.run_dir)
+    assert out == cfg.run_dir / files.CORPUS
+    assert [r["id"] for r in records] == [f"item{i}" for i in range(6)]
+    assert texts_of(records, "caption")["item0"] == ["a red shape", "red"]
+    # item5 is in a query split: its texts are held out as queries of set "test"
+    assert texts_of(records, "caption")["item5"] == []
+    assert {t["set"] for t in records[5]["texts"]} == {"test"}
+    manifest_json = json.loads(files.manifest_path(out).read_text())
+    assert manifest_json["stage"] == "corpus" and manifest_json["inputs"] == {"manifest.jsonl": files.sha256_file(manifest)}
+
+
+def test_manifest_csv(tiny_config, tmp_path, media):
+    path = tmp_path / "m.csv"
+    path.write_text("id,modality,path,texts,split\n"
+                    "a,image,media/img0.png,red square|a square,train\n"
+                    'b,image,media/img1.png,"green, round",test\n', encoding="utf-8")
+    records = corpus.read(corpus.run(tiny_config(f"corpus.path={path}")).parent)
+    assert texts_of(records, "caption") == {"a": ["red square", "a square"], "b": []}
+    assert texts_of(records, "query") == {"a": [], "b": ["green, round"]}
+
+
+def test_karpathy_split_json(tiny_config, tmp_path, media):
+    data = {"dataset": "flickr30k", "images": [
+        {"filename": f"img{i}.png", "split": split, "imgid": i, "sentences": [{"raw": f"caption {i}"}]}
+        for i, split in enumerate(["train", "restval", "val", "test"])
+    ]}
+    path = tmp_path / "dataset_flickr30k.json"
+    path.write_text(json.dumps(data))
+    records = corpus.read(corpus.run(tiny_config("corpus.source=karpathy", f"corpus.path={path}",
+                                                 f"corpus.media_root={media}", "corpus.query_splits=[val, test]")).parent)
+    assert [r["id"] for r in records] == ["img0", "img1", "img2", "img3"]
+    assert [r["split"] for r in records] == ["train", "restval", "val", "test"]
+    assert texts_of(records, "caption") == {"img0": ["caption 0"], "img1": ["caption 1"], "img2": [], "img3": []}
+    assert [t.get("set") for r in records for t in r["texts"]] == [None, None, "val", "test"]
+
+
+def test_coco_captions_json(tiny_config, tmp_path, media):
+    data = {"images": [{"id": 7, "file_name": "img0.png"}, {"id": 9, "file_name": "img1.png"}],
+            "annotations": [{"image_id": 7, "caption": "red"}, {"image_id": 9, "caption": "green"},
+                            {"image_id": 7, "caption": "a red block"}]}
+    path = tmp_path / "captions_train2017.json"
+    path.write_text(json.dumps(data))
+    records = corpus.read(corpus.run(tiny_config("corpus.source=coco", f"corpus.path={path}",
+                                                 f"corpus.media_root={media}")).parent)
+    assert texts_of(records, "caption") == {"7": ["red", "a red block"], "9": ["green"]}
+
+
+def test_folder_with_sidecar_texts(tiny_config, media):
+    (media / "img0.txt").write_text("red square\n\nscarlet\n", encoding="utf-8")
+    (media / "sub").mkdir()
+    make_image(media / "sub" / "deep.jpg", "blue")
+    records = corpus.read(corpus.run(tiny_config("corpus.source=folder", f"corpus.path={media}")).parent)
+    assert len(records) == 7
+    assert texts_of(records, "caption")["img0"] == ["red square", "scarlet"]
+    assert "sub/deep" in {r["id"] for r in records}
+
+
+def bad_rows(media):
+    good = {"id": "ok", "modality": "image", "path": "media/img0.png", "texts": ["red"]}
+    (media / "broken.png").write_bytes((media / "img1.png").read_bytes()[:60])
+    return {
+        "missing media file": {**good, "id": "x", "path": "media/nope.png"},
+        "unreadable or truncated image": {**good, "id": "x", "path": "media/broken.png"},
+        "empty text": {**good, "id": "x", "texts": ["fine", "  "]},
+        "duplicate item id 'ok'": good,
+        "unknown modality 'smell'": {**good, "id": "x", "modality": "smell"},
+        "not UTF-8 text": b'{"id": "x", "path": "media/img0.png", "texts": ["caf\xe9"]}',
+        "not valid JSON": '{"id": "x", ',
+    }
+
+
+PROBLEMS = ["missing media file", "unreadable or truncated image", "empty text", "duplicate item id 'ok'",
+            "unknown modality 'smell'", "not UTF-8 text", "not valid JSON"]
+
+
+def as_line(row) -> bytes:
+    return row if isinstance(row, bytes) else (row if isinstance(row, str) else json.dumps(row)).encode()
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_bad_item_stops_with_file_and_line(tiny_config, tmp_path, media, problem):
+    row = bad_rows(media)[problem]
+    good = bad_rows(media)["duplicate item id 'ok'"]
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(as_line(good) + b"\n" + as_line(row) + b"\n")
+    cfg = tiny_config(f"corpus.path={path}")
+    with pytest.raises(CartError, match=f"m.jsonl line 2: {problem}"):
+        corpus.run(cfg)
+    assert not cfg.run_dir.exists() or list(cfg.run_dir.iterdir()) == []  # nothing half-written
+
+
+def test_skip_reports_each_bad_item_and_count(tiny_config, tmp_path, media, capsys):
+    rows = bad_rows(media)
+    path = tmp_path / "m.jsonl"
+    assert list(rows) == PROBLEMS
+    path.write_bytes(b"\n".join(as_line(r) for r in [rows["duplicate item id 'ok'"], *rows.values()]) + b"\n")
+    out = corpus.run(tiny_config(f"corpus.path={path}", "corpus.on_bad=skip"))
+    assert [r["id"] for r in corpus.read(out.parent)] == ["ok"]
+    captured = capsys.readouterr()
+    assert captured.err.count("skipped") == len(rows)
+    for number, problem in enumerate(rows, 2):
+        assert f"m.jsonl line {number}: {problem}" in captured.err
+    assert "1 items" in captured.out and f"{len(rows)} skipped" in captured.out
+    assert len(json.loads(files.manifest_path(out).read_text())["skipped"]) == len(rows)
+
+
+def test_csv_and_sidecar_non_utf8_name_the_line(tiny_config, tmp_path, media):
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id,modality,path,texts,split\na,image,media/img0.png,red,train\nb,image,media/img1.png,gr\xfcn,train\n")
+    with pytest.raises(CartError, match="m.csv line 3: not UTF-8 text"):
+        corpus.run(tiny_config(f"corpus.path={path}"))
+    (media / "img2.txt").write_bytes(b"blue\nbl\xe4u\n")
+    with pytest.raises(CartError, match="img2.txt line 2: not UTF-8 text"):
+        corpus.run(tiny_config("corpus.source=folder", f"corpus.path={media}"))
+
+
+def test_whole_file_errors(tiny_config, tmp_path):
+    path = tmp_path / "dataset.json"
+    path.write_bytes(b'{"images": [\n{"filename": "caf\xe9.jpg"}]}')
+    with pytest.raises(CartError, match="dataset.json line 2: not UTF-8 text"):
+        corpus.run(tiny_config("corpus.source=karpathy", f"corpus.path={path}"))
+    path.write_text('{"images": 3}')
+    with pytest.raises(CartError, match="expected a Karpathy-split JSON"):
+        corpus.run(tiny_config("corpus.source=karpathy", f"corpus.path={path}"))
+
+
+def test_failed_run_keeps_the_previous_corpus(tiny_config, tmp_path, manifest, media):
+    cfg = tiny_config(f"corpus.path={manifest}")
+    out = corpus.run(cfg)
+    before = out.read_bytes()
+    (media / "img3.png").unlink()
+    with pytest.raises(CartError, match="missing media file"):
+        corpus.run(cfg)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["corpus.jsonl", "corpus.manifest.json"]
+
+
+def test_corpus_edited_by_hand_is_refused(tiny_config, manifest):
+    cfg = tiny_config(f"corpus.path={manifest}")
+    out = corpus.run(cfg)
+    out.write_text(out.read_text().replace("red", "blue"))
+    with pytest.raises(CartError, match="does not match its manifest"):
+        corpus.read(cfg.run_dir)

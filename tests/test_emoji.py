@@ -1,0 +1,66 @@
+"""The built-in benchmark data, from the pinned npm packages (fetched once into ~/.cache/cart)."""
+
+from collections import Counter
+
+import pytest
+
+from cart import emoji
+from cart.config import CorpusConfig
+from cart.errors import CartError
+
+
+@pytest.fixture(scope="module")
+def items():
+    return emoji.load_items(CorpusConfig().cache_dir)
+
+
+def test_the_1911_items_and_their_splits(items):
+    assert len(items) == 1911
+    assert len({i["id"] for i in items}) == 1911
+    sets = Counter(t.get("set", t["kind"]) for i in items for t in i["texts"])
+    assert sets["A"] == 1911  # one label per emoji
+    assert 1650 <= sets["B"] <= 1750  # "about 1,700" shortcodes
+    assert all(any(t["kind"] == "caption" for t in i["texts"]) for i in items)
+
+
+def test_training_texts_are_tags_and_queries_are_held_out(items):
+    cat = next(i for i in items if i["id"] == "1f431")
+    captions = [t["text"] for t in cat["texts"] if t["kind"] == "caption"]
+    assert captions == ["animal", "cat", "face", "kitten", "kitty", "pet", "animal cat face kitten kitty pet"]
+    assert [t["text"] for t in cat["texts"] if t.get("set") == "A"] == ["cat face"]
+    for item in items:
+        tags = {t.lower() for t in item["meta"]["tags"]}
+        label = item["meta"]["label"].lower()
+        for text in item["texts"]:
+            if text.get("set") == "B":  # shortcodes never repeat the label or a tag
+                assert text["text"].lower() not in tags | {label}
+
+
+def test_skin_tone_variants_are_left_out(items):
+    # U+1F3FB..U+1F3FF are the tone modifiers: alone they are swatch emoji, after another code point a variant
+    tones = ("-1f3fb", "-1f3fc", "-1f3fd", "-1f3fe", "-1f3ff")
+    assert not any(tone in i["id"] for i in items for tone in tones)
+    assert {"1f3fb", "1f44d"} <= {i["id"] for i in items}  # the swatch and the neutral thumbs up stay
+
+
+def test_npm_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(CartError, match="npm not found"):
+        emoji.fetch_packages(tmp_path / "cache")
+
+
+def test_integrity_mismatch_leaves_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(emoji, "PACKAGES", {"emojibase-data@17.0.0": "sha512-AAAA"})
+    with pytest.raises(CartError, match="emojibase-data@17.0.0: integrity mismatch"):
+        emoji.fetch_packages(tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_unreachable_registry_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("npm_config_registry", "http://127.0.0.1:9/")
+    monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))
+    monkeypatch.setenv("npm_config_fetch_retries", "0")
+    monkeypatch.setenv("npm_config_offline", "false")
+    with pytest.raises(CartError, match="npm pack emoji-datasource-twitter@16.0.0 failed"):
+        emoji.fetch_packages(tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []
