@@ -74,7 +74,8 @@ class EfficientNetLite0:
         if not shapes_match:
             raise CartError(f"{path}: these weights do not fit timm's tf_efficientnet_lite0")
         model.load_state_dict(dict(zip(names, weights)))
-        self.model = model.eval().to(device)
+        # channels_last runs the depthwise convolutions about twice as fast on the CPU
+        self.model = model.eval().to(device, memory_format=torch.channels_last)
         self.device = device
         # The TF Lite models were trained on inputs scaled to [-1, 1].
         self.transform = transforms.Compose([
@@ -86,7 +87,8 @@ class EfficientNetLite0:
 
     @torch.inference_mode()
     def encode(self, records: list[dict]) -> torch.Tensor:
-        pixels = torch.stack([self.transform(load_rgb(r["path"])) for r in records]).to(self.device)
+        pixels = torch.stack([self.transform(load_rgb(r["path"])) for r in records])
+        pixels = pixels.to(self.device, memory_format=torch.channels_last)
         return self.model(pixels).float().cpu()  # (B, 1280)
 
 
