@@ -18,6 +18,7 @@ from cart.errors import CartError
 STAGES = {
     "corpus": ("cart.corpus", "read a dataset source, check it, write corpus.jsonl"),
     "embed": ("cart.embed", "embed every corpus item, write embeddings.safetensors"),
+    "ids": ("cart.build_ids", "turn embeddings into unique semantic identifiers and their prefix trie"),
     "pipeline": ("cart.pipeline", "run every stage in order (the demo)"),
 }
 

@@ -43,10 +43,19 @@ class EmbedConfig:
 
 @dataclass
 class IdsConfig:
+    # cart: K-Means token + RQ-VAE codes of the residual + counter; rq: RQ-VAE on the raw embeddings
+    # (the paper's "w/o K-Means"); hkmeans: hierarchical K-Means (NCI/GRACE, "w/o RQ-VAE"); atomic: one token an item
     scheme: Literal["cart", "rq", "hkmeans", "atomic"] = "cart"
     clusters: int = 64  # K, the coarse K-Means token (paper: not published)
-    levels: int = 2  # M, residual codebooks of the RQ-VAE (paper: not published)
+    levels: int = 2  # M, residual codebooks of the RQ-VAE, or K-Means levels below the first for hkmeans
     codebook_size: int = 128  # V, codes per level (paper: not published)
+    kmeans: Literal["auto", "full", "minibatch"] = "auto"  # auto: full K-Means up to 50,000 items, else mini-batch
+    rqvae_hidden: int = 256  # encoder/decoder MLP width
+    rqvae_latent: int = 64  # the quantised space
+    rqvae_steps: int = 2000  # optimiser steps (batches drawn with replacement)
+    rqvae_batch_size: int = 1024
+    rqvae_lr: float = 1e-3
+    commitment_weight: float = 0.25
 
 
 @dataclass

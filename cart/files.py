@@ -22,9 +22,14 @@ from cart.errors import CartError
 CORPUS = "corpus.jsonl"
 EMBEDDINGS = "embeddings.safetensors"
 EMBEDDINGS_PARTIAL = "embeddings.partial"  # resumable shards while `cart embed` runs
+IDS = "ids.safetensors"  # codes (N x L), the trie's key -> item table, K-Means centroids
+IDS_STATS = "ids.json"
+IDS_PLOT = "ids.png"
+RQVAE = "rqvae.safetensors"
+TRIE = "trie.marisa"
 
 # Which command writes each file, for "run X first" messages.
-WRITER = {CORPUS: "cart corpus", EMBEDDINGS: "cart embed"}
+WRITER = {CORPUS: "cart corpus", EMBEDDINGS: "cart embed", IDS: "cart ids"}
 
 
 @contextmanager

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cart import corpus, embed
+from cart import build_ids, corpus, embed
 from cart.config import Config
 
 
 def run(cfg: Config) -> Path:
-    outputs = [corpus.run(cfg), embed.run(cfg)]
+    outputs = [corpus.run(cfg), embed.run(cfg), build_ids.run(cfg)]
     print("outputs:")
     for path in outputs:
         print(f"  {path}")

@@ -1,0 +1,197 @@
+"""Semantic identifiers: the schemes that turn embeddings into codes, the collision counter, the token layout.
+
+An identifier is a fixed-length row of codes, one per level; level l has
+`level_sizes[l]` codes. CART's scheme gives (k, v1..vM, u): the K-Means cluster,
+the RQ-VAE codes of the residual, and a counter that separates items whose
+(k, v1..vM) collide, so L = M + 2. The ablations give rows of their own length
+through the same `Codes` result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans, MiniBatchKMeans
+
+from cart import rqvae
+from cart.config import IdsConfig
+from cart.measure import phase
+
+FULL_KMEANS_MAX_ITEMS = 50_000
+
+
+@dataclass
+class Codes:
+    codes: np.ndarray  # (N, L) int64, one code per level
+    level_sizes: list[int]
+    centroids: torch.Tensor | None = None  # (K, D) for schemes with a K-Means level
+    quantizer: rqvae.RQVAE | None = None
+    stats: dict = field(default_factory=dict)
+
+
+class TokenLayout:
+    """The decoder's vocabulary: two special tokens, then one token range per identifier level.
+
+    A code c at level l is the token `offsets[l] + c`, so the same code at two levels is two tokens.
+    PAD is also the decoder start token (as in T5); EOS ends every identifier.
+    """
+
+    PAD, EOS = 0, 1
+    SPECIAL = 2
+
+    def __init__(self, level_sizes: list[int]):
+        self.level_sizes = [int(s) for s in level_sizes]
+        self.offsets = np.concatenate([[0], np.cumsum(self.level_sizes)[:-1]]).astype(np.int64) + self.SPECIAL
+        self.vocab_size = self.SPECIAL + sum(self.level_sizes)
+
+    @property
+    def length(self) -> int:
+        return len(self.level_sizes)
+
+    def to_tokens(self, codes: np.ndarray) -> np.ndarray:
+        """(N, L) codes -> (N, L) decoder tokens."""
+        codes = np.asarray(codes, dtype=np.int64)
+        if codes.shape[-1] != self.length or (codes < 0).any() or (codes >= self.level_sizes).any():
+            raise ValueError(f"codes do not fit the layout with level sizes {self.level_sizes}")
+        return codes + self.offsets
+
+    def to_codes(self, tokens: np.ndarray) -> np.ndarray:
+        """(N, L) decoder tokens -> (N, L) codes; the inverse of to_tokens."""
+        codes = np.asarray(tokens, dtype=np.int64) - self.offsets
+        if tokens.shape[-1] != self.length or (codes < 0).any() or (codes >= self.level_sizes).any():
+            raise ValueError(f"tokens are not identifier tokens of the layout with level sizes {self.level_sizes}")
+        return codes
+
+    def level_range(self, level: int) -> tuple[int, int]:
+        return int(self.offsets[level]), int(self.offsets[level]) + self.level_sizes[level]
+
+
+def build(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict | None = None) -> Codes:
+    """Identifiers for the rows of x (N, D) under `cfg.scheme`; x may be modified in place.
+    `phases` collects the wall time and peak memory of each phase."""
+    scheme = {"cart": _cart, "rq": _rq, "hkmeans": _hkmeans, "atomic": _atomic}[cfg.scheme]
+    return scheme(x, cfg, seed, {} if phases is None else phases)
+
+
+def collision_counter(prefix: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with equal `prefix` (N, P) get 0, 1, 2, ... in ascending `order` (ties: row order).
+    Also returns which rows share their prefix with another row (N,) bool."""
+    _, group, size = np.unique(prefix, axis=0, return_inverse=True, return_counts=True)
+    group = group.reshape(-1)
+    rank = np.lexsort((np.arange(len(group)), order, group))  # sorted by group, then order, then row
+    sorted_group = group[rank]
+    starts = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, len(group)]))
+    counter = np.empty(len(group), dtype=np.int64)
+    counter[rank] = np.arange(len(group)) - first
+    return counter, size[group] > 1
+
+
+def kmeans(x: np.ndarray, clusters: int, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (N,) and centroids (K, D): full K-Means (k-means++) for small sets, mini-batch beyond."""
+    if mode == "full" or (mode == "auto" and len(x) <= FULL_KMEANS_MAX_ITEMS):
+        model = KMeans(n_clusters=clusters, init="k-means++", n_init=1, random_state=seed)
+    else:
+        model = MiniBatchKMeans(n_clusters=clusters, init="k-means++", n_init=1, random_state=seed,
+                                batch_size=4096, init_size=max(3 * clusters, 3 * 4096))
+    labels = model.fit_predict(x)
+    return labels.astype(np.int64), model.cluster_centers_.astype(np.float32)
+
+
+def _train_quantizer(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict):
+    """An RQ-VAE over x, the codes (N, M) and each row's squared reconstruction error (N,)."""
+    with phase(phases, "rqvae_train"):
+        model = rqvae.train(x, hidden=cfg.rqvae_hidden, latent=cfg.rqvae_latent, levels=cfg.levels,
+                            codebook_size=cfg.codebook_size, commitment_weight=cfg.commitment_weight,
+                            steps=cfg.rqvae_steps, batch_size=cfg.rqvae_batch_size, lr=cfg.rqvae_lr, seed=seed)
+    with phase(phases, "rqvae_encode"):
+        codes = model.encode(x)
+        errors = torch.cat([(model.decode(codes[i: i + 8192]) - x[i: i + 8192]).pow(2).sum(1)
+                            for i in range(0, len(x), 8192)])
+    return model, codes.numpy().astype(np.int64), errors.numpy()
+
+
+def _with_counter(prefix: np.ndarray, sizes: list[int], order: np.ndarray, phases: dict, **extra) -> Codes:
+    with phase(phases, "counter"):
+        counter, shared = collision_counter(prefix, order)
+    codes = np.concatenate([prefix, counter[:, None]], axis=1)
+    stats = {"collision_rate": float(shared.mean())} | extra.pop("stats", {})
+    return Codes(codes, sizes + [int(counter.max()) + 1], stats=stats, **extra)
+
+
+def _cart(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
+    with phase(phases, "kmeans"):
+        labels, centroids = kmeans(x.numpy(), cfg.clusters, cfg.kmeans, seed)
+        centroids = torch.from_numpy(centroids)
+        for i in range(0, len(x), 65536):  # residuals in place: a second N x D copy would double peak memory
+            x[i: i + 65536] -= centroids[labels[i: i + 65536]]
+    residual_energy = float(x.pow(2).sum(1).mean())
+    model, fine, errors = _train_quantizer(x, cfg, seed, phases)
+    stats = {"residual_energy": residual_energy, "reconstruction_error": float(errors.mean()),
+             "relative_reconstruction_error": float(errors.mean() / max(residual_energy, 1e-12))}
+    prefix = np.concatenate([labels[:, None], fine], axis=1)
+    # within a collision group, the item the RQ-VAE reconstructs best gets 0
+    return _with_counter(prefix, [cfg.clusters] + [cfg.codebook_size] * cfg.levels, errors, phases,
+                         centroids=centroids, quantizer=model, stats=stats)
+
+
+def _rq(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
+    energy = float(x.pow(2).sum(1).mean())
+    model, fine, errors = _train_quantizer(x, cfg, seed, phases)
+    stats = {"reconstruction_error": float(errors.mean()), "relative_reconstruction_error": float(errors.mean() / energy)}
+    return _with_counter(fine, [cfg.codebook_size] * cfg.levels, errors, phases, quantizer=model, stats=stats)
+
+
+def _hkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
+    """Hierarchical K-Means as in NCI/GRACE: K clusters, then V sub-clusters of each group for M levels.
+    A group of at most V items gives each member its own code; deeper levels then give 0."""
+    data = x.numpy()
+    with phase(phases, "kmeans"):
+        labels, centroids = kmeans(data, cfg.clusters, cfg.kmeans, seed)
+    levels = [labels]
+    distance = np.linalg.norm(data - centroids[labels], axis=1)
+    with phase(phases, "sub_kmeans"):
+        for _ in range(cfg.levels):
+            _, group = np.unique(np.stack(levels, axis=1), axis=0, return_inverse=True)
+            by_group = np.argsort(group.reshape(-1), kind="stable")
+            bounds = np.flatnonzero(np.diff(group.reshape(-1)[by_group])) + 1
+            codes = np.zeros(len(data), dtype=np.int64)
+            for members in np.split(by_group, bounds):
+                if len(members) <= cfg.codebook_size:
+                    codes[members] = np.arange(len(members))
+                else:
+                    sub_labels, sub_centroids = kmeans(data[members], cfg.codebook_size, cfg.kmeans, seed)
+                    codes[members] = sub_labels
+                    distance[members] = np.linalg.norm(data[members] - sub_centroids[sub_labels], axis=1)
+            levels.append(codes)
+    return _with_counter(np.stack(levels, axis=1), [cfg.clusters] + [cfg.codebook_size] * cfg.levels, distance,
+                         phases, centroids=torch.from_numpy(centroids))
+
+
+def _atomic(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
+    n = len(x)
+    return Codes(np.arange(n, dtype=np.int64)[:, None], [n], stats={"collision_rate": 0.0})
+
+
+def code_stats(codes: Codes) -> dict:
+    """Collision and usage statistics for ids.json."""
+    first = np.bincount(codes.codes[:, 0], minlength=codes.level_sizes[0])
+    used = first[first > 0]
+    per_level = []
+    for level, size in enumerate(codes.level_sizes):
+        counts = np.bincount(codes.codes[:, level], minlength=size)
+        p = counts[counts > 0] / counts.sum()
+        per_level.append({"size": size, "used": int((counts > 0).sum()), "usage": float((counts > 0).mean()),
+                          "entropy_bits": float(-(p * np.log2(p)).sum()), "max_entropy_bits": float(np.log2(size))})
+    return {
+        "items": len(codes.codes),
+        "length": codes.codes.shape[1],
+        "level_sizes": codes.level_sizes,
+        "largest_counter": int(codes.codes[:, -1].max()) if len(codes.level_sizes) > 1 else 0,
+        "first_level_group_size": {"min": int(used.min()), "median": float(np.median(used)), "max": int(used.max()),
+                                   "empty": int((first == 0).sum())},
+        "levels": per_level,
+        **codes.stats,
+    }

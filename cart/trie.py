@@ -1,0 +1,105 @@
+"""The prefix trie over valid identifiers: what may follow a prefix, and which item an identifier names.
+
+Two parts. The prefix database is a marisa-trie of every identifier (compact,
+memory-mapped when loaded from disk) that maps an identifier to its item. The
+allowed-token tables answer "which tokens may follow this prefix" for a whole
+batch of beams at once: for each level, the sorted edge keys `node * vocab +
+token` of that level. A prefix walks down with one `searchsorted` per level,
+and a node's children are one contiguous slice of the next level's keys, so a
+step costs a few tensor operations for the batch: no loop over beams, no scan
+over identifiers. Node ids of level l + 1 are positions in level l's keys.
+
+The trie knows identifier tokens only; a decoder's start token is the caller's
+to strip (GENRE's lesson: forget it and every lookup comes back empty).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import marisa_trie
+import numpy as np
+import torch
+
+from cart.identifiers import TokenLayout
+
+
+def _as_key(tokens) -> str:
+    # one character a token; code points past the UTF-16 surrogate block, which cannot be encoded
+    return "".join(chr(t if t < 0xD800 else t + 0x800) for t in map(int, tokens))
+
+
+class PrefixTrie:
+    def __init__(self, tokens: np.ndarray, layout: TokenLayout, database: marisa_trie.Trie | None = None,
+                 item_of_key: np.ndarray | None = None):
+        """tokens: (N, L) decoder tokens of every item's identifier, row i naming item i."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 2 or tokens.shape[1] != layout.length:
+            raise ValueError(f"expected identifiers of length {layout.length}, got shape {tokens.shape}")
+        self.layout = layout
+        self.vocab = layout.vocab_size
+        self.length = layout.length
+        self.level_keys: list[torch.Tensor] = []
+        node = np.zeros(len(tokens), dtype=np.int64)
+        for level in range(self.length):
+            edge = node * self.vocab + tokens[:, level]
+            keys = np.unique(edge)
+            self.level_keys.append(torch.from_numpy(keys))
+            node = np.searchsorted(keys, edge)
+        if len(self.level_keys[-1]) != len(tokens):
+            raise ValueError("identifiers are not unique")
+        if database is None:
+            keys = [_as_key(row) for row in tokens]
+            database = marisa_trie.Trie(keys)
+            item_of_key = np.empty(len(tokens), dtype=np.int64)
+            item_of_key[[database[k] for k in keys]] = np.arange(len(tokens))
+        self.database, self.item_of_key = database, item_of_key
+
+    def nodes(self, prefixes: torch.Tensor) -> torch.Tensor:
+        """(B, l) token prefixes -> (B,) node ids at depth l; an error names a prefix not in the trie."""
+        node = torch.zeros(len(prefixes), dtype=torch.long)
+        for level in range(prefixes.shape[1]):
+            keys = self.level_keys[level]
+            edge = node * self.vocab + prefixes[:, level].long()
+            position = torch.searchsorted(keys, edge).clamp_(max=len(keys) - 1)
+            missing = keys[position] != edge
+            if missing.any():
+                bad = prefixes[int(missing.nonzero()[0])].tolist()
+                raise ValueError(f"prefix {bad} is not a prefix of any identifier")
+            node = position
+        return node
+
+    def allowed_mask(self, prefixes: torch.Tensor) -> torch.Tensor:
+        """(B, l) token prefixes, all of one length l -> (B, vocab) bool: the tokens that may follow.
+        After a whole identifier (l == L) only EOS may follow."""
+        batch, depth = prefixes.shape
+        mask = torch.zeros(batch, self.vocab, dtype=torch.bool)
+        if depth >= self.length:
+            if depth > self.length:
+                raise ValueError(f"prefix of length {depth} is longer than the identifiers ({self.length})")
+            self.nodes(prefixes)  # still refuses a complete sequence that is not an identifier
+            mask[:, TokenLayout.EOS] = True
+            return mask
+        node = self.nodes(prefixes)
+        keys = self.level_keys[depth]
+        start = torch.searchsorted(keys, node * self.vocab)
+        count = torch.searchsorted(keys, (node + 1) * self.vocab) - start
+        rows = torch.repeat_interleave(torch.arange(batch), count)
+        # positions start[b], start[b] + 1, ..., start[b] + count[b] - 1 for every row at once
+        within = torch.arange(len(rows)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+        mask[rows, keys[torch.repeat_interleave(start, count) + within] % self.vocab] = True
+        return mask
+
+    def item_of(self, identifiers) -> np.ndarray:
+        """(B, L) identifier tokens -> (B,) item indices, -1 where a row is not an identifier."""
+        found = [self.database.get(_as_key(row), -1) for row in np.asarray(identifiers)]
+        return np.array([self.item_of_key[k] if k >= 0 else -1 for k in found], dtype=np.int64)
+
+    def save(self, path: Path) -> None:
+        self.database.save(str(path))
+
+    @classmethod
+    def load(cls, path: Path, tokens: np.ndarray, layout: TokenLayout, item_of_key: np.ndarray) -> "PrefixTrie":
+        database = marisa_trie.Trie()
+        database.mmap(str(path))
+        return cls(tokens, layout, database, item_of_key)

@@ -1,0 +1,213 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cart import build_ids, corpus, embed, files, identifiers, rqvae
+from cart.config import IdsConfig
+from cart.errors import CartError
+from cart.identifiers import TokenLayout
+from cart.trie import PrefixTrie
+
+
+def clustered(n=300, dim=16, centres=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn(centres, dim, generator=g) * 3
+    x = centre[torch.randint(centres, (n,), generator=g)] + torch.randn(n, dim, generator=g) * 0.5
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+SMALL = dict(clusters=6, levels=2, codebook_size=8, rqvae_hidden=32, rqvae_latent=8, rqvae_steps=60,
+             rqvae_batch_size=64)
+
+
+def test_token_layout_round_trip_both_directions():
+    layout = TokenLayout([5, 7, 7, 3])
+    rng = np.random.default_rng(0)
+    codes = np.stack([rng.integers(0, s, 50) for s in layout.level_sizes], axis=1)
+    tokens = layout.to_tokens(codes)
+    assert np.array_equal(layout.to_codes(tokens), codes)
+    assert layout.vocab_size == 2 + 5 + 7 + 7 + 3
+    # each level owns its own range: code 0 at level 1 and at level 2 are different tokens
+    ranges = [layout.level_range(level) for level in range(4)]
+    assert ranges == [(2, 7), (7, 14), (14, 21), (21, 24)]
+    assert all(lo <= t < hi for row in tokens for t, (lo, hi) in zip(row, ranges))
+    with pytest.raises(ValueError):
+        layout.to_tokens(np.array([[5, 0, 0, 0]]))
+    with pytest.raises(ValueError):
+        layout.to_codes(np.array([[1, 7, 14, 21]]))  # EOS is not an identifier token
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_collision_counter_makes_rows_unique_in_order(seed):
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(0, 3, (200, 2))
+    order = rng.random(200)
+    counter, shared = identifiers.collision_counter(prefix, order)
+    full = np.concatenate([prefix, counter[:, None]], axis=1)
+    assert len(np.unique(full, axis=0)) == 200
+    for key in np.unique(prefix, axis=0):
+        rows = np.flatnonzero((prefix == key).all(1))
+        assert sorted(counter[rows]) == list(range(len(rows)))
+        assert list(rows[np.argsort(counter[rows])]) == list(rows[np.argsort(order[rows], kind="stable")])
+        assert shared[rows].all() == (len(rows) > 1)
+
+
+def random_identifiers(seed, sizes, n):
+    rng = np.random.default_rng(seed)
+    codes = np.unique(np.stack([rng.integers(0, s, n) for s in sizes], axis=1), axis=0)
+    return codes[rng.permutation(len(codes))]
+
+
+@pytest.mark.parametrize("seed, sizes, n", [(0, [4, 3, 3, 2], 40), (1, [2, 8, 8, 5], 120), (2, [10], 7),
+                                            (3, [3, 3], 9), (4, [6, 50, 50, 4], 500)])
+def test_allowed_tokens_equal_brute_force_for_every_prefix(seed, sizes, n):
+    layout = TokenLayout(sizes)
+    tokens = layout.to_tokens(random_identifiers(seed, sizes, n))
+    trie = PrefixTrie(tokens, layout)
+    for depth in range(layout.length + 1):
+        prefixes = np.unique(tokens[:, :depth], axis=0)
+        mask = trie.allowed_mask(torch.from_numpy(prefixes))  # all prefixes of this depth in one batch
+        for prefix, row in zip(prefixes, mask):
+            if depth == layout.length:
+                expected = {TokenLayout.EOS}
+            else:
+                expected = {int(t[depth]) for t in tokens if np.array_equal(t[:depth], prefix)}
+            assert set(row.nonzero().flatten().tolist()) == expected
+    assert np.array_equal(trie.item_of(tokens), np.arange(len(tokens)))
+
+
+def test_unknown_prefix_is_a_clear_error_and_unknown_identifier_maps_to_minus_one():
+    layout = TokenLayout([3, 3])
+    tokens = layout.to_tokens(np.array([[0, 0], [0, 1], [2, 2]]))
+    trie = PrefixTrie(tokens, layout)
+    good = torch.from_numpy(tokens[:, :1])
+    with pytest.raises(ValueError, match=r"prefix \[3\] is not a prefix of any identifier"):
+        trie.allowed_mask(torch.cat([good, torch.tensor([[3]])]))
+    with pytest.raises(ValueError, match="longer than the identifiers"):
+        trie.allowed_mask(torch.zeros(1, 3, dtype=torch.long))
+    assert trie.item_of(layout.to_tokens(np.array([[2, 2], [1, 1]]))).tolist() == [2, -1]
+    with pytest.raises(ValueError, match="not unique"):
+        PrefixTrie(np.concatenate([tokens, tokens[:1]]), layout)
+
+
+def test_trie_survives_save_and_load(tmp_path):
+    layout = TokenLayout([4, 5, 3])
+    tokens = layout.to_tokens(random_identifiers(7, [4, 5, 3], 30))
+    trie = PrefixTrie(tokens, layout)
+    trie.save(tmp_path / "t.marisa")
+    loaded = PrefixTrie.load(tmp_path / "t.marisa", tokens, layout, trie.item_of_key)
+    assert np.array_equal(loaded.item_of(tokens), np.arange(len(tokens)))
+
+
+@pytest.mark.parametrize("scheme, length", [("cart", 4), ("rq", 3), ("hkmeans", 4), ("atomic", 1)])
+def test_every_scheme_gives_unique_fixed_length_identifiers(scheme, length):
+    x = clustered()
+    built = identifiers.build(x.clone(), IdsConfig(scheme=scheme, **SMALL), seed=0)
+    assert built.codes.shape == (300, length)
+    assert len(np.unique(built.codes, axis=0)) == 300
+    assert all((built.codes[:, i] < s).all() for i, s in enumerate(built.level_sizes))
+    PrefixTrie(TokenLayout(built.level_sizes).to_tokens(built.codes), TokenLayout(built.level_sizes))
+
+
+def test_cart_identifiers_are_kmeans_then_rqvae_of_the_residual_and_deterministic():
+    x = clustered()
+    cfg = IdsConfig(**SMALL)
+    first = identifiers.build(x.clone(), cfg, seed=3)
+    again = identifiers.build(x.clone(), cfg, seed=3)
+    assert np.array_equal(first.codes, again.codes)
+    labels, _ = identifiers.kmeans(x.numpy(), 6, "auto", 3)
+    assert np.array_equal(first.codes[:, 0], labels)
+    residual = x - first.centroids[first.codes[:, 0]]
+    assert np.array_equal(first.quantizer.encode(residual).numpy(), first.codes[:, 1:3])
+
+
+def test_rqvae_decode_inverts_encode_up_to_quantisation_and_learns():
+    x = clustered(dim=16) * 2
+    model = rqvae.train(x, hidden=32, latent=8, levels=2, codebook_size=8, commitment_weight=0.25,
+                        steps=150, batch_size=64, lr=3e-3, seed=0)
+    codes = model.encode(x)
+    model.eval()
+    with torch.no_grad():
+        reconstruction, forward_codes, _ = model(x)
+    assert torch.equal(codes, forward_codes)
+    assert torch.allclose(model.decode(codes), reconstruction, atol=1e-5)
+    untrained = rqvae.RQVAE(dim=16, hidden=32, latent=8, levels=2, codebook_size=8).eval()
+    untrained.scale.fill_(x.std())
+    with torch.no_grad():
+        assert (model(x)[0] - x).pow(2).mean() < (untrained(x)[0] - x).pow(2).mean()
+
+
+def test_duplicate_embeddings_get_distinct_identifiers():
+    x = clustered(n=40)
+    x[10:20] = x[0]  # eleven identical rows
+    built = identifiers.build(x.clone(), IdsConfig(**SMALL | {"clusters": 3}), seed=0)
+    assert len(np.unique(built.codes, axis=0)) == 40
+    assert sorted(built.codes[[0, *range(10, 20)], -1]) == list(range(11))  # the counter separates them
+
+
+@pytest.fixture
+def embedded_run(tiny_config, manifest):
+    cfg = tiny_config(f"corpus.path={manifest}")
+    corpus.run(cfg)
+    embed.run(cfg)
+    return cfg
+
+
+def test_ids_stage_writes_its_files_and_loads_them_back(embedded_run):
+    cfg = embedded_run
+    out = build_ids.run(cfg)
+    for name in (files.IDS, files.IDS_STATS, files.IDS_PLOT, files.RQVAE, files.TRIE):
+        assert (cfg.run_dir / name).exists(), name
+    summary = json.loads((cfg.run_dir / files.IDS_STATS).read_text())
+    stats = summary["stats"]
+    for key in ("collision_rate", "largest_counter", "first_level_group_size", "levels", "relative_reconstruction_error"):
+        assert key in stats
+    assert set(summary["phases"]) == {"kmeans", "rqvae_train", "rqvae_encode", "counter", "trie"}
+    assert (cfg.run_dir / files.IDS_PLOT).read_bytes()[:4] == b"\x89PNG"
+    loaded = build_ids.load(cfg.run_dir)
+    assert loaded.codes.shape == (6, 4)
+    assert np.array_equal(loaded.trie.item_of(loaded.tokens), np.arange(6))
+    assert torch.equal(load_file(str(out))["codes"], torch.from_numpy(loaded.codes))
+
+
+def test_ids_built_from_other_embeddings_are_refused(embedded_run, tmp_path):
+    cfg = embedded_run
+    build_ids.run(cfg)
+    np.save(tmp_path / "other.npy", np.random.default_rng(0).random((6, 5), dtype=np.float32))
+    cfg.embed.encoder, cfg.embed.weights = "precomputed", str(tmp_path / "other.npy")
+    embed.run(cfg)
+    with pytest.raises(CartError, match="ids.safetensors was built from another embeddings.safetensors: rerun `cart ids`"):
+        build_ids.load(cfg.run_dir)
+    (cfg.run_dir / files.TRIE).write_bytes(b"junk")
+    build_ids.run(cfg)
+    (cfg.run_dir / files.TRIE).write_bytes(b"junk")
+    with pytest.raises(CartError, match="trie.marisa is missing or does not belong"):
+        build_ids.load(cfg.run_dir)
+
+
+@pytest.mark.parametrize("rows, overrides, message", [
+    ("nan", [], r"row 2 \(item 'item2'\) has NaN or inf values"),
+    ("zero", [], r"row 4 \(item 'item4'\) is all zeros"),
+    ("ok", ["ids.clusters=7"], "ids.clusters=7 is more than the 6 items: lower it"),
+    ("single", [], "1 item\\(s\\); identifiers need at least 2"),
+])
+def test_bad_embeddings_are_clear_errors(tiny_config, tmp_path, manifest, rows, overrides, message):
+    from safetensors.torch import save_file
+
+    cfg = tiny_config(f"corpus.path={manifest}", *overrides)
+    corpus.run(cfg)
+    matrix = torch.nn.functional.normalize(torch.rand(6, 5), dim=-1)
+    if rows == "nan":
+        matrix[2, 1] = float("nan")
+    if rows == "zero":
+        matrix[4] = 0
+    if rows == "single":
+        matrix = matrix[:1]
+    path = cfg.run_dir / files.EMBEDDINGS  # written directly: cart embed itself refuses non-finite rows
+    save_file({"embeddings": matrix}, str(path))
+    files.write_manifest(path, "embed", {}, {})
+    with pytest.raises(CartError, match=message):
+        build_ids.run(cfg)
