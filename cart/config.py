@@ -55,6 +55,7 @@ class IdsConfig:
     rqvae_steps: int = 2000  # optimiser steps (batches drawn with replacement)
     rqvae_batch_size: int = 1024
     rqvae_lr: float = 1e-3
+    rqvae_dead_code: float = 0.5  # codes whose EMA use per batch falls below this are replaced (0: never)
     commitment_weight: float = 0.25
 
 

@@ -105,7 +105,7 @@ def _train_quantizer(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict):
     with phase(phases, "rqvae_train"):
         model = rqvae.train(x, hidden=cfg.rqvae_hidden, latent=cfg.rqvae_latent, levels=cfg.levels,
                             codebook_size=cfg.codebook_size, commitment_weight=cfg.commitment_weight,
-                            steps=cfg.rqvae_steps, batch_size=cfg.rqvae_batch_size, lr=cfg.rqvae_lr, seed=seed)
+                            dead_code=cfg.rqvae_dead_code, steps=cfg.rqvae_steps, batch_size=cfg.rqvae_batch_size, lr=cfg.rqvae_lr, seed=seed)
     with phase(phases, "rqvae_encode"):
         codes = model.encode(x)
         errors = torch.cat([(model.decode(codes[i: i + 8192]) - x[i: i + 8192]).pow(2).sum(1)

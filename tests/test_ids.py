@@ -126,7 +126,7 @@ def test_cart_identifiers_are_kmeans_then_rqvae_of_the_residual_and_deterministi
 
 def test_rqvae_decode_inverts_encode_up_to_quantisation_and_learns():
     x = clustered(dim=16) * 2
-    model = rqvae.train(x, hidden=32, latent=8, levels=2, codebook_size=8, commitment_weight=0.25,
+    model = rqvae.train(x, hidden=32, latent=8, levels=2, codebook_size=8, commitment_weight=0.25, dead_code=0.5,
                         steps=150, batch_size=64, lr=3e-3, seed=0)
     codes = model.encode(x)
     model.eval()

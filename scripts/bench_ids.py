@@ -1,0 +1,102 @@
+"""Benchmark `cart ids`: wall time and peak memory per phase, and the identifier statistics, as JSON.
+
+Cases: the emoji embeddings of the demo run (if `make demo` has run; configs/emoji.yaml), and
+synthetic clustered float32 embeddings of 100k x 1024 and 1M x 1024 (configs/flickr30k.yaml's ids).
+Each case runs the real stage (`build_ids.run`) in a fresh process, so its peak memory is its own. Goal: 1M x 1024 in under 10 minutes with peak
+memory under 8 GB on 2 cores.
+
+    .venv/bin/python scripts/bench_ids.py [--cases emoji,100k,1m] [--workdir /tmp/cart-bench-ids]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The synthetic cases take their identifier settings from the Flickr30K config (K 256, M 2, V 256).
+CONFIGS = {"emoji": "configs/emoji.yaml", "100k": "configs/flickr30k.yaml", "1m": "configs/flickr30k.yaml"}
+
+
+def synthetic(path: Path, n: int, dim: int = 1024, table: int = 1000, seed: int = 0) -> None:
+    """Unit vectors clustered at three scales, c1[a] + c2[b] / 2 + c3[c] / 4 + noise / 10 with random
+    tables c1, c2, c3 of `table` directions each: coarse clusters that hold finer structure, like real
+    embeddings (isotropic noise around a few centres would leave the fine codes nothing to find)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cart import files
+
+    g = torch.Generator().manual_seed(seed)
+    tables = [torch.randn(table, dim, generator=g) * scale for scale in (1.0, 0.5, 0.25)]
+    x = torch.empty(n, dim)
+    for i in range(0, n, 65536):
+        rows = min(65536, n - i)
+        chunk = 0.1 * torch.randn(rows, dim, generator=g)
+        for t in tables:
+            chunk += t[torch.randint(table, (rows,), generator=g)]
+        x[i: i + rows] = torch.nn.functional.normalize(chunk, dim=-1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"embeddings": x}, str(path))
+    files.write_manifest(path, "embed", {"synthetic": {"n": n, "dim": dim, "table": table}}, {})
+
+
+def child(output_dir: str, run: str) -> None:
+    """Run the stage in this process and print its figures."""
+    from cart import build_ids, files, measure
+    from cart.config import load_config
+
+    cfg = load_config(ROOT / CONFIGS[run], [f"output_dir={output_dir}", f"run={run}"])
+    start = time.perf_counter()
+    build_ids.run(cfg)
+    seconds = time.perf_counter() - start
+    summary = json.loads((cfg.run_dir / files.IDS_STATS).read_text())
+    # each phase resets the peak; the whole run's peak is the largest of theirs and what came after
+    peak = max([p["peak_rss_gb"] for p in summary["phases"].values()] + [measure.peak_rss_gb()])
+    print(json.dumps({"seconds": round(seconds, 1), "peak_rss_gb": round(peak, 3), **summary}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default="emoji,100k,1m")
+    parser.add_argument("--workdir", default="/tmp/cart-bench-ids")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    work = Path(args.workdir)
+    results = {}
+    for case in args.cases.split(","):
+        if case == "emoji":
+            source = ROOT / "checkpoints/emoji"
+            if not (source / "embeddings.safetensors").exists():
+                results[case] = {"skipped": "run `make demo` first"}
+                continue
+            run_dir = work / "emoji"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("embeddings.safetensors", "embeddings.manifest.json", "corpus.jsonl", "corpus.manifest.json"):
+                shutil.copy(source / name, run_dir / name)
+        else:
+            n = {"100k": 100_000, "1m": 1_000_000}[case]
+            run_dir = work / case
+            if not (run_dir / "embeddings.safetensors").exists():
+                synthetic(run_dir / "embeddings.safetensors", n)
+        done = subprocess.run([sys.executable, __file__, "--child", str(work), case],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            results[case] = {"error": done.stderr.strip().splitlines()[-1:]}
+        else:
+            results[case] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{case}: {json.dumps({k: results[case].get(k) for k in ('seconds', 'peak_rss_gb', 'error')})}",
+              file=sys.stderr)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
