@@ -55,39 +55,42 @@ class PrefixTrie:
             item_of_key[[database[k] for k in keys]] = np.arange(len(tokens))
         self.database, self.item_of_key = database, item_of_key
 
-    def nodes(self, prefixes: torch.Tensor) -> torch.Tensor:
-        """(B, l) token prefixes -> (B,) node ids at depth l; an error names a prefix not in the trie."""
+    def nodes(self, prefixes: torch.Tensor, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, l) token prefixes -> (B,) node ids at depth l and (B,) bool: the prefix is in the trie.
+        strict: a prefix not in the trie is an error naming it."""
         node = torch.zeros(len(prefixes), dtype=torch.long)
+        found = torch.ones(len(prefixes), dtype=torch.bool)
         for level in range(prefixes.shape[1]):
             keys = self.level_keys[level]
             edge = node * self.vocab + prefixes[:, level].long()
             position = torch.searchsorted(keys, edge).clamp_(max=len(keys) - 1)
-            missing = keys[position] != edge
-            if missing.any():
-                bad = prefixes[int(missing.nonzero()[0])].tolist()
+            found &= keys[position] == edge
+            if strict and not found.all():
+                bad = prefixes[int((~found).nonzero()[0])].tolist()
                 raise ValueError(f"prefix {bad} is not a prefix of any identifier")
-            node = position
-        return node
+            node = torch.where(found, position, 0)
+        return node, found
 
-    def allowed_mask(self, prefixes: torch.Tensor) -> torch.Tensor:
+    def allowed_mask(self, prefixes: torch.Tensor, strict: bool = True) -> torch.Tensor:
         """(B, l) token prefixes, all of one length l -> (B, vocab) bool: the tokens that may follow.
-        After a whole identifier (l == L) only EOS may follow."""
+        After a whole identifier (l == L) only EOS may follow. strict=False: a prefix not in the trie
+        (a beam that beam search had to fill with a forbidden token) may only end, with EOS."""
         batch, depth = prefixes.shape
+        if depth > self.length:
+            raise ValueError(f"prefix of length {depth} is longer than the identifiers ({self.length})")
         mask = torch.zeros(batch, self.vocab, dtype=torch.bool)
-        if depth >= self.length:
-            if depth > self.length:
-                raise ValueError(f"prefix of length {depth} is longer than the identifiers ({self.length})")
-            self.nodes(prefixes)  # still refuses a complete sequence that is not an identifier
+        node, found = self.nodes(prefixes, strict)  # strict: refuses a sequence that is not an identifier
+        if depth == self.length:
             mask[:, TokenLayout.EOS] = True
             return mask
-        node = self.nodes(prefixes)
         keys = self.level_keys[depth]
         start = torch.searchsorted(keys, node * self.vocab)
-        count = torch.searchsorted(keys, (node + 1) * self.vocab) - start
+        count = torch.where(found, torch.searchsorted(keys, (node + 1) * self.vocab) - start, 0)
         rows = torch.repeat_interleave(torch.arange(batch), count)
         # positions start[b], start[b] + 1, ..., start[b] + count[b] - 1 for every row at once
         within = torch.arange(len(rows)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
         mask[rows, keys[torch.repeat_interleave(start, count) + within] % self.vocab] = True
+        mask[~found, TokenLayout.EOS] = True
         return mask
 
     def item_of(self, identifiers) -> np.ndarray:

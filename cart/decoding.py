@@ -1,0 +1,49 @@
+"""Trie-constrained beam search: `generate` plus one logits processor that masks invalid tokens.
+
+`TrieConstraint` turns the prefix trie's allowed-token tables into one mask per decoding step for the
+whole batch of beams. `decode` runs beam search with it and maps every finished identifier back to its
+item, best first.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from cart.trie import PrefixTrie
+
+
+class TrieConstraint(LogitsProcessor):
+    """Only tokens that continue a valid identifier keep their score; the rest get -inf.
+
+    A beam whose prefix left the trie (beam search fills a beam with a forbidden token when fewer valid
+    continuations exist than beams) may only emit EOS: never an empty choice, so never NaN."""
+
+    def __init__(self, trie: PrefixTrie):
+        if not isinstance(trie, PrefixTrie):
+            raise ValueError(f"TrieConstraint needs a PrefixTrie, got {type(trie).__name__}")
+        self.trie = trie
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        prefixes = input_ids[:, 1:].cpu()  # (B * beams, l): drop the decoder start token
+        allowed = self.trie.allowed_mask(prefixes, strict=False).to(scores.device)
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+@torch.no_grad()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie: PrefixTrie, *,
+           beams: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search constrained to the trie -> items (B, top_k) and their log-probabilities (B, top_k);
+    item -1 with score -inf where fewer than top_k valid identifiers were found."""
+    if top_k > beams:
+        raise ValueError(f"top_k={top_k} is larger than the beam width {beams}: raise the beam width")
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=beams,
+                         num_return_sequences=top_k, max_new_tokens=trie.length + 1,
+                         length_penalty=0.0, early_stopping=True, do_sample=False,
+                         logits_processor=LogitsProcessorList([TrieConstraint(trie)]),
+                         output_scores=True, return_dict_in_generate=True)
+    identifiers = out.sequences[:, 1: trie.length + 1].cpu().numpy()  # (B * top_k, L)
+    items = torch.from_numpy(trie.item_of(identifiers)).view(-1, top_k)
+    scores = out.sequences_scores.float().cpu().view(-1, top_k)
+    dead = (items < 0) | ~torch.isfinite(scores)
+    return items.masked_fill(dead, -1), scores.masked_fill(dead, float("-inf"))

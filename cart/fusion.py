@@ -1,0 +1,206 @@
+"""CART's model: a T5 encoder-decoder whose decoder reads every encoder layer (coarse + fine fusion).
+
+The encoder is T5's. Instead of its last layer alone it hands the decoder one memory built from all S
+layer outputs E1..ES (each normalised with the encoder's final norm; T5 itself normalises only the last):
+
+    memory = [Z; E1; ...; ES]  (B, (S + 1) T, d),   Z = W [E1 ... ES] + b   (features concatenated)
+
+Each decoder layer's cross-attention is replaced by `FusedCrossAttention`:
+
+    coarse = CrossAttn_c(h, Z);  coarse = coarse * sigmoid(W_g coarse)   (self-gated)
+    fine   = sum_i softmax(alpha)_i CrossAttn_f(h, E_i)                  (one attention, weights shared
+                                                                          over layers; ours)
+    h      = h + dropout(coarse + fine)
+
+Packing the memory into the encoder output keeps `generate` unaware of fusion: beam search expands it
+like any encoder output, and the decoder's self-attention uses transformers' KV cache as usual. The
+cross-attention keys and values are recomputed each step (a query's memory is a few dozen vectors).
+
+The decoder's vocabulary is the identifier tokens of the ids stage only (its own embedding and output
+layer); the encoder keeps the text vocabulary. `config.cart_fusion = False` is the paper's
+"w/o fusion": plain T5 cross-attention to the last encoder layer.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration, T5PreTrainedModel
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.models.t5.modeling_t5 import (T5Attention, T5DenseActDense, T5DenseGatedActDense, T5LayerNorm,
+                                                T5Stack)
+
+from cart.identifiers import TokenLayout
+
+
+def cart_config(*, text_vocab_size: int, decoder_vocab_size: int, fusion: bool, base: T5Config | None = None,
+                **sizes) -> T5Config:
+    """A T5 config for CartT5: `base` (a pretrained T5's) or T5's defaults, with `sizes` (d_model,
+    num_layers, ...) applied and the identifier decoder's special tokens set."""
+    config = copy.deepcopy(base) if base is not None else T5Config()
+    for key, value in sizes.items():
+        setattr(config, key, value)
+    config.vocab_size = text_vocab_size
+    config.decoder_vocab_size = decoder_vocab_size
+    config.cart_fusion = fusion
+    config.tie_word_embeddings = False  # the decoder has its own (identifier) vocabulary
+    config.scale_decoder_outputs = False  # T5 scales only when the output layer is tied to the embeddings
+    config.pad_token_id = config.decoder_start_token_id = TokenLayout.PAD
+    config.eos_token_id = TokenLayout.EOS
+    config.is_encoder_decoder = True
+    return config
+
+
+class LayerFusionEncoder(T5Stack):
+    """T5's encoder returning the fused memory [Z; E1; ...; ES] (fusion on) or its last layer (off)."""
+
+    def __init__(self, config: T5Config):
+        super().__init__(config)
+        if config.cart_fusion:
+            self.coarse_projection = nn.Linear(config.num_layers * config.d_model, config.d_model)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        kwargs.pop("output_hidden_states", None)
+        kwargs.pop("return_dict", None)
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                              output_hidden_states=self.config.cart_fusion, return_dict=True, **kwargs)
+        if not self.config.cart_fusion:
+            return BaseModelOutput(last_hidden_state=out.last_hidden_state)
+        # hidden_states = (embeddings, E1, ..., ES-1 raw, ES normalised): normalise the inner layers too
+        layers = [self.final_layer_norm(h) for h in out.hidden_states[1:-1]] + [out.last_hidden_state]
+        coarse = self.coarse_projection(torch.cat(layers, dim=-1))  # (B, T, d)
+        return BaseModelOutput(last_hidden_state=torch.cat([coarse, *layers], dim=1))  # (B, (S + 1) T, d)
+
+
+class FusedCrossAttention(nn.Module):
+    """Drop-in for T5LayerCrossAttention reading the fused memory: gated coarse + alpha-mixed fine."""
+
+    def __init__(self, config: T5Config, layer_idx: int):
+        super().__init__()
+        self.sources = config.num_layers  # S encoder layers
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.coarse = T5Attention(config, has_relative_attention_bias=False, layer_idx=layer_idx)
+        self.gate = nn.Linear(config.d_model, config.d_model)
+        self.fine = T5Attention(config, has_relative_attention_bias=False, layer_idx=layer_idx)
+        self.alpha = nn.Parameter(torch.zeros(self.sources))  # softmax(alpha) mixes the S layers
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states, key_value_states, attention_mask=None, **kwargs):
+        kwargs.pop("cache", None)  # the cross keys/values are recomputed (see the module docstring)
+        kwargs.pop("position_bias", None)
+        batch, queries, d = hidden_states.shape
+        length = key_value_states.shape[1] // (self.sources + 1)  # T, the encoder's sequence length
+        normed = self.layer_norm(hidden_states)
+        coarse_mask, fine_mask = _split_mask(attention_mask, batch, length, self.sources)
+        coarse, _, _ = self.coarse(normed, mask=coarse_mask, key_value_states=key_value_states[:, :length])
+        coarse = coarse * torch.sigmoid(self.gate(coarse))
+        # the S layers as S x batch rows of one attention call: row b * S + i reads E_i of example b
+        layers = key_value_states[:, length:].reshape(batch * self.sources, length, d)
+        fine, _, _ = self.fine(normed.repeat_interleave(self.sources, dim=0), mask=fine_mask, key_value_states=layers)
+        weights = torch.softmax(self.alpha, dim=0).to(fine.dtype)
+        fine = torch.einsum("bsqd,s->bqd", fine.view(batch, self.sources, queries, d), weights)
+        return hidden_states + self.dropout(coarse + fine), None, None
+
+
+def _split_mask(mask, batch: int, length: int, sources: int):
+    """A mask over the memory (.., K = (S + 1) T) -> the coarse part (.., T) and the fine parts as
+    (B * S, .., T) rows matching FusedCrossAttention's layout. None stays None."""
+    if mask is None:
+        return None, None
+    coarse = mask[..., :length]
+    fine = mask[..., length:].unflatten(-1, (sources, length))  # (B, h, q, S, T)
+    fine = fine.expand(batch, *fine.shape[1:]).movedim(-2, 1)  # (B, S, h, q, T)
+    return coarse, fine.flatten(0, 1)
+
+
+class CartT5(T5PreTrainedModel, GenerationMixin):
+    """Query text -> identifier tokens. forward(input_ids, attention_mask, labels) -> (loss, logits)."""
+
+    _keys_to_ignore_on_load_unexpected = ["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"]
+    _tied_weights_keys = {}
+
+    def __init__(self, config: T5Config):
+        super().__init__(config)
+        encoder_config = copy.deepcopy(config)
+        encoder_config.is_decoder, encoder_config.use_cache = False, False
+        self.encoder = LayerFusionEncoder(encoder_config)
+        decoder_config = copy.deepcopy(config)
+        decoder_config.is_decoder = True
+        decoder_config.num_layers = config.num_decoder_layers
+        decoder_config.vocab_size = config.decoder_vocab_size
+        self.decoder = T5Stack(decoder_config)
+        if config.cart_fusion:
+            for i, block in enumerate(self.decoder.block):
+                block.layer[1] = FusedCrossAttention(config, layer_idx=i)
+        self.lm_head = nn.Linear(config.d_model, config.decoder_vocab_size, bias=False)
+        self.post_init()
+        self._init_cart_layers()
+
+    @torch.no_grad()
+    def _init_cart_layers(self):
+        """T5's rules for every T5 layer (transformers' initialisation skips the encoder subclass and the
+        layers swapped in), fan-in scaling for our own layers (T5 draws an untied output layer with std 1)."""
+        for module in self.modules():
+            if isinstance(module, (T5Attention, T5DenseActDense, T5DenseGatedActDense)):
+                self._init_weights(module)
+            if isinstance(module, nn.Linear) and module in (self.lm_head, getattr(self.encoder, "coarse_projection", None),
+                                                            *(getattr(b.layer[1], "gate", None) for b in self.decoder.block)):
+                module.weight.normal_(std=module.in_features ** -0.5)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+    @property
+    def sources(self) -> int:
+        return self.config.num_layers if self.config.cart_fusion else 0
+
+    def get_input_embeddings(self):
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, embeddings):
+        self.encoder.embed_tokens = embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                encoder_outputs=None, cache=None, labels=None, use_cache=None, **kwargs) -> Seq2SeqLMOutput:
+        kwargs.pop("return_dict", None)
+        kwargs.pop("past_key_values", None)
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        memory = encoder_outputs[0]  # (B, (S + 1) T, d) with fusion, else (B, T, d)
+        memory_mask = attention_mask.repeat(1, self.sources + 1) if attention_mask is not None else None
+        if labels is not None and decoder_input_ids is None:
+            decoder_input_ids = self._shift_right(labels)
+        decoded = self.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                               encoder_hidden_states=memory, encoder_attention_mask=memory_mask,
+                               cache=cache, use_cache=use_cache, **kwargs)
+        logits = self.lm_head(decoded.last_hidden_state)  # (B, L, decoder vocab)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return Seq2SeqLMOutput(loss=loss, logits=logits, cache=decoded.cache,
+                               encoder_last_hidden_state=memory)
+
+    @classmethod
+    def from_t5(cls, folder: str | Path, *, decoder_vocab_size: int, fusion: bool, dropout: float) -> "CartT5":
+        """A CartT5 starting from a pretrained T5 in a local folder: its encoder, its decoder's layers;
+        new identifier embeddings, output layer and fusion weights."""
+        t5 = T5ForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+        config = cart_config(text_vocab_size=t5.config.vocab_size, decoder_vocab_size=decoder_vocab_size,
+                             fusion=fusion, base=t5.config, dropout_rate=dropout)
+        model = cls(config)
+        weights = {k: v for k, v in t5.state_dict().items()
+                   if not k.startswith(("decoder.embed_tokens", "lm_head", "shared"))}
+        weights["encoder.embed_tokens.weight"] = t5.shared.weight
+        if fusion:  # the pretrained cross-attention starts both fused attentions
+            for key in [k for k in weights if ".layer.1.EncDecAttention." in k]:
+                value = weights.pop(key)
+                for part in ("coarse", "fine"):
+                    weights[key.replace("EncDecAttention", part)] = value
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        unexpected = [k for k in unexpected if "relative_attention_bias" not in k]
+        if unexpected:
+            raise ValueError(f"{folder}: unexpected T5 weights {unexpected[:3]}")
+        return model

@@ -1,0 +1,195 @@
+"""The CART model (fusion), the loss (R-Drop) and trie-constrained decoding, on tiny random models."""
+
+import numpy as np
+import pytest
+import torch
+
+from cart.decoding import TrieConstraint, decode
+from cart.fusion import CartT5, FusedCrossAttention, LayerFusionEncoder, cart_config
+from cart.identifiers import TokenLayout
+from cart.losses import cart_loss
+from cart.trie import PrefixTrie
+
+SIZES = dict(d_model=16, d_kv=8, d_ff=32, num_layers=3, num_decoder_layers=2, num_heads=2)
+
+
+def tiny_model(fusion=True, dropout=0.0, decoder_vocab=12, seed=0, attn="sdpa"):
+    torch.manual_seed(seed)
+    config = cart_config(text_vocab_size=50, decoder_vocab_size=decoder_vocab, fusion=fusion, dropout_rate=dropout, **SIZES)
+    config._attn_implementation = attn
+    return CartT5(config).eval()
+
+
+def padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, 50, (3, 6), generator=g)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    return input_ids, mask
+
+
+def sequence_log_probs(model, input_ids, mask, sequences):
+    """Sum of the log-probabilities `forward` gives the tokens after the start token."""
+    logits = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=sequences[:, :-1]).logits
+    return logits.log_softmax(-1).gather(-1, sequences[:, 1:, None]).squeeze(-1).sum(-1)
+
+
+def test_fusion_replaces_every_cross_attention_and_the_switch_turns_it_off():
+    fused, plain = tiny_model(True), tiny_model(False)
+    assert all(isinstance(b.layer[1], FusedCrossAttention) for b in fused.decoder.block)
+    assert not any(isinstance(b.layer[1], FusedCrossAttention) for b in plain.decoder.block)
+    assert isinstance(fused.encoder, LayerFusionEncoder) and hasattr(fused.encoder, "coarse_projection")
+    assert not hasattr(plain.encoder, "coarse_projection")
+    input_ids, mask = padded_batch()
+    memory = fused.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    assert memory.shape == (3, (3 + 1) * 6, 16)  # [Z; E1; E2; E3]
+    assert plain.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state.shape == (3, 6, 16)
+    assert fused.lm_head.out_features == 12 and fused.get_input_embeddings().num_embeddings == 50
+
+
+def test_fused_memory_is_the_projection_of_all_normalised_layers_then_the_layers():
+    model = tiny_model(True)
+    input_ids, mask = padded_batch()
+    stack = super(LayerFusionEncoder, model.encoder).forward(input_ids=input_ids, attention_mask=mask,
+                                                             output_hidden_states=True, return_dict=True)
+    raw = stack.hidden_states  # (embeddings, E1 raw, E2 raw, E3 normalised)
+    layers = [model.encoder.final_layer_norm(h) for h in raw[1:3]] + [stack.last_hidden_state]
+    assert torch.allclose(model.encoder.final_layer_norm(raw[-1]), stack.last_hidden_state, atol=1e-5)
+    memory = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    expected_z = torch.cat(layers, -1) @ model.encoder.coarse_projection.weight.T + model.encoder.coarse_projection.bias
+    assert torch.allclose(memory[:, :6], expected_z, atol=1e-5)
+    for i, layer in enumerate(layers):
+        assert torch.allclose(memory[:, 6 * (i + 1): 6 * (i + 2)], layer, atol=1e-6)
+
+
+def test_fine_fusion_mixes_one_attention_per_layer_with_softmax_alpha():
+    model = tiny_model(True)
+    block = model.decoder.block[0].layer[1]
+    block.alpha.data = torch.tensor([0.3, -1.0, 2.0])
+    h = torch.randn(2, 3, 16)
+    memory = torch.randn(2, 4 * 5, 16)
+    out, _, _ = block(h, key_value_states=memory)
+    normed = block.layer_norm(h)
+    coarse = block.coarse(normed, key_value_states=memory[:, :5])[0]
+    coarse = coarse * torch.sigmoid(block.gate(coarse))
+    weights = torch.softmax(block.alpha, 0)
+    fine = sum(w * block.fine(normed, key_value_states=memory[:, 5 * (i + 1): 5 * (i + 2)])[0]
+               for i, w in enumerate(weights))
+    assert torch.allclose(out, h + coarse + fine, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_forward_and_cached_beam_search_give_the_same_scores(fusion, attn):
+    model = tiny_model(fusion, attn=attn)
+    input_ids, mask = padded_batch()
+    # pad and EOS suppressed so every beam runs 4 steps (beam search scores the unnormalised log-probs)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, num_beams=4, num_return_sequences=4,
+                         max_new_tokens=4, length_penalty=0.0, do_sample=False, use_cache=True, suppress_tokens=[0, 1],
+                         output_scores=True, return_dict_in_generate=True)
+    expected = sequence_log_probs(model, input_ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), out.sequences)
+    assert torch.allclose(expected, out.sequences_scores, atol=1e-4)
+    uncached = model.generate(input_ids=input_ids, attention_mask=mask, num_beams=4, num_return_sequences=4,
+                              max_new_tokens=4, length_penalty=0.0, do_sample=False, use_cache=False,
+                              suppress_tokens=[0, 1])
+    assert torch.equal(uncached, out.sequences)
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_padding_does_not_change_the_output(fusion):
+    model = tiny_model(fusion)
+    input_ids, mask = padded_batch()
+    decoder_input = torch.tensor([[0, 3, 5, 7]] * 3)
+    padded = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_input).logits
+    alone = model(input_ids=input_ids[1:2, :4], decoder_input_ids=decoder_input[:1]).logits
+    assert torch.allclose(padded[1:2], alone, atol=1e-5)
+
+
+def test_initialisation_follows_t5_rules_and_fan_in_for_new_layers():
+    model = tiny_model(True)
+    d = 16
+    q = model.encoder.block[0].layer[0].SelfAttention.q.weight
+    assert 0.5 < q.std().item() * (d * 8) ** 0.5 < 1.5  # T5: std (d_model * d_kv) ** -0.5
+    for layer in (model.lm_head, model.encoder.coarse_projection, model.decoder.block[1].layer[1].gate):
+        assert 0.5 < layer.weight.std().item() * layer.in_features ** 0.5 < 1.5
+    assert torch.equal(model.decoder.block[0].layer[1].alpha, torch.zeros(3))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model(True)
+    model.save_pretrained(tmp_path / "m")
+    loaded = CartT5.from_pretrained(tmp_path / "m", local_files_only=True).eval()
+    input_ids, mask = padded_batch()
+    decoder_input = torch.tensor([[0, 3, 5]] * 3)
+    assert loaded.config.cart_fusion and loaded.config.decoder_vocab_size == 12
+    assert torch.allclose(model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_input).logits,
+                          loaded(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_input).logits)
+
+
+def test_from_t5_keeps_the_pretrained_layers_and_adds_the_new_ones(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, **SIZES))
+    t5.save_pretrained(tmp_path / "t5")
+    model = CartT5.from_t5(tmp_path / "t5", decoder_vocab_size=9, fusion=True, dropout=0.0)
+    assert torch.equal(model.encoder.embed_tokens.weight, t5.shared.weight)
+    assert torch.equal(model.encoder.block[1].layer[0].SelfAttention.q.weight, t5.encoder.block[1].layer[0].SelfAttention.q.weight)
+    pretrained_cross = t5.decoder.block[0].layer[1].EncDecAttention.q.weight
+    assert torch.equal(model.decoder.block[0].layer[1].coarse.q.weight, pretrained_cross)
+    assert torch.equal(model.decoder.block[0].layer[1].fine.q.weight, pretrained_cross)
+    assert model.lm_head.out_features == 9 and model.decoder.embed_tokens.num_embeddings == 9
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_rdrop_kl_is_zero_without_dropout_and_positive_with_it(fusion):
+    input_ids, mask = padded_batch()
+    labels = torch.tensor([[3, 5, 8, 1], [2, 6, 9, 1], [4, 7, 10, -100]])
+    no_dropout = tiny_model(fusion, dropout=0.0).train()
+    loss = cart_loss(no_dropout, input_ids, mask, labels, omega=1.0)
+    assert loss.kl.abs().item() < 1e-6
+    assert torch.allclose(loss.total, loss.cross_entropy)
+    assert torch.allclose(loss.cross_entropy, no_dropout(input_ids=input_ids, attention_mask=mask, labels=labels).loss, atol=1e-6)
+    dropout = tiny_model(fusion, dropout=0.3).train()
+    loss = cart_loss(dropout, input_ids, mask, labels, omega=2.0)
+    assert loss.kl.item() > 1e-4
+    assert torch.allclose(loss.total, loss.cross_entropy + 2.0 * loss.kl)
+    off = cart_loss(dropout, input_ids, mask, labels, omega=0.0)  # "w/o consistency": one pass, CE only
+    assert off.kl.item() == 0 and torch.equal(off.total, off.cross_entropy)
+
+
+def small_trie(seed=0, n=20, sizes=(3, 4, 4, 5)):
+    rng = np.random.default_rng(seed)
+    layout = TokenLayout(list(sizes))
+    codes = np.unique(np.stack([rng.integers(0, s, 4 * n) for s in sizes], 1), axis=0)[:n]
+    return PrefixTrie(layout.to_tokens(codes), layout)
+
+
+@pytest.mark.parametrize("beams", [2, 6, 16])
+def test_constrained_beam_search_only_emits_real_identifiers(beams):
+    trie = small_trie()
+    model = tiny_model(True, decoder_vocab=trie.vocab)
+    input_ids, mask = padded_batch()
+    items, scores = decode(model, input_ids, mask, trie, beams=beams, top_k=beams)
+    valid = items >= 0
+    assert valid[:, 0].all()  # at least one real identifier per query
+    assert torch.isfinite(scores[valid]).all() and not torch.isnan(scores).any()
+    assert (scores[~valid] == float("-inf")).all()
+    for row_items, row_scores in zip(items, scores):
+        real = row_items[row_items >= 0]
+        assert len(set(real.tolist())) == len(real)  # no identifier twice
+        assert torch.all(row_scores[:-1] >= row_scores[1:])  # best first
+
+
+def test_trie_constraint_masks_to_the_allowed_tokens_and_lets_dead_beams_end():
+    trie = small_trie()
+    constraint = TrieConstraint(trie)
+    first = int(trie.level_keys[0][0] % trie.vocab)  # a valid first token
+    input_ids = torch.tensor([[0, int(first)], [0, 1]])  # row 1 left the trie (EOS as a first token)
+    scores = constraint(input_ids, torch.zeros(2, trie.vocab))
+    allowed = trie.allowed_mask(input_ids[:1, 1:])
+    assert torch.equal(torch.isfinite(scores[0]), allowed[0])
+    assert torch.isfinite(scores[1]).nonzero().flatten().tolist() == [TokenLayout.EOS]
+    with pytest.raises(ValueError, match="top_k=5 is larger than the beam width 4"):
+        decode(tiny_model(True, decoder_vocab=trie.vocab), *padded_batch(), trie, beams=4, top_k=5)
