@@ -22,8 +22,10 @@ STAGES = {
     "ids": ("cart.build_ids", "turn embeddings into unique semantic identifiers and their prefix trie"),
     "caption": ("cart.caption", "generate captions of the corpus images as extra training texts"),
     "train": ("cart.train", "train the CART model: query text -> identifier (accelerate launch -m cart train ...)"),
+    "eval": ("cart.evaluate", "R@1/5/10 and MRR@10 of CART and the baselines on the held-out queries, an HTML report"),
     "pipeline": ("cart.pipeline", "run every stage in order (the demo)"),
 }
+RETRIEVE_HELP = "ranked items for query texts (arguments, --file, or one a line on stdin)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,26 +37,71 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. embed.batch_size=16")
         if name == "corpus":
             sub.add_argument("--on-bad", choices=("stop", "skip"), help="stop at the first bad item (default) or skip bad items")
+    retrieve = commands.add_parser("retrieve", help=RETRIEVE_HELP, description=RETRIEVE_HELP)
+    retrieve.add_argument("--run", required=True, help="a trained run folder, e.g. checkpoints/emoji")
+    retrieve.add_argument("queries", nargs="*", metavar="QUERY")
+    retrieve.add_argument("--file", help="a text file of queries, one a line ('-' for stdin)")
+    retrieve.add_argument("-k", type=int, default=None, help="items per query (default: the run's retrieve.top_k)")
+    retrieve.add_argument("--beams", type=int, default=None, help="beam width (default: the run's; at least k)")
+    retrieve.add_argument("--batch-size", type=int, default=32)
+    retrieve.add_argument("--json", action="store_true", help="one JSON object a query instead of a table")
     args = parser.parse_args(argv)
+    if args.command == "retrieve":
+        return _guarded("retrieve", lambda: _retrieve(args))
     overrides = list(args.overrides)
     if getattr(args, "on_bad", None):
         overrides.append(f"corpus.on_bad={args.on_bad}")
-    try:
-        from cart.config import load_config
+    _guarded(args.command, lambda: _stage(args.command, args.config, overrides))
 
-        cfg = load_config(args.config, overrides)
-        _seed(cfg.seed)
-        module = importlib.import_module(STAGES[args.command][0])
-        start = time.perf_counter()
-        module.run(cfg)
-        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the first process reports
-            print(f"cart {args.command}: done in {time.perf_counter() - start:.1f} s")
+
+def _guarded(command: str, work) -> None:
+    """Run `work`, turning errors meant for the user into one line on stderr."""
+    try:
+        work()
     except CartError as e:
-        print(f"cart {args.command}: error: {e}", file=sys.stderr)
+        print(f"cart {command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"cart {args.command}: interrupted", file=sys.stderr)
+        print(f"cart {command}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _stage(command: str, config: str | None, overrides: list[str]) -> None:
+    from cart.config import load_config
+
+    cfg = load_config(config, overrides)
+    _seed(cfg.seed)
+    module = importlib.import_module(STAGES[command][0])
+    start = time.perf_counter()
+    module.run(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the first process reports
+        print(f"cart {command}: done in {time.perf_counter() - start:.1f} s")
+
+
+def _retrieve(args) -> None:
+    import json
+
+    from cart.retriever import Retriever, format_hits
+
+    queries = list(args.queries)
+    if args.file:
+        try:
+            text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CartError(f"--file {args.file}: cannot read it: {e}") from None
+        queries += [line.strip() for line in text.splitlines() if line.strip()]
+    elif not queries:
+        queries = [line.strip() for line in sys.stdin if line.strip()]
+    if not queries:
+        raise CartError("no query: give query texts as arguments, with --file, or on stdin")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bar in front of the results
+    retriever = Retriever.load(args.run, beam_width=args.beams)
+    for query, hits in zip(queries, retriever.search(queries, k=args.k, batch_size=args.batch_size)):
+        print(json.dumps({"query": query, "hits": [vars(h) for h in hits]}, ensure_ascii=False) if args.json
+              else format_hits(query, hits))
+
 
 
 def _seed(seed: int) -> None:

@@ -110,7 +110,20 @@ class TrainConfig:
 @dataclass
 class RetrieveConfig:
     beam_width: int = 10  # paper: not published; k of R@k can be at most this
-    top_k: int = 10
+    top_k: int = 10  # items `cart retrieve` prints per query
+    examples: list[str] = field(default_factory=list)  # queries `cart pipeline` retrieves for at the end (the demo)
+
+
+@dataclass
+class EvalConfig:
+    baselines: list[str] = field(default_factory=lambda: ["bm25", "minilm", "dense"])  # dense: ImageBind runs only
+    # an item is also a right answer when one of its texts of these kinds (caption, generated, query:SET) equals
+    # the query, case-insensitive; the emoji benchmark adds query:A (the label)
+    relevant_kinds: list[str] = field(default_factory=lambda: ["caption"])
+    batch_size: int = 32  # queries per batch for the metrics and throughput
+    latency_queries: int = 100  # held-out queries timed one at a time (p50/p95 latency)
+    report_queries: int = 12  # sample queries per set shown with thumbnails in report.html
+    device: str = "auto"
 
 
 @dataclass
@@ -125,6 +138,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -28,6 +28,8 @@ from cart import emoji, files
 from cart.config import Config, CorpusConfig, to_dict
 from cart.errors import CartError
 
+TRAINING_KINDS = ("caption", "generated")  # text kinds that are training queries; `query` is held out
+
 MODALITIES = ("image", "audio", "video")
 EXTENSIONS = {
     **dict.fromkeys((".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"), "image"),

@@ -12,6 +12,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from cart.trie import PrefixTrie
 
+UNFILLED = -1e8  # a sequence score this low is transformers' filler (-1e9), not a log-probability
+
 
 class TrieConstraint(LogitsProcessor):
     """Only tokens that continue a valid identifier keep their score; the rest get -inf.
@@ -45,5 +47,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie: P
     identifiers = out.sequences[:, 1: trie.length + 1].cpu().numpy()  # (B * top_k, L)
     items = torch.from_numpy(trie.item_of(identifiers)).view(-1, top_k)
     scores = out.sequences_scores.float().cpu().view(-1, top_k)
-    dead = (items < 0) | ~torch.isfinite(scores)
+    # transformers fills the return slots that beam search could not fill (fewer valid identifiers than
+    # beams) with copies of finished ones scored -1e9: those, like invalid identifiers, are no result
+    repeated = (items.unsqueeze(2) == items.unsqueeze(1)).tril(-1).any(2)  # equal to an earlier slot
+    dead = (items < 0) | repeated | ~torch.isfinite(scores) | (scores <= UNFILLED)
     return items.masked_fill(dead, -1), scores.masked_fill(dead, float("-inf"))

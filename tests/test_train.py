@@ -16,33 +16,14 @@ from safetensors.torch import load_file
 
 from cart import build_ids, caption, corpus, embed, files, train
 from cart.errors import CartError
-from conftest import COLOURS, ROOT, write_jsonl
+from conftest import ROOT, prepare_run, write_jsonl
 
 PYTHON = sys.executable
 
 
 @pytest.fixture
-def ready_run(tmp_path, media):
-    """Corpus (12 items, 3 training texts each, 2 held-out items), random precomputed embeddings, ids."""
-    rows = [{"id": f"item{i}", "modality": "image", "path": f"media/img{i % 6}.png",
-             "texts": [f"{c} number {i}", f"shape {i}", f"{c} thing {i // 2}"], "split": "test" if i >= 10 else "train"}
-            for i, c in enumerate(COLOURS * 2)]
-    manifest = write_jsonl(tmp_path / "manifest.jsonl", rows)
-    np.save(tmp_path / "emb.npy", np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32))
-    overrides = [f"output_dir={tmp_path / 'runs'}", f"corpus.path={manifest}", "embed.encoder=precomputed",
-                 f"embed.weights={tmp_path / 'emb.npy'}", "ids.clusters=3"]
-
-    def config(*extra):
-        from cart.config import load_config
-
-        return load_config(ROOT / "configs/tiny.yaml", [*overrides, *extra])
-
-    cfg = config()
-    corpus.run(cfg)
-    embed.run(cfg)
-    build_ids.run(cfg)
-    config.overrides = overrides
-    return config
+def ready_run(tmp_path):
+    return prepare_run(tmp_path)
 
 
 def weights(run_dir):

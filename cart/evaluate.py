@@ -1,0 +1,235 @@
+"""Stage `cart eval`: R@1/5/10 and MRR@10 of CART and the baselines on every held-out query set.
+
+Reads the trained run (model, identifiers, corpus) and writes:
+- `eval.json`: per method and query set, the metrics, latency per query at batch 1 (p50/p95) and
+  throughput at `eval.batch_size`;
+- `hits.jsonl`: per query, each method's top 10 items with scores and the rank of its first right answer;
+- `report.html`: the metrics table and, for sample queries, the retrieved thumbnails marked right or wrong.
+
+Scoring (the emoji benchmark's rule): a query's right answers are its source item plus every item that has
+a text of `eval.relevant_kinds` equal to the query (case-insensitive). The held-out queries are only ever
+scored here: nothing is trained, selected or tuned on them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cart import baselines, files, train
+from cart.config import Config, to_dict
+from cart.errors import CartError
+from cart.retriever import Retriever
+
+CUTOFFS = (1, 5, 10)
+DEPTH = 10  # results kept per query: R@10 and MRR@10 need ten
+
+
+def run(cfg: Config) -> Path:
+    run_dir, e = cfg.run_dir, cfg.eval
+    if cfg.retrieve.beam_width < DEPTH:
+        raise CartError(f"retrieve.beam_width={cfg.retrieve.beam_width}: eval needs at least {DEPTH} beams for R@10")
+    retriever = Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=e.device)
+    records, _, _ = train.read_inputs(run_dir)  # with generated captions: the baselines see what CART trained on
+    query_sets = held_out_queries(records)
+    if not query_sets:
+        raise CartError(f"{run_dir / files.CORPUS} has no held-out queries (texts of kind `query`): nothing to evaluate")
+    relevant = relevant_items(records, query_sets, e.relevant_kinds)
+
+    methods = {"CART": lambda queries: retriever.search_rows(queries, DEPTH, e.batch_size)}
+    for name in e.baselines:
+        baseline = _baseline(name, records, cfg)
+        if baseline is not None:
+            methods[baseline.name] = lambda queries, b=baseline: b.search(queries, DEPTH)
+
+    results, ranked = {}, {}
+    for method, search in methods.items():
+        results[method] = {}
+        for set_name, queries in query_sets.items():
+            texts = [q for q, _ in queries]
+            start = time.perf_counter()
+            rows, scores = _in_batches(search, texts, e.batch_size, f"eval {method} set {set_name}")
+            seconds = time.perf_counter() - start
+            ranked[method, set_name] = rows, scores
+            results[method][set_name] = metrics(rows, relevant[set_name]) | {
+                "queries": len(texts), "queries_per_second": round(len(texts) / seconds, 1)}
+        results[method]["latency_ms_batch_1"] = _latency(search, query_sets, e.latency_queries, cfg.seed)
+
+    out = run_dir / files.EVAL
+    summary = {"methods": results, "relevant_kinds": e.relevant_kinds, "beam_width": cfg.retrieve.beam_width,
+               "batch_size": e.batch_size, "device": str(retriever.device)}
+    files.write_text(out, json.dumps(summary, indent=2) + "\n")
+    _write_hits(run_dir / files.HITS, query_sets, relevant, ranked, records)
+    _write_report(run_dir / files.REPORT, summary, query_sets, relevant, ranked, records, cfg)
+    files.write_manifest(out, "eval", to_dict(cfg),
+                         {name: files.verified_input(run_dir, name)[1]["sha256"]
+                          for name in (files.CORPUS, files.IDS, files.MODEL_WEIGHTS)})
+    print(table(summary))
+    print(f"eval: report -> {run_dir / files.REPORT}")
+    return out
+
+
+def held_out_queries(records: list[dict]) -> dict[str, list[tuple[str, int]]]:
+    """Query set name -> (query text, source row) for every held-out text, sets in name order."""
+    sets: dict[str, list] = {}
+    for row, record in enumerate(records):
+        for text in record["texts"]:
+            if text["kind"] == "query":
+                sets.setdefault(text["set"], []).append((text["text"], row))
+    return dict(sorted(sets.items()))
+
+
+def relevant_items(records: list[dict], query_sets: dict, kinds: list[str]) -> dict[str, list[set[int]]]:
+    """For every query, its source row plus the rows with a text of one of `kinds` (`caption`, `generated`
+    or `query:SET`) equal to it, case-insensitive."""
+    by_text: dict[str, set[int]] = {}
+    for row, record in enumerate(records):
+        for text in record["texts"]:
+            kind = text["kind"] if text["kind"] != "query" else f"query:{text['set']}"
+            if kind in kinds:
+                by_text.setdefault(text["text"].lower(), set()).add(row)
+    return {name: [by_text.get(q.lower(), set()) | {row} for q, row in queries] for name, queries in query_sets.items()}
+
+
+def first_right(rows: np.ndarray, relevant: list[set[int]]) -> np.ndarray:
+    """1-based rank of each query's first right answer in `rows`, 0 when none is there."""
+    ranks = np.zeros(len(rows), dtype=np.int64)
+    for i, (row, right) in enumerate(zip(rows, relevant)):
+        hits = [rank for rank, item in enumerate(row, 1) if item in right]
+        ranks[i] = hits[0] if hits else 0
+    return ranks
+
+
+def metrics(rows: np.ndarray, relevant: list[set[int]]) -> dict:
+    ranks = first_right(rows, relevant)
+    found = ranks > 0
+    out = {f"R@{k}": round(float(np.mean(found & (ranks <= k))), 4) for k in CUTOFFS}
+    out["MRR@10"] = round(float(np.mean(np.where(found & (ranks <= DEPTH), 1.0 / np.maximum(ranks, 1), 0.0))), 4)
+    return out
+
+
+def table(summary: dict) -> str:
+    """The metrics as a plain-text table: one row per method and query set."""
+    lines = [f"{'method':<10}{'set':<5}{'queries':>8}" + "".join(f"{m:>8}" for m in ("R@1", "R@5", "R@10", "MRR@10"))
+             + f"{'ms/query':>10}"]
+    for method, sets in summary["methods"].items():
+        for name, m in sets.items():
+            if name == "latency_ms_batch_1":
+                continue
+            lines.append(f"{method:<10}{name:<5}{m['queries']:>8}" + "".join(f"{m[k]:>8.3f}" for k in
+                         ("R@1", "R@5", "R@10", "MRR@10")) + f"{sets['latency_ms_batch_1']['p50']:>10.1f}")
+    return "\n".join(lines)
+
+
+def _baseline(name: str, records: list[dict], cfg: Config):
+    if name == "bm25":
+        return baselines.BM25(records)
+    if name == "minilm":
+        return baselines.MiniLM(records)
+    if name == "dense":
+        if cfg.embed.encoder != "imagebind":  # only ImageBind has a text tower beside the item encoder
+            return None
+        from safetensors.torch import load_file
+
+        from cart import encoders
+        from cart.embed import pick_device
+
+        path, _ = files.verified_input(cfg.run_dir, files.EMBEDDINGS)
+        encoder = encoders.load(cfg.embed, pick_device(cfg.eval.device))
+        return baselines.CrossModal(load_file(str(path))["embeddings"], encoder)
+    raise CartError(f"eval.baselines: unknown baseline {name!r} (known: bm25, minilm, dense)")
+
+
+def _in_batches(search, texts: list[str], batch_size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    rows, scores = [], []
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit=" batch", leave=False):
+        r, s = search(texts[start: start + batch_size])
+        rows.append(r)
+        scores.append(s)
+    return np.concatenate(rows), np.concatenate(scores)
+
+
+def _latency(search, query_sets: dict, count: int, seed: int) -> dict:
+    """Milliseconds per query at batch 1 over a seeded sample of the held-out queries (after one warm-up)."""
+    pool = [q for queries in query_sets.values() for q, _ in queries]
+    sample = random.Random(seed).sample(pool, min(count, len(pool)))
+    search(sample[:1])
+    times = []
+    for query in sample:
+        start = time.perf_counter()
+        search([query])
+        times.append(1000 * (time.perf_counter() - start))
+    return {"p50": round(float(np.percentile(times, 50)), 2), "p95": round(float(np.percentile(times, 95)), 2),
+            "queries": len(times)}
+
+
+def _write_hits(path: Path, query_sets: dict, relevant: dict, ranked: dict, records: list[dict]) -> None:
+    lines = []
+    methods = list(dict.fromkeys(method for method, _ in ranked))
+    for set_name, queries in query_sets.items():
+        ranks = {m: first_right(ranked[m, set_name][0], relevant[set_name]) for m in methods}
+        for i, (query, source) in enumerate(queries):
+            row = {"set": set_name, "query": query, "source": records[source]["id"],
+                   "relevant": sorted(records[r]["id"] for r in relevant[set_name][i])}
+            for m in methods:
+                items, scores = ranked[m, set_name]
+                kept = items[i] >= 0
+                row[m] = {"ids": [records[r]["id"] for r in items[i][kept]],
+                          "scores": [round(float(s), 4) for s in scores[i][kept]], "rank": int(ranks[m][i])}
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    files.write_text(path, "".join(lines))
+
+
+def _thumbnail(record: dict, size: int = 48) -> str:
+    if record["modality"] != "image":
+        return f"<div class='media'>{html.escape(record['modality'])}</div>"
+    from cart.encoders import load_rgb
+
+    image = load_rgb(record["path"])
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f"<img src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}' alt=''>"
+
+
+def _write_report(path: Path, summary: dict, query_sets: dict, relevant: dict, ranked: dict, records: list[dict],
+                  cfg: Config) -> None:
+    esc = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>cart eval: {esc(cfg.run)}</title><style>",
+             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{padding:4px 8px;"
+             "border-bottom:1px solid #ddd;text-align:right}td.q{text-align:left}.hit{display:inline-block;"
+             "margin:2px;text-align:center;font-size:11px;border:3px solid}.right{border-color:#2a2}"
+             ".wrong{border-color:#d33}.media{width:48px;height:48px}</style>",
+             f"<h1>cart eval: {esc(cfg.run)}</h1><p>Beam width {summary['beam_width']}; a query's right answers are "
+             f"its source item and every item with a text of kind {esc(', '.join(cfg.eval.relevant_kinds))} equal "
+             f"to it. Held-out queries only.</p><h2>Metrics</h2><table><tr><th>method</th><th>set</th>"
+             "<th>queries</th><th>R@1</th><th>R@5</th><th>R@10</th><th>MRR@10</th><th>ms/query (batch 1, p50)</th></tr>"]
+    for method, sets in summary["methods"].items():
+        for name, m in sets.items():
+            if name != "latency_ms_batch_1":
+                parts.append(f"<tr><td class=q>{esc(method)}</td><td>{esc(name)}</td><td>{m['queries']}</td>"
+                             + "".join(f"<td>{m[k]:.3f}</td>" for k in ("R@1", "R@5", "R@10", "MRR@10"))
+                             + f"<td>{sets['latency_ms_batch_1']['p50']:.1f}</td></tr>")
+    parts.append("</table><h2>Sample queries: CART's top 5</h2><p>Green: a right answer; red: wrong. "
+                 "Scores are log-probabilities of the identifier.</p><table>")
+    rng = random.Random(cfg.seed)
+    for set_name, queries in query_sets.items():
+        for i in sorted(rng.sample(range(len(queries)), min(cfg.eval.report_queries, len(queries)))):
+            items, scores = ranked["CART", set_name]
+            cells = "".join(
+                f"<div class='hit {'right' if r in relevant[set_name][i] else 'wrong'}' title='{esc(records[r]['id'])}'>"
+                f"{_thumbnail(records[r])}<br>{s:.2f}</div>" for r, s in zip(items[i][:5], scores[i][:5]) if r >= 0)
+            parts.append(f"<tr><td class=q>{esc(set_name)}: {esc(queries[i][0])}</td><td class=q>{cells}</td></tr>")
+    parts.append("</table>")
+    if cfg.corpus.source == "emoji":
+        parts.append("<p>Emoji artwork: <a href='https://github.com/twitter/twemoji'>Twemoji</a> by Twitter, Inc. "
+                     "and other contributors, CC-BY 4.0, via the npm package emoji-datasource-twitter.</p>")
+    files.write_text(path, "".join(parts) + "\n")

@@ -1,0 +1,94 @@
+"""The inference API: load a trained run once, answer many queries.
+
+    from cart.retriever import Retriever
+    retriever = Retriever.load("checkpoints/emoji")
+    for hit in retriever.search(["a red heart"], k=5)[0]:
+        print(hit.id, hit.path, hit.score)
+
+A query is encoded, decoded by beam search constrained to the run's identifiers, and every finished
+identifier mapped back to its corpus item: the retriever can only ever return real items.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cart import corpus, files
+from cart.decoding import decode
+from cart.embed import pick_device
+from cart.errors import CartError
+
+
+@dataclass
+class Hit:
+    id: str
+    path: str
+    score: float  # log-probability of the item's identifier under the model
+    row: int  # the item's row in corpus.jsonl
+
+
+class Retriever:
+    def __init__(self, model, tokenizer, ids, records: list[dict], *, beam_width: int, max_query_tokens: int,
+                 device: torch.device, top_k: int = 10):
+        self.model = model.to(device).eval()
+        self.tokenizer, self.ids, self.records = tokenizer, ids, records
+        self.beam_width, self.max_query_tokens, self.device = beam_width, max_query_tokens, device
+        self.top_k = top_k  # the run's default k
+
+    @classmethod
+    def load(cls, run_dir: str | Path, beam_width: int | None = None, device: str = "auto") -> "Retriever":
+        """The run's best model, tokenizer, identifiers and corpus; beam width and query length default to
+        the values the model was trained and validated with."""
+        from cart import train
+
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise CartError(f"run folder not found: {run_dir}")
+        model, tokenizer, ids = train.load(run_dir)
+        config = json.loads(files.manifest_path(run_dir / files.MODEL_WEIGHTS).read_text(encoding="utf-8"))["config"]
+        beam_width = beam_width or config["retrieve"]["beam_width"]
+        if beam_width < 1:
+            raise CartError(f"beam width must be at least 1, got {beam_width}")
+        return cls(model, tokenizer, ids, corpus.read(run_dir), beam_width=beam_width,
+                   max_query_tokens=config["model"]["max_query_tokens"], device=pick_device(device),
+                   top_k=config["retrieve"]["top_k"])
+
+    def search(self, queries: str | list[str], k: int | None = None, batch_size: int = 32) -> list[list[Hit]]:
+        """Ranked items for each query, best first (fewer than k when the beams found fewer)."""
+        if isinstance(queries, str):
+            queries = [queries]
+        rows, scores = self.search_rows(queries, k or min(self.top_k, self.beam_width), batch_size)
+        return [[Hit(self.records[r]["id"], self.records[r]["path"], float(s), int(r))
+                 for r, s in zip(row, score) if r >= 0] for row, score in zip(rows, scores)]
+
+    def search_rows(self, queries: list[str], k: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, k) corpus rows (-1 where the beams found fewer than k items) and their log-probabilities."""
+        if k > self.beam_width:
+            raise CartError(f"k={k} is larger than the beam width {self.beam_width}: pass a larger beam width")
+        if k < 1:
+            raise CartError(f"k must be at least 1, got {k}")
+        for i, query in enumerate(queries):
+            if not isinstance(query, str) or not query.strip():
+                raise CartError(f"query {i + 1} is empty")
+        rows, scores = [], []
+        for start in range(0, len(queries), batch_size):
+            encoded = self.tokenizer(queries[start: start + batch_size], padding=True, truncation=True,
+                                     max_length=self.max_query_tokens, return_tensors="pt").to(self.device)
+            items, item_scores = decode(self.model, encoded["input_ids"], encoded["attention_mask"], self.ids.trie,
+                                        beams=self.beam_width, top_k=k)
+            rows.append(items.numpy())
+            scores.append(item_scores.numpy())
+        if not rows:
+            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+        return np.concatenate(rows), np.concatenate(scores)
+
+
+def format_hits(query: str, hits: list[Hit]) -> str:
+    """A query and its ranked items as indented lines: rank, log-probability, id, path."""
+    return "\n".join([query] + [f"  {rank:>3}  {hit.score:>9.3f}  {hit.id:<24} {hit.path}"
+                                for rank, hit in enumerate(hits, 1)])

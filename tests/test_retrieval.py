@@ -1,0 +1,179 @@
+"""Retrieval on a tiny trained run: the Python API, `cart retrieve`, `cart eval` with its files and report,
+the scoring rule, and the baselines."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cart import baselines, build_ids, evaluate, files, train
+from cart.errors import CartError
+from cart.retriever import Retriever
+from conftest import ROOT, prepare_run
+
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    config = prepare_run(tmp_path_factory.mktemp("retrieval"))
+    train.run(config())
+    return config
+
+
+def test_retriever_returns_ranked_real_items_and_answers_many_calls(trained):
+    cfg = trained()
+    retriever = Retriever.load(cfg.run_dir)
+    records = retriever.records
+    results = retriever.search(["red number 0", "shape 3", "green thing 1"], k=5)
+    assert len(results) == 3
+    for hits in results:
+        assert 1 <= len(hits) <= 5
+        assert all(records[h.row]["id"] == h.id and records[h.row]["path"] == h.path for h in hits)
+        assert len({h.id for h in hits}) == len(hits)
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+    assert retriever.search("shape 3", k=5)[0] == results[1]  # one string, same answer, same loaded model
+    # more beams than items: every item comes back once, the rest are marked missing, never NaN
+    rows, scores = Retriever.load(cfg.run_dir, beam_width=16).search_rows(["shape 3"], k=16)
+    found = rows[0][rows[0] >= 0]
+    assert sorted(found.tolist()) == list(range(len(records)))
+    assert np.isfinite(scores[0][: len(found)]).all() and np.isneginf(scores[0][len(found):]).all()
+
+
+def test_retriever_errors_are_clear(trained, tmp_path):
+    cfg = trained()
+    retriever = Retriever.load(cfg.run_dir)
+    with pytest.raises(CartError, match="query 2 is empty"):
+        retriever.search(["red", "  "])
+    with pytest.raises(CartError, match="k=11 is larger than the beam width 10"):
+        retriever.search(["red"], k=11)
+    with pytest.raises(CartError, match="run folder not found"):
+        Retriever.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CartError, match="model.safetensors is missing: run `cart train` first"):
+        Retriever.load(tmp_path / "empty")
+
+
+def test_a_model_of_other_identifiers_is_refused_at_load(tmp_path):
+    config = prepare_run(tmp_path)
+    train.run(config("train.epochs=1"))
+    build_ids.run(config("ids.codebook_size=3"))
+    with pytest.raises(CartError, match="was built from another ids.safetensors"):
+        Retriever.load(config().run_dir)
+
+
+def test_cli_retrieve_prints_a_table_json_and_reads_stdin(trained):
+    run_dir = str(trained().run_dir)
+    table = subprocess.run([PYTHON, "-m", "cart", "retrieve", "--run", run_dir, "-k", "3", "red number 0"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert table[0] == "red number 0" and len(table) == 4 and table[1].split()[0] == "1"
+    out = subprocess.run([PYTHON, "-m", "cart", "retrieve", "--run", run_dir, "--json", "-k", "2"],
+                         input="shape 1\n\ngreen thing 0\n", capture_output=True, text=True, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["query"] for r in rows] == ["shape 1", "green thing 0"]
+    assert all(len(r["hits"]) == 2 and set(r["hits"][0]) == {"id", "path", "score", "row"} for r in rows)
+    bad = subprocess.run([PYTHON, "-m", "cart", "retrieve", "--run", run_dir, "-k", "12", "red"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "cart retrieve: error: k=12 is larger than the beam width 10: pass a larger beam width")
+
+
+def test_eval_writes_metrics_hits_and_a_report_that_agree(trained):
+    cfg = trained()
+    evaluate.run(cfg)
+    summary = json.loads((cfg.run_dir / files.EVAL).read_text())
+    assert set(summary["methods"]) == {"CART", "BM25"}
+    hits = [json.loads(line) for line in (cfg.run_dir / files.HITS).read_text().splitlines()]
+    assert len(hits) == 6 and {h["set"] for h in hits} == {"test"}  # items 10 and 11, three texts each
+    for method in ("CART", "BM25"):
+        figures = summary["methods"][method]["test"]
+        ranks = np.array([h[method]["rank"] for h in hits])
+        assert figures["R@1"] == pytest.approx(np.mean(ranks == 1), abs=1e-4)
+        assert figures["R@10"] == pytest.approx(np.mean(ranks > 0), abs=1e-4)
+        assert figures["MRR@10"] == pytest.approx(np.mean(np.where(ranks > 0, 1 / np.maximum(ranks, 1), 0)), abs=1e-4)
+        assert summary["methods"][method]["latency_ms_batch_1"]["queries"] == 3
+    for h in hits:
+        right = set(h["relevant"])
+        assert h["source"] in right
+        first = next((i for i, x in enumerate(h["CART"]["ids"], 1) if x in right), 0)
+        assert h["CART"]["rank"] == first
+    report = (cfg.run_dir / files.REPORT).read_text()
+    assert "data:image/png;base64," in report and "<td class=q>CART</td>" in report
+    assert json.loads(files.manifest_path(cfg.run_dir / files.EVAL).read_text())["stage"] == "eval"
+
+
+def test_eval_needs_ten_beams(trained):
+    with pytest.raises(CartError, match="needs at least 10 beams"):
+        evaluate.run(trained("retrieve.beam_width=5"))
+
+
+def test_scoring_rule_counts_the_source_and_items_named_by_the_query():
+    records = [
+        {"texts": [{"text": "dog", "kind": "caption"}, {"text": "Dog face", "kind": "query", "set": "A"},
+                   {"text": "pup", "kind": "query", "set": "B"}]},
+        {"texts": [{"text": "dog face", "kind": "caption"}, {"text": "dog", "kind": "query", "set": "A"}]},
+        {"texts": [{"text": "pup", "kind": "caption"}, {"text": "cat", "kind": "query", "set": "A"}]},
+    ]
+    sets = evaluate.held_out_queries(records)
+    assert sets == {"A": [("Dog face", 0), ("dog", 1), ("cat", 2)], "B": [("pup", 0)]}
+    relevant = evaluate.relevant_items(records, sets, ["caption", "query:A"])
+    assert relevant == {"A": [{0, 1}, {0, 1}, {2}], "B": [{0, 2}]}
+    assert evaluate.relevant_items(records, sets, ["caption"])["A"] == [{0, 1}, {0, 1}, {2}]
+    assert evaluate.relevant_items(records, sets, [])["B"] == [{0}]
+    rows = np.array([[5, 0, 1], [1, 2, 3], [7, 8, 2]])
+    assert evaluate.first_right(rows, relevant["A"]).tolist() == [2, 1, 3]
+    m = evaluate.metrics(rows, relevant["A"])
+    assert m["R@1"] == pytest.approx(1 / 3, abs=1e-4) and m["R@5"] == 1.0
+    assert m["MRR@10"] == pytest.approx((1 / 2 + 1 + 1 / 3) / 3, abs=1e-4)
+
+
+def emoji_like_records():
+    tags = [["dog", "pet"], ["cat", "kitten", "pet"], ["pizza", "food"], ["rocket", "space"]]
+    return [{"texts": [{"text": t, "kind": "caption"} for t in dict.fromkeys(ts + [" ".join(ts)])]} for ts in tags]
+
+
+def test_an_items_document_drops_texts_contained_in_another():
+    assert baselines.item_document(emoji_like_records()[1]) == "cat kitten pet"
+    record = {"texts": [{"text": "a red bus", "kind": "caption"}, {"text": "bus", "kind": "generated"},
+                        {"text": "a bus in town", "kind": "caption"}, {"text": "red", "kind": "query", "set": "A"}]}
+    assert baselines.item_document(record) == "a red bus a bus in town"
+
+
+def test_bm25_and_minilm_find_the_item_a_query_describes():
+    records = emoji_like_records()
+    rows, scores = baselines.BM25(records).search(["kitten", "food", "unknown words", "PET"], k=4)
+    assert rows[0, 0] == 1 and rows[1, 0] == 2
+    assert rows[2].tolist() == [0, 1, 2, 3]  # nothing matches: every score ties, corpus order
+    assert set(rows[3, :2].tolist()) == {0, 1} and scores[3, 0] > scores[3, 2]
+    rows, scores = baselines.MiniLM(records).search(["a puppy", "spaceship launch", "a slice of pepperoni"], k=2)
+    assert rows[:, 0].tolist() == [0, 3, 2]
+    assert np.all(scores[:, 0] >= scores[:, 1]) and np.all(scores <= 1 + 1e-5)
+
+
+def test_cross_modal_baseline_ranks_by_cosine_of_the_text_tower():
+    class TextTower:
+        def encode_text(self, texts):
+            return torch.tensor([[1.0, 0.0] if t == "east" else [0.0, 1.0] for t in texts])
+
+    items = torch.tensor([[0.0, 2.0], [3.0, 0.1], [1.0, 1.0]])
+    rows, scores = baselines.CrossModal(items, TextTower()).search(["east", "north"], k=3)
+    assert rows.tolist() == [[1, 2, 0], [0, 2, 1]]
+    assert scores[0, 0] == pytest.approx(3 / np.hypot(3, 0.1), abs=1e-6)
+
+
+def test_dense_baseline_needs_a_text_tower(trained):
+    assert evaluate._baseline("dense", [], trained()) is None  # precomputed embeddings: no text tower
+    with pytest.raises(CartError, match="unknown baseline 'bm26'"):
+        evaluate._baseline("bm26", [], trained())
+
+
+def test_cli_eval_runs_from_the_command_line(trained):
+    cfg = trained()
+    out = subprocess.run([PYTHON, "-m", "cart", "eval", "--config", str(ROOT / "configs/tiny.yaml"),
+                          *trained.overrides, "eval.baselines=[]"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "CART" in out.stdout and "report ->" in out.stdout
+    assert set(json.loads((cfg.run_dir / files.EVAL).read_text())["methods"]) == {"CART"}
