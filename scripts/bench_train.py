@@ -1,0 +1,94 @@
+"""Benchmark `cart train` on the emoji config: training throughput (query-identifier pairs per second)
+with and without fusion and R-Drop, measured in one run, and how long a full training takes until
+validation R@1 stops improving. Prints JSON.
+
+Needs the demo's inputs (`make demo`, or `cart pipeline --config configs/emoji.yaml` up to ids).
+
+    .venv/bin/python scripts/bench_train.py [--steps 30] [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {  # name -> overrides
+    "fusion + R-Drop (CART)": [],
+    "fusion, no R-Drop": ["train.rdrop_weight=0"],
+    "no fusion, R-Drop": ["model.fusion=false"],
+    "no fusion, no R-Drop": ["model.fusion=false", "train.rdrop_weight=0"],
+}
+
+
+def throughput(cfg, steps: int) -> dict:
+    """Pairs per second over `steps` optimiser steps after 3 warm-up steps, forward + backward + update."""
+    from cart import build_ids, corpus, train
+    from cart.losses import cart_loss
+
+    records = corpus.read(cfg.run_dir)
+    ids = build_ids.load(cfg.run_dir)
+    pairs, _, _ = train.split_pairs(records, cfg)
+    tokenizer = train.load_tokenizer(cfg)
+    torch.manual_seed(cfg.seed)
+    model = train.build_model(cfg, ids.layout.vocab_size, len(tokenizer)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate)
+    labels = torch.from_numpy(ids.tokens)
+    batch_size = cfg.train.batch_size
+    order = torch.randperm(len(pairs.texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    batches = [train._batch(order[i: i + batch_size], pairs, labels, tokenizer, cfg)  # shuffled, as in training
+               for i in range(0, batch_size * (steps + 3), batch_size)]
+    for i, batch in enumerate(batches):
+        if i == 3:
+            start = time.perf_counter()
+        loss = cart_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], cfg.train.rdrop_weight)
+        loss.total.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    seconds = time.perf_counter() - start
+    return {"pairs_per_second": round(steps * batch_size / seconds, 1), "seconds_per_step": round(seconds / steps, 3),
+            "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+
+
+def main() -> None:
+    from cart.config import load_config
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default=str(ROOT / "configs/emoji.yaml"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--full", action="store_true", help="also train to early stopping (the demo's training)")
+    args = parser.parse_args()
+    results = {"threads": torch.get_num_threads(), "throughput": {}}
+    for name, overrides in VARIANTS.items():
+        cfg = load_config(args.config, overrides)
+        results["throughput"][name] = throughput(cfg, args.steps)
+        print(f"{name}: {results['throughput'][name]}", flush=True, file=sys.stderr)
+    base = results["throughput"]["fusion + R-Drop (CART)"]["pairs_per_second"]
+    results["relative_to_cart"] = {k: round(v["pairs_per_second"] / base, 2) for k, v in results["throughput"].items()}
+    if args.full:
+        from cart import train
+
+        source = load_config(args.config)
+        cfg = load_config(args.config, ["run=bench-train"])
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        cfg.run_dir.mkdir(parents=True)
+        for name in ("corpus.jsonl", "corpus.manifest.json", "embeddings.safetensors", "embeddings.manifest.json",
+                     "ids.safetensors", "ids.manifest.json", "ids.json", "ids.png", "rqvae.safetensors",
+                     "trie.marisa"):
+            if (source.run_dir / name).exists():
+                shutil.copy(source.run_dir / name, cfg.run_dir / name)
+        start = time.perf_counter()
+        train.run(cfg)
+        summary = json.loads((cfg.run_dir / "train.json").read_text())
+        results["full_training"] = {"seconds": round(time.perf_counter() - start, 1), **summary}
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
