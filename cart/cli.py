@@ -26,6 +26,7 @@ STAGES = {
     "pipeline": ("cart.pipeline", "run every stage in order (the demo)"),
 }
 RETRIEVE_HELP = "ranked items for query texts (arguments, --file, or one a line on stdin)"
+GENERATE_HELP = "retrieve images for a prompt and generate from them (preview, OmniGen, SDXL + IP-Adapter)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,9 +46,25 @@ def main(argv: list[str] | None = None) -> None:
     retrieve.add_argument("--beams", type=int, default=None, help="beam width (default: the run's; at least k)")
     retrieve.add_argument("--batch-size", type=int, default=32)
     retrieve.add_argument("--json", action="store_true", help="one JSON object a query instead of a table")
-    args = parser.parse_args(argv)
+    generate = commands.add_parser("generate", help=GENERATE_HELP, description=GENERATE_HELP)
+    generate.add_argument("prompt")
+    generate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generate.images=2")
+    generate.add_argument("--run", help="a trained run folder (default: the config's)")
+    generate.add_argument("--config", help="a YAML config (default: built-in defaults)")
+    generate.add_argument("--subquery", action="append", default=[],
+                          help="a sub-query (repeat it; sub-query mode); --split splits the prompt instead")
+    generate.add_argument("--split", action="store_true", help="sub-query mode, sub-queries split from the prompt")
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options too (`cart generate "a prompt" --run DIR generate.images=2`)
+    unknown = [x for x in extra if "=" not in x or x.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if args.command == "retrieve":
         return _guarded("retrieve", lambda: _retrieve(args))
+    if args.command == "generate":
+        return _guarded("generate", lambda: _generate(args))
     overrides = list(args.overrides)
     if getattr(args, "on_bad", None):
         overrides.append(f"corpus.on_bad={args.on_bad}")
@@ -76,6 +93,19 @@ def _stage(command: str, config: str | None, overrides: list[str]) -> None:
     module.run(cfg)
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the first process reports
         print(f"cart {command}: done in {time.perf_counter() - start:.1f} s")
+
+
+def _generate(args) -> None:
+    from cart import generate
+    from cart.config import load_config
+
+    overrides = list(args.overrides)
+    if args.subquery or args.split:
+        overrides.append("generate.mode=subqueries")
+    cfg = load_config(args.config, overrides)
+    cfg.generate.subqueries = args.subquery or cfg.generate.subqueries
+    _seed(cfg.seed)
+    generate.run(cfg, prompt=args.prompt, run_dir=args.run)
 
 
 def _retrieve(args) -> None:

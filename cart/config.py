@@ -127,6 +127,32 @@ class EvalConfig:
 
 
 @dataclass
+class GenerateConfig:
+    generator: Literal["preview", "omnigen", "sdxl-ip-adapter"] = "preview"
+    prompt: str = ""  # what `cart pipeline` generates at the end (`cart generate` takes it as an argument)
+    # prompt: retrieve for the whole prompt (or for each of `concepts`), ImageRAG; subqueries: a Pareto-optimal
+    # set over the sub-queries (given in `subqueries`, or split from the prompt), Cross-modal RAG
+    mode: Literal["prompt", "subqueries"] = "prompt"
+    subqueries: list[str] = field(default_factory=list)
+    concepts: list[str] = field(default_factory=list)
+    images: int = 3  # at most this many retrieved images condition the generator
+    name: str = ""  # output folder under <run>/generations/; default: from the prompt
+    model: str = ""  # the local diffusers pipeline folder (OmniGen, or SDXL base for sdxl-ip-adapter)
+    ip_adapter: str = ""  # sdxl-ip-adapter: the local IP-Adapter folder (h94/IP-Adapter's layout)
+    ip_adapter_subfolder: str = "sdxl_models"
+    ip_adapter_weights: str = "ip-adapter_sdxl.safetensors"
+    ip_adapter_scale: float = 0.6
+    steps: int = 50
+    guidance: float = 3.0  # text guidance (OmniGen's default 3.0; SDXL users often take 5-7)
+    image_guidance: float = 1.6  # OmniGen's image guidance
+    height: int = 1024
+    width: int = 1024
+    thumbnail: int = 128  # preview: thumbnail side in pixels
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 (SDXL) / bf16 (OmniGen) on CUDA
+
+
+@dataclass
 class Config:
     run: str = "emoji"  # outputs go to <output_dir>/<run>/
     output_dir: str = "checkpoints"
@@ -139,6 +165,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     @property
     def run_dir(self) -> Path:

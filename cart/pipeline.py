@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cart import build_ids, corpus, embed, evaluate, files, train
+from cart import build_ids, corpus, embed, evaluate, files, generate, train
 from cart.config import Config
 from cart.retriever import Retriever, format_hits
 
@@ -25,6 +25,9 @@ def run(cfg: Config) -> Path:
     summary = json.loads((cfg.run_dir / files.EVAL).read_text(encoding="utf-8"))
     print("\nheld-out queries (never trained, selected or tuned on):")
     print(evaluate.table(summary))
+    if cfg.generate.prompt:
+        print()
+        outputs.append(generate.run(cfg))
     print("\noutputs:")
     for path in outputs:
         print(f"  {path}")

@@ -93,3 +93,13 @@ def prepare_run(root: Path):
     build_ids.run(cfg)
     config.overrides = overrides
     return config
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One tiny trained run (prepare_run + `cart train`) shared by the retrieval and generation tests."""
+    from cart import train
+
+    config = prepare_run(tmp_path_factory.mktemp("trained"))
+    train.run(config())
+    return config

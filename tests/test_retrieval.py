@@ -17,13 +17,6 @@ from conftest import ROOT, prepare_run
 PYTHON = sys.executable
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    config = prepare_run(tmp_path_factory.mktemp("retrieval"))
-    train.run(config())
-    return config
-
-
 def test_retriever_returns_ranked_real_items_and_answers_many_calls(trained):
     cfg = trained()
     retriever = Retriever.load(cfg.run_dir)

@@ -1,0 +1,137 @@
+"""Stage `cart generate`: retrieve images for a prompt, then condition an image generator on them.
+
+Two ways to retrieve (`generate.mode`):
+- `prompt` (ImageRAG): the top images for the whole prompt, or for each concept description in
+  `generate.concepts` (taken in turn, best first, no image twice), up to `generate.images`;
+- `subqueries` (Cross-modal RAG, Zhu et al.): the prompt's sub-queries (given, or split by `split_prompt`)
+  are each decoded by beam search; every item in any sub-query's beams gets one score per sub-query (its
+  identifier's log-probability there, -inf where that sub-query's beams did not reach it), and the chosen
+  set is the Pareto-optimal items (none beaten on every sub-query by another), at most `generate.images`,
+  each annotated with the sub-queries whose beams found it.
+
+The generator (`cart.generators`) receives the prompt and the chosen images. Writes, under
+`checkpoints/<run>/generations/<name>/`: the generated image(s) and `record.json` (prompt, sub-queries,
+retrieved items with scores, the generator and its settings).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cart import files, generators
+from cart.config import Config
+from cart.errors import CartError
+from cart.retriever import Retriever
+
+SPLIT = re.compile(r"\s*(?:[,;]|\band\b|\bwith\b)\s*", flags=re.IGNORECASE)
+
+
+@dataclass
+class Retrieved:
+    id: str
+    path: str
+    row: int
+    score: float  # best log-probability over the queries that found it
+    scores: dict[str, float] = field(default_factory=dict)  # query -> log-probability (found there only)
+    covers: list[str] = field(default_factory=list)  # the queries (sub-queries, concepts) whose beams found it
+
+
+def split_prompt(prompt: str) -> list[str]:
+    """The documented rule: split on commas, semicolons and the words "and" and "with"; drop empty parts.
+    A prompt with none of them is one sub-query."""
+    parts = [p.strip() for p in SPLIT.split(prompt) if p and p.strip()]
+    return parts or [prompt.strip()]
+
+
+def pareto_front(scores: np.ndarray) -> np.ndarray:
+    """Indices of the rows of `scores` (candidates x sub-queries, higher is better, -inf allowed) that no
+    other row dominates (>= on every sub-query, > on at least one)."""
+    at_least = (scores[:, None, :] >= scores[None, :, :]).all(2)  # [b, a]: b >= a everywhere
+    better = (scores[:, None, :] > scores[None, :, :]).any(2)
+    dominated = (at_least & better).any(0)
+    return np.flatnonzero(~dominated)
+
+
+def choose_pareto(scores: np.ndarray, cap: int) -> list[int]:
+    """The Pareto front, cut to `cap`: the sub-queries take turns choosing their best remaining front member
+    (among those their beams found), so every sub-query is covered before any gets a second image."""
+    front = list(pareto_front(scores))
+    chosen: list[int] = []
+    while front and len(chosen) < cap:
+        before = len(chosen)
+        for j in range(scores.shape[1]):
+            reached = [i for i in front if np.isfinite(scores[i, j])]
+            if reached and len(chosen) < cap:
+                best = max(reached, key=lambda i: scores[i, j])
+                chosen.append(best)
+                front.remove(best)
+        if len(chosen) == before:  # what is left was found by no sub-query
+            break
+    return chosen
+
+
+def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> tuple[list[str], list[Retrieved]]:
+    """(the queries used, the chosen items) for `prompt` under `generate.mode`."""
+    g = cfg.generate
+    if g.mode == "subqueries":
+        queries = list(g.subqueries) or split_prompt(prompt)
+    else:
+        queries = list(g.concepts) or [prompt]
+    k = retriever.beam_width
+    results = retriever.search(queries, k=k)
+    found: dict[int, Retrieved] = {}
+    for query, hits in zip(queries, results):
+        for hit in hits:
+            item = found.setdefault(hit.row, Retrieved(hit.id, hit.path, hit.row, hit.score))
+            item.scores[query] = hit.score
+            item.covers.append(query)
+            item.score = max(item.score, hit.score)
+    candidates = list(found.values())
+    if g.mode == "subqueries":
+        matrix = np.array([[c.scores.get(q, -np.inf) for q in queries] for c in candidates]).reshape(len(candidates), len(queries))
+        chosen = [candidates[i] for i in choose_pareto(matrix, g.images)]
+    else:  # each query's best in turn: concept 1's top, concept 2's top, then their second best, ...
+        ranked = [[found[h.row] for h in hits] for hits in results]
+        chosen = []
+        for depth in range(k):
+            for hits in ranked:
+                if depth < len(hits) and hits[depth] not in chosen and len(chosen) < g.images:
+                    chosen.append(hits[depth])
+    return queries, chosen
+
+
+def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None) -> Path:
+    """Retrieve for the prompt (`generate.prompt` unless given), generate, write the image(s) and the record."""
+    g = cfg.generate
+    prompt = (prompt if prompt is not None else g.prompt).strip()
+    if not prompt:
+        raise CartError("empty prompt: give the text to generate from")
+    run_dir = Path(run_dir or cfg.run_dir)
+    if g.images < 1:
+        raise CartError(f"generate.images={g.images}: at least one image must condition the generator")
+    generator = generators.load(g)  # fail on a bad model folder before decoding anything
+    retriever = Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=g.device)
+    queries, chosen = retrieve_for_generation(retriever, prompt, cfg)
+    images = [c for c in chosen if retriever.records[c.row]["modality"] == "image"]
+    if not images:
+        kinds = sorted({retriever.records[c.row]["modality"] for c in chosen})
+        raise CartError(f"no images retrieved for {prompt!r}" + (f" (found only {', '.join(kinds)} items)" if kinds else "")
+                        + ": nothing to condition the generator on")
+    out_dir = run_dir / "generations" / (g.name or _slug(prompt))
+    outputs = generator.generate(prompt, queries if g.mode == "subqueries" else [], images, cfg.seed, out_dir)
+    record = {"prompt": prompt, "mode": g.mode, "queries": queries, "retrieved": [asdict(c) for c in images],
+              "generator": g.generator, "settings": generator.settings(), "seed": cfg.seed,
+              "outputs": [str(p) for p in outputs], "run": str(run_dir)}
+    files.write_text(out_dir / "record.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    print(f"generate: {len(images)} retrieved image(s) -> {g.generator}: {', '.join(str(p) for p in outputs)}")
+    print(f"generate: record -> {out_dir / 'record.json'}")
+    return out_dir
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"

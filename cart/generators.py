@@ -1,0 +1,172 @@
+"""Image generators that take retrieved images as conditions (`generate.generator`).
+
+- `preview`: no model. A PNG board: the prompt, the retrieved images with their scores and, in sub-query
+  mode, the sub-queries each one covers. Runs anywhere; the demo's generator.
+- `omnigen`: diffusers' OmniGenPipeline from a local folder, the retrieved images in context (the prompt
+  gets OmniGen's `<img><|image_k|></img>` placeholders), up to `generate.images` of them.
+- `sdxl-ip-adapter`: diffusers' StableDiffusionXLPipeline from a local folder with an IP-Adapter from
+  another local folder; the best retrieved image is the image prompt, `generate.ip_adapter_scale` its weight.
+
+Model folders load with `from_pretrained(dir, local_files_only=True)`: never a download. A folder that lacks
+a part the pipeline needs is a one-line error naming it. CUDA when present (fp16 for SDXL, bf16 for
+OmniGen), else the CPU in float32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from cart import files
+from cart.config import GenerateConfig
+from cart.embed import pick_device
+from cart.encoders import load_rgb
+from cart.errors import CartError
+
+
+def load(g: GenerateConfig):
+    if g.generator == "preview":
+        return Preview(g)
+    if g.generator == "omnigen":
+        return OmniGen(g)
+    if g.generator == "sdxl-ip-adapter":
+        return SdxlIpAdapter(g)
+    raise CartError(f"generate.generator={g.generator!r} is unknown (preview, omnigen, sdxl-ip-adapter)")
+
+
+def pipeline_folder(path: str, key: str, needs: tuple[str, ...]) -> Path:
+    """A diffusers pipeline folder holding `needs` (component subfolders), or a clear error."""
+    if not path:
+        raise CartError(f"{key} is empty: give the local folder of the pipeline (see README, Generation)")
+    folder = Path(path).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise CartError(f"{key}: {folder} has no model_index.json: not a diffusers pipeline folder")
+    missing = [part for part in needs if not (folder / part).is_dir()]
+    if missing:
+        raise CartError(f"{key}: {folder} lacks {', '.join(missing)} (the pipeline needs {', '.join(needs)})")
+    return folder
+
+
+def _device_dtype(g: GenerateConfig, cuda_dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+    device = pick_device(g.device)
+    if g.dtype != "auto":
+        return device, getattr(torch, g.dtype)
+    return device, cuda_dtype if device.type == "cuda" else torch.float32
+
+
+def _write_images(images: list[Image.Image], out_dir: Path, stem: str) -> list[Path]:
+    paths = []
+    for i, image in enumerate(images):
+        path = out_dir / f"{stem}_{i}.png"
+        with files.atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+        paths.append(path)
+    return paths
+
+
+class Preview:
+    def __init__(self, g: GenerateConfig):
+        self.g = g
+
+    def settings(self) -> dict:
+        return {"thumbnail": self.g.thumbnail}
+
+    def generate(self, prompt: str, subqueries: list[str], images, seed: int, out_dir: Path) -> list[Path]:
+        size, pad = self.g.thumbnail, 12
+        font = ImageFont.load_default(size=14)
+        small = ImageFont.load_default(size=11)
+        lines_under = max(1, max(len(r.covers) for r in images)) + 2
+        width = pad + len(images) * (size + pad)
+        height = 3 * pad + 24 + size + lines_under * 14 + (14 * (len(subqueries) + 1) if subqueries else 0)
+        board = Image.new("RGB", (max(width, 480), height), "white")
+        draw = ImageDraw.Draw(board)
+        draw.text((pad, pad), f"prompt: {prompt}", fill="black", font=font)
+        top = pad + 24
+        for i, item in enumerate(images):
+            left = pad + i * (size + pad)
+            thumb = ImageOps.contain(load_rgb(item.path), (size, size))  # up or down to fit
+            board.paste(thumb, (left + (size - thumb.width) // 2, top + (size - thumb.height) // 2))
+            draw.rectangle([left - 1, top - 1, left + size, top + size], outline="#999")
+            y = top + size + 4
+            for line in [item.id, f"log p {item.score:.2f}"] + [f"covers: {q}" for q in item.covers]:
+                draw.text((left, y), line[: size // 6], fill="black" if not line.startswith("covers") else "#2a2",
+                          font=small)
+                y += 14
+        if subqueries:
+            y = top + size + 4 + lines_under * 14 + pad
+            draw.text((pad, y), "sub-queries: " + " | ".join(subqueries), fill="black", font=small)
+        return _write_images([board], out_dir, "board")
+
+
+class OmniGen:
+    """OmniGen with the retrieved images in context: "<prompt>. <covers>: <img><|image_1|></img> ..."."""
+
+    def __init__(self, g: GenerateConfig):
+        from diffusers import OmniGenPipeline
+
+        folder = pipeline_folder(g.model, "generate.model", ("transformer", "vae", "scheduler", "tokenizer"))
+        self.g = g
+        self.device, self.dtype = _device_dtype(g, torch.bfloat16)
+        self.pipe = OmniGenPipeline.from_pretrained(folder, local_files_only=True, dtype=self.dtype).to(self.device)
+        self.pipe.set_progress_bar_config(leave=False)
+
+    def settings(self) -> dict:
+        g = self.g
+        return {"model": g.model, "steps": g.steps, "guidance": g.guidance, "image_guidance": g.image_guidance,
+                "height": g.height, "width": g.width, "images": g.images, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch.")}
+
+    @staticmethod
+    def in_context_prompt(prompt: str, images) -> str:
+        references = " ".join(f"{', '.join(item.covers) or 'reference'}: <img><|image_{k}|></img>"
+                              for k, item in enumerate(images, 1))
+        return f"{prompt}. Use these reference images. {references}"
+
+    def generate(self, prompt: str, subqueries: list[str], images, seed: int, out_dir: Path) -> list[Path]:
+        g = self.g
+        images = images[: g.images]
+        result = self.pipe(prompt=self.in_context_prompt(prompt, images),
+                           input_images=[load_rgb(item.path) for item in images],
+                           height=g.height, width=g.width, num_inference_steps=g.steps, guidance_scale=g.guidance,
+                           img_guidance_scale=g.image_guidance,
+                           generator=torch.Generator(self.device).manual_seed(seed))
+        return _write_images(result.images, out_dir, "omnigen")
+
+
+class SdxlIpAdapter:
+    def __init__(self, g: GenerateConfig):
+        from diffusers import StableDiffusionXLPipeline
+
+        folder = pipeline_folder(g.model, "generate.model",
+                                 ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"))
+        adapter = Path(g.ip_adapter).expanduser()
+        weights = adapter / g.ip_adapter_subfolder / g.ip_adapter_weights
+        if not g.ip_adapter or not weights.is_file():
+            raise CartError(f"generate.ip_adapter: {weights} not found (the IP-Adapter weights file)")
+        encoder = adapter / g.ip_adapter_subfolder / "image_encoder"
+        if not (encoder / "config.json").is_file():
+            raise CartError(f"generate.ip_adapter: {encoder} has no config.json (the adapter's CLIP image encoder)")
+        self.g = g
+        self.device, self.dtype = _device_dtype(g, torch.float16)
+        self.pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True, dtype=self.dtype)
+        self.pipe.load_ip_adapter(str(adapter), subfolder=g.ip_adapter_subfolder, weight_name=g.ip_adapter_weights,
+                                  image_encoder_folder="image_encoder", local_files_only=True)
+        self.pipe.set_ip_adapter_scale(g.ip_adapter_scale)
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(leave=False)
+
+    def settings(self) -> dict:
+        g = self.g
+        return {"model": g.model, "ip_adapter": g.ip_adapter, "ip_adapter_weights": g.ip_adapter_weights,
+                "ip_adapter_scale": g.ip_adapter_scale, "steps": g.steps, "guidance": g.guidance,
+                "height": g.height, "width": g.width, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def generate(self, prompt: str, subqueries: list[str], images, seed: int, out_dir: Path) -> list[Path]:
+        g = self.g
+        result = self.pipe(prompt=prompt, ip_adapter_image=load_rgb(images[0].path), height=g.height, width=g.width,
+                           num_inference_steps=g.steps, guidance_scale=g.guidance,
+                           generator=torch.Generator(self.device).manual_seed(seed))
+        return _write_images(result.images, out_dir, "sdxl")

@@ -1,0 +1,144 @@
+"""`cart generate`: sub-query splitting, the Pareto selection against its definition, the preview board,
+OmniGen and SDXL + IP-Adapter built tiny and run for one step through the real loading path, bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_generators
+from cart import generate
+from cart.errors import CartError
+from cart.generators import OmniGen
+from conftest import ROOT
+
+PYTHON = sys.executable
+
+
+def test_split_prompt_rule():
+    assert generate.split_prompt("a cat astronaut, riding a rocket and stars with a moon") == [
+        "a cat astronaut", "riding a rocket", "stars", "a moon"]
+    assert generate.split_prompt("Sandwich; coffee") == ["Sandwich", "coffee"]
+    assert generate.split_prompt("a grandstand") == ["a grandstand"]  # "and" inside a word does not split
+
+
+def brute_force_front(scores):
+    def dominates(b, a):
+        return all(x >= y for x, y in zip(b, a)) and any(x > y for x, y in zip(b, a))
+    return [i for i, a in enumerate(scores) if not any(dominates(b, a) for j, b in enumerate(scores) if j != i)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pareto_front_matches_its_definition(seed):
+    rng = np.random.default_rng(seed)
+    n, m = rng.integers(1, 12), rng.integers(1, 4)
+    scores = rng.integers(-5, 0, size=(n, m)).astype(float)  # small integers: ties happen
+    scores[rng.random((n, m)) < 0.3] = -np.inf  # items some sub-queries' beams did not reach
+    assert generate.pareto_front(scores).tolist() == brute_force_front(scores.tolist())
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_chosen_images_are_on_the_front_cover_every_subquery_first_and_respect_the_cap(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(10, 3))
+    scores[rng.random((10, 3)) < 0.4] = -np.inf
+    scores[0, :] = [0.0, -np.inf, -np.inf]
+    front = set(generate.pareto_front(scores).tolist())
+    for cap in (1, 2, 3, 10):
+        chosen = generate.choose_pareto(scores, cap)
+        assert len(chosen) == min(cap, len(front)) and set(chosen) <= front and len(set(chosen)) == len(chosen)
+        reachable = [j for j in range(3) if np.isfinite(scores[list(front), j]).any()]
+        covered = {j for i in chosen[: len(reachable)] for j in range(3) if np.isfinite(scores[i, j])}
+        if cap >= len(reachable):
+            assert set(reachable) <= covered  # every sub-query some front item reaches gets one
+
+
+def test_preview_board_and_record_in_subquery_mode(trained):
+    cfg = trained("generate.mode=subqueries", "generate.subqueries=[red number 0, shape 3]", "generate.images=3")
+    out = generate.run(cfg, prompt="red number 0 with shape 3")
+    record = json.loads((out / "record.json").read_text())
+    assert record["queries"] == ["red number 0", "shape 3"] and record["generator"] == "preview"
+    assert 1 <= len(record["retrieved"]) <= 3
+    ids = {f"item{i}" for i in range(12)}
+    for item in record["retrieved"]:
+        assert item["id"] in ids and item["covers"] and set(item["covers"]) <= {"red number 0", "shape 3"}
+        assert item["score"] == max(item["scores"].values())
+    assert {q for item in record["retrieved"] for q in item["covers"]} == {"red number 0", "shape 3"}
+    board = Image.open(record["outputs"][0])
+    assert board.width >= 480 and board.getextrema() != ((255, 255), (255, 255), (255, 255))
+
+
+def test_prompt_mode_takes_the_concepts_in_turn(trained):
+    cfg = trained("generate.concepts=[green thing 1, shape 4]", "generate.images=4", "generate.name=concepts")
+    record = json.loads((generate.run(cfg, prompt="anything") / "record.json").read_text())
+    assert record["mode"] == "prompt" and record["queries"] == ["green thing 1", "shape 4"]
+    rows = [item["row"] for item in record["retrieved"]]
+    assert len(rows) == 4 and len(set(rows)) == 4
+    assert record["retrieved"][0]["covers"][0] == "green thing 1"
+
+
+@pytest.fixture(scope="module")
+def tiny_omnigen(tmp_path_factory):
+    return tiny_generators.omnigen(tmp_path_factory.mktemp("gen") / "omnigen")
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    return tiny_generators.sdxl_with_ip_adapter(root / "sdxl", root / "ip-adapter")
+
+
+def test_omnigen_generates_with_the_retrieved_images_in_context(trained, tiny_omnigen):
+    cfg = trained("generate.generator=omnigen", f"generate.model={tiny_omnigen}", "generate.images=2",
+                  "generate.steps=1", "generate.height=32", "generate.width=32", "generate.name=omnigen")
+    record = json.loads((generate.run(cfg, prompt="red number 0") / "record.json").read_text())
+    image = Image.open(record["outputs"][0])
+    assert image.size == (32, 32)
+    assert record["settings"]["steps"] == 1 and record["settings"]["dtype"] == "float32" and len(record["retrieved"]) == 2
+    prompt = OmniGen.in_context_prompt("a cat", [generate.Retrieved("a", "p", 0, 0.0, covers=["cat face"]),
+                                                 generate.Retrieved("b", "p", 1, 0.0)])
+    assert prompt == "a cat. Use these reference images. cat face: <img><|image_1|></img> reference: <img><|image_2|></img>"
+
+
+def test_sdxl_ip_adapter_generates_from_the_best_image(trained, tiny_sdxl):
+    model, adapter = tiny_sdxl
+    cfg = trained("generate.generator=sdxl-ip-adapter", f"generate.model={model}", f"generate.ip_adapter={adapter}",
+                  "generate.steps=1", "generate.height=64", "generate.width=64", "generate.name=sdxl")
+    record = json.loads((generate.run(cfg, prompt="shape 3") / "record.json").read_text())
+    assert Image.open(record["outputs"][0]).size == (64, 64)
+    assert record["settings"]["ip_adapter_scale"] == 0.6
+
+
+def test_bad_input_is_a_clear_error(trained, tiny_omnigen, tiny_sdxl, tmp_path, monkeypatch):
+    with pytest.raises(CartError, match="empty prompt"):
+        generate.run(trained(), prompt="  ")
+    broken = tmp_path / "omnigen"
+    shutil.copytree(tiny_omnigen, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(CartError, match=r"generate.model: .*omnigen lacks vae \(the pipeline needs transformer, vae"):
+        generate.run(trained("generate.generator=omnigen", f"generate.model={broken}"), prompt="red")
+    with pytest.raises(CartError, match="has no model_index.json"):
+        generate.run(trained("generate.generator=omnigen", f"generate.model={tmp_path}"), prompt="red")
+    model, adapter = tiny_sdxl
+    with pytest.raises(CartError, match="ip-adapter_sdxl.safetensors not found"):
+        generate.run(trained("generate.generator=sdxl-ip-adapter", f"generate.model={model}",
+                             f"generate.ip_adapter={tmp_path}"), prompt="red")
+    monkeypatch.setattr(generate.Retriever, "search", lambda self, queries, k=None: [[] for _ in queries])
+    with pytest.raises(CartError, match="no images retrieved for 'red'"):
+        generate.run(trained(), prompt="red")
+
+
+def test_cli_generate_with_subqueries(trained):
+    run_dir = trained().run_dir
+    done = subprocess.run([PYTHON, "-m", "cart", "generate", "red thing 1 and shape 2", "--run", str(run_dir),
+                           "--config", str(ROOT / "configs/tiny.yaml"), "--split", "generate.name=cli"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((run_dir / "generations/cli/record.json").read_text())
+    assert record["mode"] == "subqueries" and record["queries"] == ["red thing 1", "shape 2"]
+    bad = subprocess.run([PYTHON, "-m", "cart", "generate", "", "--run", str(run_dir)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "cart generate: error: empty prompt: give the text to generate from"
