@@ -27,8 +27,12 @@ class TrieConstraint(LogitsProcessor):
         self.trie = trie
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        prefixes = input_ids[:, 1:].cpu()  # (B * beams, l): drop the decoder start token
+        prefixes = input_ids[:, 1:].cpu().numpy()  # (B * beams, l): drop the decoder start token
         allowed = self.trie.allowed_mask(prefixes, strict=False).to(scores.device)
+        if scores.shape[1] != allowed.shape[1]:  # an output layer wider than the identifier tokens: never those
+            if scores.shape[1] < allowed.shape[1]:
+                raise ValueError(f"the model scores {scores.shape[1]} tokens, fewer than the trie's {allowed.shape[1]}")
+            allowed = torch.nn.functional.pad(allowed, (0, scores.shape[1] - allowed.shape[1]), value=False)
         return scores.masked_fill(~allowed, float("-inf"))
 
 

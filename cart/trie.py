@@ -7,7 +7,9 @@ batch of beams at once: for each level, the sorted edge keys `node * vocab +
 token` of that level. A prefix walks down with one `searchsorted` per level,
 and a node's children are one contiguous slice of the next level's keys, so a
 step costs a few tensor operations for the batch: no loop over beams, no scan
-over identifiers. Node ids of level l + 1 are positions in level l's keys.
+over identifiers. Node ids of level l + 1 are positions in level l's keys. Levels with few nodes (the
+first ones: one root, K clusters, ...) also get a dense child table (node x token -> child or -1), so a
+step there is one gather: at batch 1 a handful of small tensor operations would otherwise dominate.
 
 The trie knows identifier tokens only; a decoder's start token is the caller's
 to strip (GENRE's lesson: forget it and every lookup comes back empty).
@@ -22,6 +24,9 @@ import numpy as np
 import torch
 
 from cart.identifiers import TokenLayout
+
+
+DENSE_TABLE_MAX = 1 << 23  # entries (int32) of a level's dense child table; larger levels use searchsorted
 
 
 def _as_key(tokens) -> str:
@@ -39,15 +44,25 @@ class PrefixTrie:
         self.layout = layout
         self.vocab = layout.vocab_size
         self.length = layout.length
-        self.level_keys: list[torch.Tensor] = []
+        self.level_keys: list[np.ndarray] = []  # sorted edge keys node * vocab + token, one array a level
         node = np.zeros(len(tokens), dtype=np.int64)
         for level in range(self.length):
             edge = node * self.vocab + tokens[:, level]
             keys = np.unique(edge)
-            self.level_keys.append(torch.from_numpy(keys))
+            self.level_keys.append(keys)
             node = np.searchsorted(keys, edge)
         if len(self.level_keys[-1]) != len(tokens):
             raise ValueError("identifiers are not unique")
+        # children[l][node, token]: the child's node id at depth l + 1, -1 for none; None where too large
+        self.children: list[np.ndarray | None] = []
+        for level, keys in enumerate(self.level_keys):
+            parents = 1 if level == 0 else len(self.level_keys[level - 1])
+            if parents * self.vocab > DENSE_TABLE_MAX:
+                self.children.append(None)
+                continue
+            table = np.full(parents * self.vocab, -1, dtype=np.int32)
+            table[keys] = np.arange(len(keys), dtype=np.int32)
+            self.children.append(table.reshape(parents, self.vocab))
         if database is None:
             keys = [_as_key(row) for row in tokens]
             database = marisa_trie.Trie(keys)
@@ -55,43 +70,55 @@ class PrefixTrie:
             item_of_key[[database[k] for k in keys]] = np.arange(len(tokens))
         self.database, self.item_of_key = database, item_of_key
 
-    def nodes(self, prefixes: torch.Tensor, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def nodes(self, prefixes, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(B, l) token prefixes -> (B,) node ids at depth l and (B,) bool: the prefix is in the trie.
-        strict: a prefix not in the trie is an error naming it."""
-        node = torch.zeros(len(prefixes), dtype=torch.long)
-        found = torch.ones(len(prefixes), dtype=torch.bool)
+        strict: a prefix not in the trie is an error naming it. (NumPy inside: for the few beams of a
+        decoding step, a NumPy operation costs a microsecond where a torch one costs several.)"""
+        prefixes = np.asarray(prefixes, dtype=np.int64)
+        node = np.zeros(len(prefixes), dtype=np.int64)
+        found = np.ones(len(prefixes), dtype=bool)
         for level in range(prefixes.shape[1]):
-            keys = self.level_keys[level]
-            edge = node * self.vocab + prefixes[:, level].long()
-            position = torch.searchsorted(keys, edge).clamp_(max=len(keys) - 1)
-            found &= keys[position] == edge
+            tokens = prefixes[:, level]
+            valid = (tokens >= 0) & (tokens < self.vocab)
+            tokens = np.where(valid, tokens, 0)
+            if self.children[level] is not None:
+                position = self.children[level][node, tokens].astype(np.int64)
+                found &= valid & (position >= 0)
+            else:
+                keys = self.level_keys[level]
+                edge = node * self.vocab + tokens
+                position = np.minimum(np.searchsorted(keys, edge), len(keys) - 1)
+                found &= valid & (keys[position] == edge)
             if strict and not found.all():
-                bad = prefixes[int((~found).nonzero()[0])].tolist()
+                bad = prefixes[int(np.flatnonzero(~found)[0])].tolist()
                 raise ValueError(f"prefix {bad} is not a prefix of any identifier")
-            node = torch.where(found, position, 0)
+            node = np.where(found, position, 0)
         return node, found
 
-    def allowed_mask(self, prefixes: torch.Tensor, strict: bool = True) -> torch.Tensor:
+    def allowed_mask(self, prefixes, strict: bool = True) -> torch.Tensor:
         """(B, l) token prefixes, all of one length l -> (B, vocab) bool: the tokens that may follow.
         After a whole identifier (l == L) only EOS may follow. strict=False: a prefix not in the trie
         (a beam that beam search had to fill with a forbidden token) may only end, with EOS."""
+        prefixes = np.asarray(prefixes, dtype=np.int64)
         batch, depth = prefixes.shape
         if depth > self.length:
             raise ValueError(f"prefix of length {depth} is longer than the identifiers ({self.length})")
-        mask = torch.zeros(batch, self.vocab, dtype=torch.bool)
         node, found = self.nodes(prefixes, strict)  # strict: refuses a sequence that is not an identifier
         if depth == self.length:
-            mask[:, TokenLayout.EOS] = True
-            return mask
-        keys = self.level_keys[depth]
-        start = torch.searchsorted(keys, node * self.vocab)
-        count = torch.where(found, torch.searchsorted(keys, (node + 1) * self.vocab) - start, 0)
-        rows = torch.repeat_interleave(torch.arange(batch), count)
-        # positions start[b], start[b] + 1, ..., start[b] + count[b] - 1 for every row at once
-        within = torch.arange(len(rows)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-        mask[rows, keys[torch.repeat_interleave(start, count) + within] % self.vocab] = True
-        mask[~found, TokenLayout.EOS] = True
-        return mask
+            mask = np.zeros((batch, self.vocab), dtype=bool)
+        elif self.children[depth] is not None:
+            mask = (self.children[depth][node] >= 0) & found[:, None]
+        else:
+            keys = self.level_keys[depth]
+            start = np.searchsorted(keys, node * self.vocab)
+            count = np.where(found, np.searchsorted(keys, (node + 1) * self.vocab) - start, 0)
+            rows = np.repeat(np.arange(batch), count)
+            # positions start[b], start[b] + 1, ..., start[b] + count[b] - 1 for every row at once
+            within = np.arange(len(rows)) - np.repeat(np.cumsum(count) - count, count)
+            mask = np.zeros((batch, self.vocab), dtype=bool)
+            mask[rows, keys[np.repeat(start, count) + within] % self.vocab] = True
+        mask[~found if depth < self.length else slice(None), TokenLayout.EOS] = True
+        return torch.from_numpy(mask)
 
     def item_of(self, identifiers) -> np.ndarray:
         """(B, L) identifier tokens -> (B,) item indices, -1 where a row is not an identifier."""

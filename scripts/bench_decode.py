@@ -17,6 +17,7 @@ Queries are training texts of the emoji corpus: timing needs text, not held-out 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -148,7 +149,8 @@ def scale(args) -> dict:
             synthetic(path, SIZES[name])
         if not (cfg.run_dir / files.IDS).exists():
             start = time.perf_counter()
-            build_ids.run(cfg)
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON
+                build_ids.run(cfg)
             print(f"ids {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         built[name] = build_ids.load(cfg.run_dir)
     vocab = max(ids.layout.vocab_size for ids in built.values())

@@ -9,6 +9,7 @@ from cart import build_ids, corpus, embed, files, identifiers, rqvae
 from cart.config import IdsConfig
 from cart.errors import CartError
 from cart.identifiers import TokenLayout
+from cart import trie as trie_module
 from cart.trie import PrefixTrie
 
 
@@ -63,7 +64,10 @@ def random_identifiers(seed, sizes, n):
 
 @pytest.mark.parametrize("seed, sizes, n", [(0, [4, 3, 3, 2], 40), (1, [2, 8, 8, 5], 120), (2, [10], 7),
                                             (3, [3, 3], 9), (4, [6, 50, 50, 4], 500)])
-def test_allowed_tokens_equal_brute_force_for_every_prefix(seed, sizes, n):
+@pytest.mark.parametrize("dense", [True, False])
+def test_allowed_tokens_equal_brute_force_for_every_prefix(seed, sizes, n, dense, monkeypatch):
+    if not dense:  # every level through searchsorted, as the large levels of a big corpus go
+        monkeypatch.setattr(trie_module, "DENSE_TABLE_MAX", 0)
     layout = TokenLayout(sizes)
     tokens = layout.to_tokens(random_identifiers(seed, sizes, n))
     trie = PrefixTrie(tokens, layout)
@@ -91,6 +95,9 @@ def test_unknown_prefix_is_a_clear_error_and_unknown_identifier_maps_to_minus_on
     assert trie.item_of(layout.to_tokens(np.array([[2, 2], [1, 1]]))).tolist() == [2, -1]
     with pytest.raises(ValueError, match="not unique"):
         PrefixTrie(np.concatenate([tokens, tokens[:1]]), layout)
+    lenient = trie.allowed_mask(torch.cat([torch.tensor([[3]]), good[:1]]), strict=False)  # a dead beam may only end
+    assert lenient[0].nonzero().flatten().tolist() == [TokenLayout.EOS]
+    assert lenient[1].nonzero().flatten().tolist() == tokens[:2, 1].tolist()
 
 
 def test_trie_survives_save_and_load(tmp_path):

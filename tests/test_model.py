@@ -13,9 +13,15 @@ from cart.trie import PrefixTrie
 SIZES = dict(d_model=16, d_kv=8, d_ff=32, num_layers=3, num_decoder_layers=2, num_heads=2)
 
 
-def tiny_model(fusion=True, dropout=0.0, decoder_vocab=12, seed=0, attn="sdpa"):
+TINY_BERT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                 max_position_embeddings=32, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
+def tiny_model(fusion=True, dropout=0.0, decoder_vocab=12, seed=0, attn="sdpa", bert=False, frozen=False):
+    """A tiny CartT5; bert: a tiny BERT as the encoder (the path all-MiniLM-L6-v2 takes)."""
     torch.manual_seed(seed)
-    config = cart_config(text_vocab_size=50, decoder_vocab_size=decoder_vocab, fusion=fusion, dropout_rate=dropout, **SIZES)
+    config = cart_config(text_vocab_size=50, decoder_vocab_size=decoder_vocab, fusion=fusion, dropout_rate=dropout,
+                         text_encoder=TINY_BERT if bert else None, freeze_encoder=frozen, **SIZES)
     config._attn_implementation = attn
     return CartT5(config).eval()
 
@@ -81,8 +87,9 @@ def test_fine_fusion_mixes_one_attention_per_layer_with_softmax_alpha():
 
 @pytest.mark.parametrize("fusion", [True, False])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_forward_and_cached_beam_search_give_the_same_scores(fusion, attn):
-    model = tiny_model(fusion, attn=attn)
+@pytest.mark.parametrize("bert", [False, True])
+def test_forward_and_cached_beam_search_give_the_same_scores(fusion, attn, bert):
+    model = tiny_model(fusion, attn=attn, bert=bert)
     input_ids, mask = padded_batch()
     # pad and EOS suppressed so every beam runs 4 steps (beam search scores the unnormalised log-probs)
     out = model.generate(input_ids=input_ids, attention_mask=mask, num_beams=4, num_return_sequences=4,
@@ -116,8 +123,29 @@ def test_initialisation_follows_t5_rules_and_fan_in_for_new_layers():
     assert torch.equal(model.decoder.block[0].layer[1].alpha, torch.zeros(3))
 
 
-def test_save_and_load_round_trip(tmp_path):
-    model = tiny_model(True)
+def test_a_bert_encoder_feeds_all_its_layers_to_fusion_and_can_be_frozen():
+    model = tiny_model(True, bert=True)
+    input_ids, mask = padded_batch()
+    hidden = model.encoder.bert(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    memory = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    layers = list(hidden[1:])  # BERT's layer outputs, each already layer-normalised
+    assert memory.shape == (3, 4 * 6, 16)
+    assert torch.allclose(memory[:, 6:], torch.cat(layers, dim=1), atol=1e-6)
+    assert torch.allclose(memory[:, :6], model.encoder.coarse_projection(torch.cat(layers, -1)), atol=1e-6)
+    assert model.get_input_embeddings() is model.encoder.bert.embeddings.word_embeddings
+    frozen = tiny_model(True, bert=True, frozen=True, dropout=0.1).train()
+    labels = torch.tensor([[3, 5, 7, 1]] * 3)
+    loss = cart_loss(frozen, input_ids, mask, labels, omega=1.0)
+    loss.total.backward()
+    assert all(p.grad is None for p in frozen.encoder.bert.parameters())
+    assert frozen.encoder.coarse_projection.weight.grad is not None and not frozen.encoder.bert.training
+    with pytest.raises(ValueError, match="d_model=8 must equal the text encoder's width 16"):
+        cart_config(text_vocab_size=50, decoder_vocab_size=12, fusion=True, text_encoder=TINY_BERT, d_model=8)
+
+
+@pytest.mark.parametrize("bert", [False, True])
+def test_save_and_load_round_trip(tmp_path, bert):
+    model = tiny_model(True, bert=bert)
     model.save_pretrained(tmp_path / "m")
     loaded = CartT5.from_pretrained(tmp_path / "m", local_files_only=True).eval()
     input_ids, mask = padded_batch()
@@ -191,5 +219,7 @@ def test_trie_constraint_masks_to_the_allowed_tokens_and_lets_dead_beams_end():
     allowed = trie.allowed_mask(input_ids[:1, 1:])
     assert torch.equal(torch.isfinite(scores[0]), allowed[0])
     assert torch.isfinite(scores[1]).nonzero().flatten().tolist() == [TokenLayout.EOS]
+    wider = constraint(input_ids, torch.zeros(2, trie.vocab + 5))  # an output layer with extra tokens
+    assert torch.equal(wider[:, : trie.vocab], scores) and torch.isinf(wider[:, trie.vocab:]).all()
     with pytest.raises(ValueError, match="top_k=5 is larger than the beam width 4"):
         decode(tiny_model(True, decoder_vocab=trie.vocab), *padded_batch(), trie, beams=4, top_k=5)
