@@ -6,8 +6,8 @@
 - `dense`: dense cross-modal retrieval on the run's own embeddings, the queries embedded by the encoder's
   text tower (ImageBind; encoders without one, like EfficientNet, have no such baseline).
 
-An item's training text is its distinct training texts joined by spaces, leaving out any text already
-contained in another of them (for the emoji set: the tags, whose joined form is itself a training text).
+An item's training text is `corpus.item_document`: its distinct training texts joined by spaces, leaving
+out any text contained in another one (for the emoji set: the tags).
 Each `search(queries, k)` returns (Q, k) corpus rows and scores, best first, ties in corpus order.
 """
 
@@ -18,15 +18,9 @@ import re
 import numpy as np
 import torch
 
-from cart.corpus import TRAINING_KINDS
+from cart.corpus import item_document
 
 TOKEN = re.compile(r"\w+")
-
-
-def item_document(record: dict) -> str:
-    texts = list(dict.fromkeys(t["text"] for t in record["texts"] if t["kind"] in TRAINING_KINDS))
-    kept = [t for t in texts if not any(t != other and t in other for other in texts)]
-    return " ".join(kept)
 
 
 def tokenize(text: str) -> list[str]:

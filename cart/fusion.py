@@ -38,21 +38,37 @@ from cart.identifiers import TokenLayout
 
 
 def cart_config(*, text_vocab_size: int, decoder_vocab_size: int, fusion: bool, base: T5Config | None = None,
-                **sizes) -> T5Config:
+                text_encoder: dict | None = None, freeze_encoder: bool = False, **sizes) -> T5Config:
     """A T5 config for CartT5: `base` (a pretrained T5's) or T5's defaults, with `sizes` (d_model,
-    num_layers, ...) applied and the identifier decoder's special tokens set."""
+    num_layers, ...) applied and the identifier decoder's special tokens set. `text_encoder`: a BERT config
+    (as a dict) whose model replaces T5's encoder (`BertFusionEncoder`); `freeze_encoder` keeps it fixed."""
     config = copy.deepcopy(base) if base is not None else T5Config()
     for key, value in sizes.items():
         setattr(config, key, value)
     config.vocab_size = text_vocab_size
     config.decoder_vocab_size = decoder_vocab_size
     config.cart_fusion = fusion
+    config.cart_text_encoder = text_encoder
+    config.cart_freeze_encoder = freeze_encoder
+    if text_encoder is not None:
+        if text_encoder["hidden_size"] != config.d_model:
+            raise ValueError(f"d_model={config.d_model} must equal the text encoder's width {text_encoder['hidden_size']}")
+        config.num_layers = text_encoder["num_hidden_layers"]  # S, the fusion's sources
     config.tie_word_embeddings = False  # the decoder has its own (identifier) vocabulary
     config.scale_decoder_outputs = False  # T5 scales only when the output layer is tied to the embeddings
     config.pad_token_id = config.decoder_start_token_id = TokenLayout.PAD
     config.eos_token_id = TokenLayout.EOS
     config.is_encoder_decoder = True
     return config
+
+
+def fused_memory(layers: list[torch.Tensor], projection: nn.Linear | None) -> BaseModelOutput:
+    """[Z; E1; ...; ES] from the S normalised layer outputs (B, T, d) when fusion is on (a projection is
+    given), else the last layer."""
+    if projection is None:
+        return BaseModelOutput(last_hidden_state=layers[-1])
+    coarse = projection(torch.cat(layers, dim=-1))  # (B, T, d)
+    return BaseModelOutput(last_hidden_state=torch.cat([coarse, *layers], dim=1))  # (B, (S + 1) T, d)
 
 
 class LayerFusionEncoder(T5Stack):
@@ -69,11 +85,36 @@ class LayerFusionEncoder(T5Stack):
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                               output_hidden_states=self.config.cart_fusion, return_dict=True, **kwargs)
         if not self.config.cart_fusion:
-            return BaseModelOutput(last_hidden_state=out.last_hidden_state)
+            return fused_memory([out.last_hidden_state], None)
         # hidden_states = (embeddings, E1, ..., ES-1 raw, ES normalised): normalise the inner layers too
         layers = [self.final_layer_norm(h) for h in out.hidden_states[1:-1]] + [out.last_hidden_state]
-        coarse = self.coarse_projection(torch.cat(layers, dim=-1))  # (B, T, d)
-        return BaseModelOutput(last_hidden_state=torch.cat([coarse, *layers], dim=1))  # (B, (S + 1) T, d)
+        return fused_memory(layers, self.coarse_projection)
+
+
+class BertFusionEncoder(nn.Module):
+    """A pretrained BERT-style text encoder (all-MiniLM-L6-v2 from its PyPI package) in place of T5's: its
+    S layer outputs, each already normalised by BERT's post-layer norm, make the same fused memory.
+    Frozen (`cart_freeze_encoder`), it runs without gradients and without dropout."""
+
+    main_input_name = "input_ids"  # generate asks the encoder what it reads
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        self.bert = BertModel(BertConfig(**config.cart_text_encoder), add_pooling_layer=False)
+        self.frozen = config.cart_freeze_encoder
+        self.bert.requires_grad_(not self.frozen)
+        self.coarse_projection = (nn.Linear(config.num_layers * config.d_model, config.d_model)
+                                  if config.cart_fusion else None)
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        if self.frozen:
+            self.bert.eval()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                            return_dict=True)
+        return fused_memory(list(out.hidden_states[1:]), self.coarse_projection)
 
 
 class FusedCrossAttention(nn.Module):
@@ -92,9 +133,15 @@ class FusedCrossAttention(nn.Module):
     def forward(self, hidden_states, key_value_states, attention_mask=None, **kwargs):
         kwargs.pop("cache", None)  # the cross keys/values are recomputed (see the module docstring)
         kwargs.pop("position_bias", None)
-        batch, queries, d = hidden_states.shape
-        length = key_value_states.shape[1] // (self.sources + 1)  # T, the encoder's sequence length
         normed = self.layer_norm(hidden_states)
+        # R-Drop passes over one shared memory (a frozen encoder) come as `fold` stacked copies of the batch:
+        # their queries go side by side, so each memory's keys and values are computed once
+        fold = hidden_states.shape[0] // key_value_states.shape[0]
+        if fold > 1:
+            normed = _fold(normed, fold)
+            attention_mask = attention_mask[..., :1, :] if attention_mask is not None else None  # same for every query
+        batch, queries, d = normed.shape
+        length = key_value_states.shape[1] // (self.sources + 1)  # T, the encoder's sequence length
         coarse_mask, fine_mask = _split_mask(attention_mask, batch, length, self.sources)
         coarse, _, _ = self.coarse(normed, mask=coarse_mask, key_value_states=key_value_states[:, :length])
         coarse = coarse * torch.sigmoid(self.gate(coarse))
@@ -103,7 +150,21 @@ class FusedCrossAttention(nn.Module):
         fine, _, _ = self.fine(normed.repeat_interleave(self.sources, dim=0), mask=fine_mask, key_value_states=layers)
         weights = torch.softmax(self.alpha, dim=0).to(fine.dtype)
         fine = torch.einsum("bsqd,s->bqd", fine.view(batch, self.sources, queries, d), weights)
-        return hidden_states + self.dropout(coarse + fine), None, None
+        fused = coarse + fine
+        if fold > 1:
+            fused = _unfold(fused, fold)
+        return hidden_states + self.dropout(fused), None, None
+
+
+def _fold(x: torch.Tensor, fold: int) -> torch.Tensor:
+    """(fold * B, q, d) -> (B, fold * q, d): the copies of each example side by side."""
+    total, q, d = x.shape
+    return x.view(fold, total // fold, q, d).transpose(0, 1).reshape(total // fold, fold * q, d)
+
+
+def _unfold(x: torch.Tensor, fold: int) -> torch.Tensor:
+    batch, folded, d = x.shape
+    return x.view(batch, fold, folded // fold, d).transpose(0, 1).reshape(fold * batch, folded // fold, d)
 
 
 def _split_mask(mask, batch: int, length: int, sources: int):
@@ -127,7 +188,8 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
         super().__init__(config)
         encoder_config = copy.deepcopy(config)
         encoder_config.is_decoder, encoder_config.use_cache = False, False
-        self.encoder = LayerFusionEncoder(encoder_config)
+        self.encoder = (BertFusionEncoder(encoder_config) if getattr(config, "cart_text_encoder", None)
+                        else LayerFusionEncoder(encoder_config))
         decoder_config = copy.deepcopy(config)
         decoder_config.is_decoder = True
         decoder_config.num_layers = config.num_decoder_layers
@@ -158,17 +220,31 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
         return self.config.num_layers if self.config.cart_fusion else 0
 
     def get_input_embeddings(self):
+        if isinstance(self.encoder, BertFusionEncoder):
+            return self.encoder.bert.embeddings.word_embeddings
         return self.encoder.embed_tokens
 
     def set_input_embeddings(self, embeddings):
-        self.encoder.embed_tokens = embeddings
+        if isinstance(self.encoder, BertFusionEncoder):
+            self.encoder.bert.embeddings.word_embeddings = embeddings
+        else:
+            self.encoder.embed_tokens = embeddings
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                encoder_outputs=None, cache=None, labels=None, use_cache=None, **kwargs) -> Seq2SeqLMOutput:
+                encoder_outputs=None, cache=None, labels=None, use_cache=None, passes: int = 1,
+                **kwargs) -> Seq2SeqLMOutput:
+        """passes > 1 (R-Drop): the decoder runs on `passes` copies of the batch, stacked; `labels` must be
+        given stacked already. A frozen encoder has no dropout, so it runs once and its memory is copied."""
         kwargs.pop("return_dict", None)
         kwargs.pop("past_key_values", None)
         if encoder_outputs is None:
+            frozen = getattr(self.encoder, "frozen", False)
+            if passes > 1 and not frozen:
+                input_ids, attention_mask = input_ids.repeat(passes, 1), attention_mask.repeat(passes, 1)
             encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+            if passes > 1 and frozen and not self.config.cart_fusion:  # fusion shares one memory (_fold)
+                encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0].repeat(passes, 1, 1))
+                attention_mask = attention_mask.repeat(passes, 1)
         memory = encoder_outputs[0]  # (B, (S + 1) T, d) with fusion, else (B, T, d)
         memory_mask = attention_mask.repeat(1, self.sources + 1) if attention_mask is not None else None
         if labels is not None and decoder_input_ids is None:

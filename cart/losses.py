@@ -1,7 +1,7 @@
 """The training loss: cross-entropy + omega * R-Drop's symmetric KL between two dropout passes.
 
 With omega > 0 the batch is duplicated and both passes run in one forward, so each example sees two
-dropout masks at the cost of one (twice as wide) step. omega = 0 is the paper's "w/o consistency":
+dropout masks at the cost of one (twice as wide) step; a frozen encoder, having no dropout, runs once. omega = 0 is the paper's "w/o consistency":
 one pass, cross-entropy only.
 """
 
@@ -24,8 +24,8 @@ def cart_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labe
               omega: float) -> Loss:
     """labels: (B, L) identifier tokens ending in EOS, -100 where ignored."""
     passes = 2 if omega > 0 else 1
-    logits = model(input_ids=input_ids.repeat(passes, 1), attention_mask=attention_mask.repeat(passes, 1),
-                   labels=labels.repeat(passes, 1)).logits  # (passes * B, L, V)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels.repeat(passes, 1),
+                   passes=passes).logits  # (passes * B, L, V)
     targets = labels.repeat(passes, 1)
     cross_entropy = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     if passes == 1:

@@ -81,7 +81,8 @@ def run(cfg: Config) -> Path:
                         collate_fn=lambda rows: _batch(rows, train_pairs, labels, tokenizer, cfg))
     if len(loader) == 0:
         raise CartError(f"{len(train_pairs.texts)} training pairs make no full batch of train.batch_size={t.batch_size}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a frozen encoder is not optimised
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
     updates_per_epoch = len(loader) // t.gradient_accumulation
     total = max(1, updates_per_epoch * t.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.warmup_steps, total))
@@ -221,11 +222,24 @@ def build_model(cfg: Config, decoder_vocab_size: int, text_vocab_size: int) -> C
         return CartT5.from_t5(folder, decoder_vocab_size=decoder_vocab_size, fusion=m.fusion, dropout=m.dropout)
     if m.d_model % m.num_heads:
         raise CartError(f"model.d_model={m.d_model} must be a multiple of model.num_heads={m.num_heads}")
+    text_encoder = None
+    if m.encoder == "minilm":
+        if m.d_model != MINILM_DIM or (m.tokenizer or "minilm") != "minilm":
+            raise CartError(f"model.encoder=minilm needs model.d_model={MINILM_DIM} and MiniLM's tokenizer "
+                            f"(got d_model={m.d_model}, tokenizer={m.tokenizer or 'minilm'})")
+        text_encoder = json.loads((_minilm_dir() / "config.json").read_text(encoding="utf-8"))
     config = cart_config(text_vocab_size=text_vocab_size, decoder_vocab_size=decoder_vocab_size, fusion=m.fusion,
+                         text_encoder=text_encoder, freeze_encoder=m.freeze_encoder,
                          d_model=m.d_model, d_kv=m.d_model // m.num_heads, d_ff=m.d_ff, num_layers=m.num_layers,
                          num_decoder_layers=m.num_decoder_layers, num_heads=m.num_heads, dropout_rate=m.dropout)
     model = CartT5(config)
-    if m.init_embeddings == "minilm":
+    if m.encoder == "minilm":  # the whole pretrained encoder, as sentence-transformers loads it
+        weights = load_file(str(_minilm_dir() / "model.safetensors"))
+        missing, _ = model.encoder.bert.load_state_dict({k: v for k, v in weights.items() if not k.startswith("pooler")},
+                                                        strict=False)
+        if [k for k in missing if "position_ids" not in k]:
+            raise CartError(f"MiniLM weights do not fit its BertModel: missing {missing[:3]}")
+    elif m.init_embeddings == "minilm":
         if (m.tokenizer or "minilm") != "minilm":
             raise CartError("model.init_embeddings=minilm needs MiniLM's tokenizer (model.tokenizer=minilm)")
         model.get_input_embeddings().weight.data.copy_(minilm_word_embeddings(m.d_model))

@@ -139,6 +139,10 @@ def test_a_bert_encoder_feeds_all_its_layers_to_fusion_and_can_be_frozen():
     loss.total.backward()
     assert all(p.grad is None for p in frozen.encoder.bert.parameters())
     assert frozen.encoder.coarse_projection.weight.grad is not None and not frozen.encoder.bert.training
+    deterministic = tiny_model(True, bert=True, frozen=True).train()  # no dropout anywhere: the passes agree
+    once = cart_loss(deterministic, input_ids, mask, labels, omega=1.0)  # the frozen encoder ran once
+    twice = deterministic(input_ids=input_ids.repeat(2, 1), attention_mask=mask.repeat(2, 1), labels=labels.repeat(2, 1))
+    assert torch.allclose(once.cross_entropy, twice.loss, atol=1e-6) and once.kl.abs().item() < 1e-6
     with pytest.raises(ValueError, match="d_model=8 must equal the text encoder's width 16"):
         cart_config(text_vocab_size=50, decoder_vocab_size=12, fusion=True, text_encoder=TINY_BERT, d_model=8)
 

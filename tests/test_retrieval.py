@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cart import baselines, build_ids, evaluate, files, train
+from cart import baselines, build_ids, corpus, evaluate, files, train
 from cart.errors import CartError
 from cart.retriever import Retriever
 from conftest import ROOT, prepare_run
@@ -129,10 +129,10 @@ def emoji_like_records():
 
 
 def test_an_items_document_drops_texts_contained_in_another():
-    assert baselines.item_document(emoji_like_records()[1]) == "cat kitten pet"
+    assert corpus.item_document(emoji_like_records()[1]) == "cat kitten pet"
     record = {"texts": [{"text": "a red bus", "kind": "caption"}, {"text": "bus", "kind": "generated"},
                         {"text": "a bus in town", "kind": "caption"}, {"text": "red", "kind": "query", "set": "A"}]}
-    assert baselines.item_document(record) == "a red bus a bus in town"
+    assert corpus.item_document(record) == "a red bus a bus in town"
 
 
 def test_bm25_and_minilm_find_the_item_a_query_describes():

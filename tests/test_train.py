@@ -227,3 +227,24 @@ def test_minilm_word_embeddings_initialise_the_encoder(ready_run):
     cfg = ready_run("model.init_embeddings=minilm")
     model = train.build_model(cfg, decoder_vocab_size=10, text_vocab_size=30522)
     assert torch.equal(model.get_input_embeddings().weight, projected)
+
+
+def test_minilm_encoder_is_the_pretrained_model_and_trains_frozen(ready_run):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = ready_run("model.encoder=minilm", "model.d_model=384", "model.num_heads=6", "model.d_ff=64",
+                    "model.num_decoder_layers=1", "model.freeze_encoder=true", "train.epochs=1")
+    model = train.build_model(cfg, decoder_vocab_size=10, text_vocab_size=30522).eval()
+    tokenizer = train.load_tokenizer(cfg)
+    reference = SentenceTransformer(str(train._minilm_dir()), device="cpu", local_files_only=True)
+    encoded = tokenizer(["a red heart", "cat"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = model.encoder.bert(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state
+        theirs = reference(dict(encoded))["token_embeddings"]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    before = {k: v.clone() for k, v in model.encoder.bert.state_dict().items()}
+    train.run(cfg)
+    trained = train.load(cfg.run_dir)[0]
+    assert all(torch.equal(before[k], v) for k, v in trained.encoder.bert.state_dict().items())
+    with pytest.raises(CartError, match="model.encoder=minilm needs model.d_model=384"):
+        train.build_model(ready_run("model.encoder=minilm"), decoder_vocab_size=10, text_vocab_size=30522)
