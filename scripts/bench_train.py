@@ -38,7 +38,7 @@ def throughput(cfg, steps: int) -> dict:
     tokenizer = train.load_tokenizer(cfg)
     torch.manual_seed(cfg.seed)
     model = train.build_model(cfg, ids.layout.vocab_size, len(tokenizer)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
     labels = torch.from_numpy(ids.tokens)
     batch_size = cfg.train.batch_size
     order = torch.randperm(len(pairs.texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
