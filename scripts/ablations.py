@@ -62,7 +62,7 @@ def main() -> None:
     for seed in map(int, args.seeds.split(",")):
         for name in chosen:
             run = f"ablation-{slug(name)}-seed{seed}"
-            overrides = [f"run={run}", f"seed={seed}", "eval.baselines=[]", *VARIANTS[name]]
+            overrides = [f"run={run}", f"seed={seed}", "eval.baselines=[]", "eval.latency_queries=10", *VARIANTS[name]]
             if args.epochs:
                 overrides.append(f"train.epochs={args.epochs}")
             run_dir = load_config(CONFIG, overrides).run_dir

@@ -165,3 +165,18 @@ def test_kaldi_fbank_matches_torchaudio():
     ours = encoders.kaldi_fbank(wave - wave.mean(), 16000, 128)
     assert ours.shape == reference.shape == (48, 128)
     assert torch.allclose(ours, reference, atol=1e-3)
+
+
+def test_item_text_encoder_embeds_training_text_only():
+    records = [{"id": i, "modality": m, "texts": [{"text": t, "kind": "caption"} for t in texts]
+                + [{"text": "held out words", "kind": "query", "set": "A"}]}
+               for i, (m, texts) in enumerate([("image", ["cat", "kitten", "cat kitten"]),
+                                               ("audio", ["a meowing kitten"]), ("video", ["stock market"])])]
+    encoder = encoders.ItemText(CPU)
+    x = encoder.encode(records)
+    assert x.shape == (3, encoders.ItemText.dim) and unit_rows(x)
+    assert (x[0] @ x[1]) > (x[0] @ x[2]) + 0.2  # kittens are closer to kittens than to stocks
+    again = encoder.encode([{**records[0], "texts": records[0]["texts"][:3]}])  # the held-out query changes nothing
+    assert torch.allclose(again[0], x[0], atol=1e-6)
+    with pytest.raises(ValueError, match="item 'x' has no training text"):
+        encoder.encode([{"id": "x", "modality": "image", "texts": [{"text": "q", "kind": "query", "set": "A"}]}])
