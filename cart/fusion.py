@@ -1,7 +1,8 @@
 """CART's model: a T5 encoder-decoder whose decoder reads every encoder layer (coarse + fine fusion).
 
-The encoder is T5's. Instead of its last layer alone it hands the decoder one memory built from all S
-layer outputs E1..ES (each normalised with the encoder's final norm; T5 itself normalises only the last):
+The encoder is T5's, or a pretrained BERT-style text encoder (`BertFusionEncoder`, all-MiniLM-L6-v2 offline).
+Instead of its last layer alone it hands the decoder one memory built from all S layer outputs E1..ES (each
+normalised: T5's with its final norm, which T5 itself applies only to the last; BERT's are post-norm):
 
     memory = [Z; E1; ...; ES]  (B, (S + 1) T, d),   Z = W [E1 ... ES] + b   (features concatenated)
 
@@ -108,9 +109,13 @@ class BertFusionEncoder(nn.Module):
         self.coarse_projection = (nn.Linear(config.num_layers * config.d_model, config.d_model)
                                   if config.cart_fusion else None)
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+    def train(self, mode: bool = True):
+        super().train(mode)
         if self.frozen:
-            self.bert.eval()
+            self.bert.eval()  # no dropout in a frozen encoder, whatever the model's mode
+        return self
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                             return_dict=True)

@@ -100,13 +100,15 @@ def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> t
         chosen = []
         for depth in range(k):
             for hits in ranked:
-                if depth < len(hits) and hits[depth] not in chosen and len(chosen) < g.images:
+                if depth < len(hits) and all(c.row != hits[depth].row for c in chosen) and len(chosen) < g.images:
                     chosen.append(hits[depth])
     return queries, chosen
 
 
-def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None) -> Path:
-    """Retrieve for the prompt (`generate.prompt` unless given), generate, write the image(s) and the record."""
+def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
+        retriever: Retriever | None = None) -> Path:
+    """Retrieve for the prompt (`generate.prompt` unless given), generate, write the image(s) and the record.
+    `retriever`: one already loaded for the run (the pipeline's), else it is loaded here."""
     g = cfg.generate
     prompt = (prompt if prompt is not None else g.prompt).strip()
     if not prompt:
@@ -115,7 +117,7 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None) -> 
     if g.images < 1:
         raise CartError(f"generate.images={g.images}: at least one image must condition the generator")
     generator = generators.load(g)  # fail on a bad model folder before decoding anything
-    retriever = Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=g.device)
+    retriever = retriever or Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=g.device)
     queries, chosen = retrieve_for_generation(retriever, prompt, cfg)
     images = [c for c in chosen if retriever.records[c.row]["modality"] == "image"]
     if not images:

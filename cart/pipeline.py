@@ -17,8 +17,8 @@ def run(cfg: Config) -> Path:
     for row in history:
         print(f"  epoch {row['epoch']:>2}  step {row['step']:>5}  validation R@1 {row['validation_r1']:.3f}"
               f"  training-query R@1 {row['train_r1']:.3f}")
+    retriever = Retriever.load(cfg.run_dir, beam_width=cfg.retrieve.beam_width)  # examples and generation
     if cfg.retrieve.examples:
-        retriever = Retriever.load(cfg.run_dir, beam_width=cfg.retrieve.beam_width)
         print("\nexample retrievals (rank, log-probability, item, path):")
         for query, hits in zip(cfg.retrieve.examples, retriever.search(cfg.retrieve.examples, k=3)):
             print(format_hits(query, hits))
@@ -27,7 +27,7 @@ def run(cfg: Config) -> Path:
     print(evaluate.table(summary))
     if cfg.generate.prompt:
         print()
-        outputs.append(generate.run(cfg))
+        outputs.append(generate.run(cfg, retriever=retriever))
     print("\noutputs:")
     for path in outputs:
         print(f"  {path}")

@@ -34,11 +34,12 @@ class Hit:
 
 class Retriever:
     def __init__(self, model, tokenizer, ids, records: list[dict], *, beam_width: int, max_query_tokens: int,
-                 device: torch.device, top_k: int = 10):
+                 device: torch.device, top_k: int = 10, manifest: dict | None = None):
         self.model = model.to(device).eval()
         self.tokenizer, self.ids, self.records = tokenizer, ids, records
         self.beam_width, self.max_query_tokens, self.device = beam_width, max_query_tokens, device
         self.top_k = top_k  # the run's default k
+        self.manifest = manifest or {}  # the model's: its sha256, the inputs it was trained on, its config
 
     @classmethod
     def load(cls, run_dir: str | Path, beam_width: int | None = None, device: str = "auto") -> "Retriever":
@@ -50,13 +51,14 @@ class Retriever:
         if not run_dir.is_dir():
             raise CartError(f"run folder not found: {run_dir}")
         model, tokenizer, ids = train.load(run_dir)
-        config = json.loads(files.manifest_path(run_dir / files.MODEL_WEIGHTS).read_text(encoding="utf-8"))["config"]
+        manifest = json.loads(files.manifest_path(run_dir / files.MODEL_WEIGHTS).read_text(encoding="utf-8"))
+        config = manifest["config"]
         beam_width = beam_width or config["retrieve"]["beam_width"]
         if beam_width < 1:
             raise CartError(f"beam width must be at least 1, got {beam_width}")
         return cls(model, tokenizer, ids, corpus.read(run_dir), beam_width=beam_width,
                    max_query_tokens=config["model"]["max_query_tokens"], device=pick_device(device),
-                   top_k=config["retrieve"]["top_k"])
+                   top_k=config["retrieve"]["top_k"], manifest=manifest)
 
     def search(self, queries: str | list[str], k: int | None = None, batch_size: int = 32) -> list[list[Hit]]:
         """Ranked items for each query, best first (fewer than k when the beams found fewer)."""

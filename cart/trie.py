@@ -6,7 +6,7 @@ allowed-token tables answer "which tokens may follow this prefix" for a whole
 batch of beams at once: for each level, the sorted edge keys `node * vocab +
 token` of that level. A prefix walks down with one `searchsorted` per level,
 and a node's children are one contiguous slice of the next level's keys, so a
-step costs a few tensor operations for the batch: no loop over beams, no scan
+step costs a few NumPy operations for the batch: no loop over beams, no scan
 over identifiers. Node ids of level l + 1 are positions in level l's keys. Levels with few nodes (the
 first ones: one root, K clusters, ...) also get a dense child table (node x token -> child or -1), so a
 step there is one gather: at batch 1 a handful of small tensor operations would otherwise dominate.

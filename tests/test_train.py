@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cart import build_ids, caption, corpus, embed, files, train
+from cart import build_ids, caption, corpus, embed, encoders, files, train
 from cart.errors import CartError
 from conftest import ROOT, prepare_run, write_jsonl
 
@@ -189,7 +189,7 @@ def tiny_captioner(folder):
     from transformers import (AutoTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
                               BlipProcessor)
 
-    tokenizer = AutoTokenizer.from_pretrained(train._minilm_dir())
+    tokenizer = AutoTokenizer.from_pretrained(encoders.minilm_dir())
     text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2, max_position_embeddings=64, bos_token_id=tokenizer.cls_token_id,
                 pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id,
@@ -236,7 +236,7 @@ def test_minilm_encoder_is_the_pretrained_model_and_trains_frozen(ready_run):
                     "model.num_decoder_layers=1", "model.freeze_encoder=true", "train.epochs=1")
     model = train.build_model(cfg, decoder_vocab_size=10, text_vocab_size=30522).eval()
     tokenizer = train.load_tokenizer(cfg)
-    reference = SentenceTransformer(str(train._minilm_dir()), device="cpu", local_files_only=True)
+    reference = SentenceTransformer(str(encoders.minilm_dir()), device="cpu", local_files_only=True)
     encoded = tokenizer(["a red heart", "cat"], padding=True, return_tensors="pt")
     with torch.no_grad():
         ours = model.encoder.bert(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state
