@@ -105,6 +105,10 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on CUDA, none on CPU
     validation_fraction: float = 0.05  # of training pairs held out for validation (from items with 2+ texts)
     validation_max: int = 500  # at most this many validation pairs
+    # extra training queries per item, each 2..subset_size of its short training texts (tags) joined in
+    # random order; built after the validation split, from training texts only (0: none)
+    subset_queries: int = 0
+    subset_size: int = 3
     patience: int = 3  # stop after this many validations without a better validation R@1 (0: never stop early)
     save_every: int = 200  # optimiser steps between resumable states (and at every epoch end)
     keep_states: int = 2  # newest state/step_N folders kept

@@ -14,8 +14,8 @@ Each decoder layer's cross-attention is replaced by `FusedCrossAttention`:
     h      = h + dropout(coarse + fine)
 
 Packing the memory into the encoder output keeps `generate` unaware of fusion: beam search expands it
-like any encoder output, and the decoder's self-attention uses transformers' KV cache as usual. The
-cross-attention keys and values are recomputed each step (a query's memory is a few dozen vectors).
+like any encoder output, and the decoder's self-attention uses transformers' KV cache as usual. The fused
+attentions keep their own keys and values of the memory during a `generate` call (`_keys_values`).
 
 The decoder's vocabulary is the identifier tokens of the ids stage only (its own embedding and output
 layer); the encoder keeps the text vocabulary. `config.cart_fusion = False` is the paper's
@@ -32,8 +32,9 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration, T5PreTrainedModel
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.t5.modeling_t5 import (T5Attention, T5DenseActDense, T5DenseGatedActDense, T5LayerNorm,
-                                                T5Stack)
+                                                T5Stack, eager_attention_forward)
 
 from cart.identifiers import TokenLayout
 
@@ -134,10 +135,9 @@ class FusedCrossAttention(nn.Module):
         self.fine = T5Attention(config, has_relative_attention_bias=False, layer_idx=layer_idx)
         self.alpha = nn.Parameter(torch.zeros(self.sources))  # softmax(alpha) mixes the S layers
         self.dropout = nn.Dropout(config.dropout_rate)
+        self._memo = None  # (memory, its keys and values), see _keys_values
 
     def forward(self, hidden_states, key_value_states, attention_mask=None, **kwargs):
-        kwargs.pop("cache", None)  # the cross keys/values are recomputed (see the module docstring)
-        kwargs.pop("position_bias", None)
         normed = self.layer_norm(hidden_states)
         # R-Drop passes over one shared memory (a frozen encoder) come as `fold` stacked copies of the batch:
         # their queries go side by side, so each memory's keys and values are computed once
@@ -148,17 +148,50 @@ class FusedCrossAttention(nn.Module):
         batch, queries, d = normed.shape
         length = key_value_states.shape[1] // (self.sources + 1)  # T, the encoder's sequence length
         coarse_mask, fine_mask = _split_mask(attention_mask, batch, length, self.sources)
-        coarse, _, _ = self.coarse(normed, mask=coarse_mask, key_value_states=key_value_states[:, :length])
+        coarse_kv, fine_kv = self._keys_values(key_value_states, batch, length)
+        coarse = self.coarse.o(_attend(self.coarse, _queries(self.coarse, normed), *coarse_kv, coarse_mask))
         coarse = coarse * torch.sigmoid(self.gate(coarse))
-        # the S layers as S x batch rows of one attention call: row b * S + i reads E_i of example b
-        layers = key_value_states[:, length:].reshape(batch * self.sources, length, d)
-        fine, _, _ = self.fine(normed.repeat_interleave(self.sources, dim=0), mask=fine_mask, key_value_states=layers)
+        # the S layers as S x batch rows of one attention: row b * S + i reads E_i of example b. The query and
+        # output projections are linear, so they run once, on B rows, not on B * S
+        fine_queries = _queries(self.fine, normed).repeat_interleave(self.sources, dim=0)
+        fine = _attend(self.fine, fine_queries, *fine_kv, fine_mask)  # (B * S, q, heads * d_kv)
         weights = torch.softmax(self.alpha, dim=0).to(fine.dtype)
-        fine = torch.einsum("bsqd,s->bqd", fine.view(batch, self.sources, queries, d), weights)
+        fine = self.fine.o(torch.einsum("bsqe,s->bqe", fine.view(batch, self.sources, queries, -1), weights))
         fused = coarse + fine
         if fold > 1:
             fused = _unfold(fused, fold)
         return hidden_states + self.dropout(fused), None, None
+
+    def _keys_values(self, memory: torch.Tensor, batch: int, length: int):
+        """Keys and values of the coarse attention (over Z) and the fine one (over E1..ES as B * S rows).
+        Without gradients they are kept for the memory they came from: `generate` hands the same memory
+        tensor to every decoding step, so beam search projects it once instead of once a step."""
+        if not torch.is_grad_enabled() and self._memo is not None and self._memo[0] is memory:
+            return self._memo[1]
+        layers = memory[:, length:].reshape(batch * self.sources, length, memory.shape[-1])
+        projected = (_project(self.coarse, memory[:, :length]), _project(self.fine, layers))
+        self._memo = None if torch.is_grad_enabled() else (memory, projected)
+        return projected
+
+
+def _project(attention: T5Attention, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5Attention's keys and values of `states` (B, K, d), as (B, heads, K, d_kv) each."""
+    shape = (*states.shape[:-1], -1, attention.key_value_proj_dim)
+    return attention.k(states).view(shape).transpose(1, 2), attention.v(states).view(shape).transpose(1, 2)
+
+
+def _queries(attention: T5Attention, states: torch.Tensor) -> torch.Tensor:
+    """T5Attention's queries of `states` (B, q, d), as (B, heads, q, d_kv)."""
+    return attention.q(states).view(*states.shape[:-1], -1, attention.key_value_proj_dim).transpose(1, 2)
+
+
+def _attend(attention: T5Attention, queries, keys, values, mask) -> torch.Tensor:
+    """T5Attention's cross-attention (no position bias) of projected queries over projected keys and values,
+    before its output projection: (B, q, heads * d_kv)."""
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    out, _ = interface(attention, queries, keys, values, mask, scaling=attention.scaling,
+                       dropout=attention.dropout if attention.training else 0.0)
+    return out.flatten(-2)  # (B, q, heads, d_kv) -> (B, q, heads * d_kv)
 
 
 def _fold(x: torch.Tensor, fold: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
 from cart import build_ids, corpus, files
@@ -47,6 +47,35 @@ MINILM_DIM = 384
 class Pairs:
     texts: list[str]
     items: list[int]  # corpus row of each text's item (= row of its identifier)
+
+
+class LengthGroupedBatches(BatchSampler):
+    """Shuffled batches of similar token length: the padded memory, whose keys and values every decoder
+    layer projects, shrinks from the longest text of a random batch (the joined tags) to the batch's own.
+    Each epoch: shuffle, sort windows of 50 batches by length, cut, shuffle the batches; full batches
+    only. The order depends on (seed, epoch) alone, so a resumed run skips into the same epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 50):
+        super().__init__(range(len(lengths)), batch_size, drop_last=True)
+        self.lengths, self.seed, self.window, self.epoch = lengths, seed, window, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size
+
+    def __iter__(self):
+        rng = random.Random(f"{self.seed}/{self.epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        order = order[: len(self) * self.batch_size]
+        span = self.window * self.batch_size
+        order = [i for start in range(0, len(order), span)
+                 for i in sorted(order[start: start + span], key=self.lengths.__getitem__)]
+        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rng.shuffle(batches)
+        yield from batches
 
 
 def run(cfg: Config) -> Path:
@@ -78,7 +107,8 @@ def run(cfg: Config) -> Path:
     with torch.random.fork_rng():  # the initial weights depend on the seed alone, however the run started
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, ids.layout.vocab_size, len(tokenizer))
-    loader = DataLoader(list(range(len(train_pairs.texts))), batch_size=t.batch_size, shuffle=True, drop_last=True,
+    batches = LengthGroupedBatches(_token_lengths(train_pairs.texts, tokenizer, cfg), t.batch_size, cfg.seed)
+    loader = DataLoader(list(range(len(train_pairs.texts))), batch_sampler=batches,
                         collate_fn=lambda rows: _batch(rows, train_pairs, labels, tokenizer, cfg))
     if len(loader) == 0:
         raise CartError(f"{len(train_pairs.texts)} training pairs make no full batch of train.batch_size={t.batch_size}")
@@ -113,6 +143,7 @@ def run(cfg: Config) -> Path:
     stop = trainer["stale"] >= t.patience > 0
     while trainer["epoch"] < t.epochs and not stop:
         loader.set_epoch(trainer["epoch"])
+        batches.set_epoch(trainer["epoch"])  # ours, whether or not accelerate wraps it
         batches = accelerator.skip_first_batches(loader, trainer["batches_done"]) if trainer["batches_done"] else loader
         model.train()
         for batch in batches:
@@ -197,7 +228,38 @@ def split_pairs(records: list[dict], cfg: Config) -> tuple[Pairs, Pairs, dict[st
             chosen.add(i)
     train = Pairs([p[0] for i, p in enumerate(pairs) if i not in chosen], [p[1] for i, p in enumerate(pairs) if i not in chosen])
     val = Pairs([pairs[i][0] for i in sorted(chosen)], [pairs[i][1] for i in sorted(chosen)])
+    if t.subset_queries:
+        by_item = {}
+        for text, row in zip(train.texts, train.items):
+            by_item.setdefault(row, []).append(text)
+        rng = random.Random(f"{cfg.seed}/subsets")
+        for row, texts in by_item.items():
+            for text in subset_queries(texts, t.subset_queries, t.subset_size, rng):
+                train.texts.append(text)
+                train.items.append(row)
+                relevant.setdefault(text.lower(), set()).add(row)
     return train, val, relevant
+
+
+def subset_queries(texts: list[str], count: int, largest: int, rng: random.Random) -> list[str]:
+    """Up to `count` distinct new queries, each 2..`largest` of an item's short training texts in random
+    order, joined by spaces (tags -> "hands raising": the shape of a name). Short texts are those whose
+    words do not include all the words of another of its texts (so a text joining the others is left out).
+    Made from training texts only: never from validation or held-out queries."""
+    words = [frozenset(text.lower().split()) for text in texts]
+    short = [text for text, w in zip(texts, words) if not any(o < w for o in words)]
+    if len(short) < 2:
+        return []
+    made, existing = [], {text.lower() for text in texts}
+    for _ in range(4 * count):  # a few tries: small items have few distinct subsets
+        chosen = rng.sample(short, rng.randint(2, min(largest, len(short))))
+        query = " ".join(chosen)
+        if query.lower() not in existing:
+            existing.add(query.lower())
+            made.append(query)
+            if len(made) == count:
+                break
+    return made
 
 
 def load_tokenizer(cfg: Config):
@@ -290,6 +352,11 @@ def with_generated_captions(run_dir: Path, records: list[dict]) -> tuple[list[di
             for r in records], manifest["sha256"]
 
 
+def _token_lengths(texts: list[str], tokenizer, cfg: Config) -> list[int]:
+    encoded = tokenizer(texts, truncation=True, max_length=cfg.model.max_query_tokens)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
 def _batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, cfg: Config) -> dict:
     encoded = tokenizer([pairs.texts[i] for i in rows], padding=True, truncation=True,
                         max_length=cfg.model.max_query_tokens, return_tensors="pt")
@@ -303,12 +370,14 @@ def recall_at_1(model, tokenizer, ids: Identifiers, texts: list[str], relevant: 
                 device: torch.device, batch_size: int = 64) -> tuple[int, int]:
     """(hits, count): how many texts' top-1 constrained beam-search item is one of their relevant items."""
     hits = 0
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of like length pad less
     for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start: start + batch_size], padding=True, truncation=True,
+        rows = order[start: start + batch_size]
+        encoded = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
                             max_length=cfg.model.max_query_tokens, return_tensors="pt").to(device)
         items, _ = decode(model, encoded["input_ids"], encoded["attention_mask"], ids.trie,
                           beams=cfg.retrieve.beam_width, top_k=1)
-        hits += sum(int(item) in rel for item, rel in zip(items[:, 0].tolist(), relevant[start: start + batch_size]))
+        hits += sum(int(item) in relevant[i] for item, i in zip(items[:, 0].tolist(), rows))
     return hits, len(texts)
 
 

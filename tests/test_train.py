@@ -248,3 +248,49 @@ def test_minilm_encoder_is_the_pretrained_model_and_trains_frozen(ready_run):
     assert all(torch.equal(before[k], v) for k, v in trained.encoder.bert.state_dict().items())
     with pytest.raises(CartError, match="model.encoder=minilm needs model.d_model=384"):
         train.build_model(ready_run("model.encoder=minilm"), decoder_vocab_size=10, text_vocab_size=30522)
+
+
+def test_length_grouped_batches_cover_each_pair_once_in_a_seeded_order():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 25, size=1000).tolist()
+    batches = train.LengthGroupedBatches(lengths, batch_size=16, seed=3, window=10)
+    first = list(batches)
+    assert len(first) == len(batches) == 62 and all(len(b) == 16 for b in first)
+    flat = [i for b in first for i in b]
+    assert len(set(flat)) == len(flat)  # no pair twice in an epoch; 1000 - 62 * 16 = 8 left out
+    assert list(batches) == first  # the order depends on (seed, epoch) alone: a resumed run skips into it
+    batches.set_epoch(1)
+    assert list(batches) != first
+    padded = np.mean([max(lengths[i] for i in b) for b in first])
+    shuffled = rng.permutation(1000)[: 62 * 16].reshape(62, 16)
+    assert padded < 0.7 * np.mean([max(lengths[i] for i in b) for b in shuffled])
+
+
+def test_subset_queries_join_short_training_texts_only():
+    import random
+
+    texts = ["cat", "face", "pet", "whiskers", "cat face pet whiskers"]
+    made = train.subset_queries(texts, 6, 3, random.Random(0))
+    assert len(made) == len(set(made)) == 6
+    for query in made:
+        words = query.split()
+        assert 2 <= len(words) <= 3 and len(set(words)) == len(words)
+        assert set(words) <= {"cat", "face", "pet", "whiskers"} and query not in texts
+    assert train.subset_queries(["keycap"], 3, 3, random.Random(0)) == []
+    assert train.subset_queries(["VA", "flag", "VA flag"], 5, 3, random.Random(0)) == ["flag VA"]  # the one new order
+
+
+def test_subset_queries_never_use_a_validation_text(ready_run):
+    cfg = ready_run("train.subset_queries=4")
+    records = corpus.read(cfg.run_dir)
+    plain, _, _ = train.split_pairs(records, ready_run())
+    pairs, validation, relevant = train.split_pairs(records, cfg)
+    assert pairs.texts[: len(plain.texts)] == plain.texts  # the same split, subsets appended
+    added = list(zip(pairs.texts[len(plain.texts):], pairs.items[len(plain.texts):]))
+    assert added
+    held = {}
+    for text, row in zip(validation.texts, validation.items):
+        held.setdefault(row, set()).add(text)
+    for text, row in added:
+        assert row in relevant[text.lower()]
+        assert not any(v in text for v in held.get(row, ()))
