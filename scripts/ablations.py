@@ -1,7 +1,8 @@
 """The ablation table on the emoji benchmark: full CART and the paper's Table 4 rows (without fusion, without
-R-Drop, `rq` identifiers = without K-Means, `hkmeans` identifiers = without RQ-VAE) plus `atomic` identifiers,
-each trained and evaluated by the real stages on the same items and held-out queries. Prints JSON and a
-Markdown table; every variant's logs and run folder stay under checkpoints/ablation-*/.
+R-Drop, `rq` identifiers = without K-Means, `hkmeans` identifiers = without RQ-VAE) plus `atomic` identifiers
+and our own lever (without the tag-subset training queries), each trained and evaluated by the real stages on
+the same items and held-out queries. Prints JSON and a Markdown table; every variant's logs and run folder
+stay under checkpoints/ablation-*/.
 
 Needs the demo's corpus and embeddings (`make demo`, or `cart pipeline --config configs/emoji.yaml`).
 The held-out queries are only evaluated: every choice is made on the validation split inside `cart train`.
@@ -28,6 +29,7 @@ VARIANTS = {  # name -> config overrides
     "rq ids (w/o K-Means)": ["ids.scheme=rq"],
     "hkmeans ids (w/o RQ-VAE)": ["ids.scheme=hkmeans"],
     "atomic ids": ["ids.scheme=atomic"],
+    "w/o tag-subset queries": ["train.subset_queries=0"],
 }
 INPUTS = ("corpus.jsonl", "corpus.manifest.json", "embeddings.safetensors", "embeddings.manifest.json")
 

@@ -40,10 +40,9 @@ def throughput(cfg, steps: int) -> dict:
     model = train.build_model(cfg, ids.layout.vocab_size, len(tokenizer)).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
     labels = torch.from_numpy(ids.tokens)
-    batch_size = cfg.train.batch_size
-    order = torch.randperm(len(pairs.texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    batches = [train._batch(order[i: i + batch_size], pairs, labels, tokenizer, cfg)  # shuffled, as in training
-               for i in range(0, batch_size * (steps + 3), batch_size)]
+    grouped = train.LengthGroupedBatches(train._token_lengths(pairs.texts, tokenizer, cfg), cfg.train.batch_size, cfg.seed)
+    batches = [train._batch(rows, pairs, labels, tokenizer, cfg)  # the first batches of training's first epoch
+               for rows, _ in zip(grouped, range(steps + 3))]
     for i, batch in enumerate(batches):
         if i == 3:
             start = time.perf_counter()
@@ -52,7 +51,7 @@ def throughput(cfg, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad()
     seconds = time.perf_counter() - start
-    return {"pairs_per_second": round(steps * batch_size / seconds, 1), "seconds_per_step": round(seconds / steps, 3),
+    return {"pairs_per_second": round(steps * cfg.train.batch_size / seconds, 1), "seconds_per_step": round(seconds / steps, 3),
             "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
 
 

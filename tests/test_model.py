@@ -103,6 +103,24 @@ def test_forward_and_cached_beam_search_give_the_same_scores(fusion, attn, bert)
     assert torch.equal(uncached, out.sequences)
 
 
+def test_beam_search_projects_the_memory_once_and_training_every_forward():
+    model = tiny_model(True)
+    input_ids, mask = padded_batch()
+    calls = []
+    for block in model.decoder.block:
+        for attention in (block.layer[1].coarse, block.layer[1].fine):
+            attention.k.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        model.generate(input_ids=input_ids, attention_mask=mask, num_beams=4, max_new_tokens=4, do_sample=False,
+                       suppress_tokens=[0, 1])
+    assert len(calls) == 2 * 2  # 2 layers x (coarse, fine), once for the 4 steps
+    calls.clear()
+    model.train()
+    for _ in range(2):
+        model(input_ids=input_ids, attention_mask=mask, labels=torch.tensor([[3, 5, 1]] * 3)).loss.backward()
+    assert len(calls) == 2 * 2 * 2 and all(b.layer[1]._memo is None for b in model.decoder.block)
+
+
 @pytest.mark.parametrize("fusion", [True, False])
 def test_padding_does_not_change_the_output(fusion):
     model = tiny_model(fusion)
