@@ -107,8 +107,8 @@ def run(cfg: Config) -> Path:
     with torch.random.fork_rng():  # the initial weights depend on the seed alone, however the run started
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, ids.layout.vocab_size, len(tokenizer))
-    batches = LengthGroupedBatches(_token_lengths(train_pairs.texts, tokenizer, cfg), t.batch_size, cfg.seed)
-    loader = DataLoader(list(range(len(train_pairs.texts))), batch_sampler=batches,
+    grouped = LengthGroupedBatches(_token_lengths(train_pairs.texts, tokenizer, cfg), t.batch_size, cfg.seed)
+    loader = DataLoader(list(range(len(train_pairs.texts))), batch_sampler=grouped,
                         collate_fn=lambda rows: _batch(rows, train_pairs, labels, tokenizer, cfg))
     if len(loader) == 0:
         raise CartError(f"{len(train_pairs.texts)} training pairs make no full batch of train.batch_size={t.batch_size}")
@@ -143,7 +143,7 @@ def run(cfg: Config) -> Path:
     stop = trainer["stale"] >= t.patience > 0
     while trainer["epoch"] < t.epochs and not stop:
         loader.set_epoch(trainer["epoch"])
-        batches.set_epoch(trainer["epoch"])  # ours, whether or not accelerate wraps it
+        grouped.set_epoch(trainer["epoch"])  # accelerate does not reach it once it wraps it for N processes
         batches = accelerator.skip_first_batches(loader, trainer["batches_done"]) if trainer["batches_done"] else loader
         model.train()
         for batch in batches:
