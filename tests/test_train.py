@@ -30,6 +30,11 @@ def weights(run_dir):
     return load_file(str(run_dir / files.MODEL_WEIGHTS))
 
 
+def final_weights(run_dir):
+    """The weights after the last step (the newest state), whichever epoch validation preferred."""
+    return load_file(str(train._states(run_dir)[-1] / "model.safetensors"))
+
+
 def same_weights(a, b, atol=0.0):
     return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=atol, rtol=0) for k in a)
 
@@ -167,6 +172,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(ready_run):
     train.run(killed)  # the same command again: continues from the newest state
     train.run(whole)
     assert same_weights(weights(killed.run_dir), weights(whole.run_dir))
+    assert same_weights(final_weights(killed.run_dir), final_weights(whole.run_dir))
 
 
 def test_two_gloo_processes_train_the_same_model_as_one(ready_run):
@@ -182,6 +188,8 @@ def test_two_gloo_processes_train_the_same_model_as_one(ready_run):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 process(es)" in done.stdout + done.stderr
     assert same_weights(weights(one.run_dir), weights(one.run_dir.with_name("two")), atol=1e-5)
+    # the last epoch too (the best model may be the first's): each epoch's batches reach both processes
+    assert same_weights(final_weights(one.run_dir), final_weights(one.run_dir.with_name("two")), atol=1e-5)
 
 
 def tiny_captioner(folder):
