@@ -38,6 +38,7 @@ def item_document(record: dict) -> str:
     kept = [t for t in texts if not any(t != other and t in other for other in texts)]
     return " ".join(kept)
 
+
 MODALITIES = ("image", "audio", "video")
 EXTENSIONS = {
     **dict.fromkeys((".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"), "image"),

@@ -1,8 +1,8 @@
 """The training loss: cross-entropy + omega * R-Drop's symmetric KL between two dropout passes.
 
 With omega > 0 the batch is duplicated and both passes run in one forward, so each example sees two
-dropout masks at the cost of one (twice as wide) step; a frozen encoder, having no dropout, runs once. omega = 0 is the paper's "w/o consistency":
-one pass, cross-entropy only.
+dropout masks at the cost of one (twice as wide) step; a frozen encoder, having no dropout, runs once.
+omega = 0 is the paper's "w/o consistency": one pass, cross-entropy only.
 """
 
 from __future__ import annotations

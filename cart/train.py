@@ -62,9 +62,6 @@ class LengthGroupedBatches(BatchSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return len(self.lengths) // self.batch_size
-
     def __iter__(self):
         rng = random.Random(f"{self.seed}/{self.epoch}")
         order = list(range(len(self.lengths)))

@@ -238,13 +238,11 @@ def test_minilm_word_embeddings_initialise_the_encoder(ready_run):
 
 
 def test_minilm_encoder_is_the_pretrained_model_and_trains_frozen(ready_run):
-    from sentence_transformers import SentenceTransformer
-
     cfg = ready_run("model.encoder=minilm", "model.d_model=384", "model.num_heads=6", "model.d_ff=64",
                     "model.num_decoder_layers=1", "model.freeze_encoder=true", "train.epochs=1")
     model = train.build_model(cfg, decoder_vocab_size=10, text_vocab_size=30522).eval()
     tokenizer = train.load_tokenizer(cfg)
-    reference = SentenceTransformer(str(encoders.minilm_dir()), device="cpu", local_files_only=True)
+    reference = encoders.minilm_sentence_model()  # sentence-transformers' own loading of the package
     encoded = tokenizer(["a red heart", "cat"], padding=True, return_tensors="pt")
     with torch.no_grad():
         ours = model.encoder.bert(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state
