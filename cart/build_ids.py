@@ -43,6 +43,7 @@ def run(cfg: Config) -> Path:
     """Build the identifiers of the run's embeddings; return the path of `ids.safetensors`."""
     run_dir, c = cfg.run_dir, cfg.ids
     path, embed_manifest = files.verified_input(run_dir, files.EMBEDDINGS)
+    files.require_built_from(embed_manifest, files.EMBEDDINGS, run_dir, files.CORPUS)  # not stale
     x = load_file(str(path))["embeddings"]
     _check(x, cfg)
     phases: dict = {}
@@ -82,9 +83,7 @@ def load(run_dir: Path) -> Identifiers:
     """The run's identifiers, refusing files that do not match their manifest or other embeddings."""
     path, manifest = files.verified_input(run_dir, files.IDS)
     files.require_built_from(manifest, files.IDS, run_dir, files.EMBEDDINGS)
-    for name, sha in manifest.get("companions", {}).items():
-        if not (Path(run_dir) / name).exists() or files.sha256_file(Path(run_dir) / name) != sha:
-            raise CartError(f"{Path(run_dir) / name} is missing or does not belong to {path}: rerun `cart ids`")
+    files.verify_companions(run_dir, manifest, "cart ids")
     tensors = load_file(str(path))
     summary = json.loads((Path(run_dir) / files.IDS_STATS).read_text(encoding="utf-8"))
     layout = TokenLayout(summary["level_sizes"])

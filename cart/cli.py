@@ -29,26 +29,45 @@ RETRIEVE_HELP = "ranked items for query texts (arguments, --file, or one a line 
 GENERATE_HELP = "retrieve images for a prompt and generate from them (preview, OmniGen, SDXL + IP-Adapter)"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other error of `cart` (the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cart", description=__doc__.splitlines()[0])
+    parser = Parser(prog="cart", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in STAGES.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", help="a YAML config (default: built-in defaults)")
-        sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. embed.batch_size=16")
+        sub.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. embed.batch_size=16")
         if name == "corpus":
             sub.add_argument("--on-bad", choices=("stop", "skip"), help="stop at the first bad item (default) or skip bad items")
+            sub.add_argument("--force", action="store_true",
+                             help="replace the run's corpus even when later stages were built from it")
     retrieve = commands.add_parser("retrieve", help=RETRIEVE_HELP, description=RETRIEVE_HELP)
     retrieve.add_argument("--run", required=True, help="a trained run folder, e.g. checkpoints/emoji")
     retrieve.add_argument("queries", nargs="*", metavar="QUERY")
     retrieve.add_argument("--file", help="a text file of queries, one a line ('-' for stdin)")
-    retrieve.add_argument("-k", type=int, default=None, help="items per query (default: the run's retrieve.top_k)")
-    retrieve.add_argument("--beams", type=int, default=None, help="beam width (default: the run's; at least k)")
-    retrieve.add_argument("--batch-size", type=int, default=32)
+    retrieve.add_argument("-k", type=positive, default=None, help="items per query (default: the run's retrieve.top_k)")
+    retrieve.add_argument("--beams", type=positive, default=None, help="beam width (default: the run's; at least k)")
+    retrieve.add_argument("--batch-size", type=positive, default=32, help="queries decoded together")
     retrieve.add_argument("--json", action="store_true", help="one JSON object a query instead of a table")
     generate = commands.add_parser("generate", help=GENERATE_HELP, description=GENERATE_HELP)
     generate.add_argument("prompt")
-    generate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generate.images=2")
+    generate.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. generate.images=2")
     generate.add_argument("--run", help="a trained run folder (default: the config's)")
     generate.add_argument("--config", help="a YAML config (default: built-in defaults)")
     generate.add_argument("--subquery", action="append", default=[],
@@ -68,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides)
     if getattr(args, "on_bad", None):
         overrides.append(f"corpus.on_bad={args.on_bad}")
-    _guarded(args.command, lambda: _stage(args.command, args.config, overrides))
+    options = {"force": args.force} if args.command == "corpus" else {}
+    _guarded(args.command, lambda: _stage(args.command, args.config, overrides, options))
 
 
 def _guarded(command: str, work) -> None:
@@ -83,26 +103,27 @@ def _guarded(command: str, work) -> None:
         sys.exit(130)
 
 
-def _stage(command: str, config: str | None, overrides: list[str]) -> None:
+def _stage(command: str, config: str | None, overrides: list[str], options: dict) -> None:
     from cart.config import load_config
 
     cfg = load_config(config, overrides)
     _seed(cfg.seed)
     module = importlib.import_module(STAGES[command][0])
     start = time.perf_counter()
-    module.run(cfg)
+    module.run(cfg, **options)
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the first process reports
         print(f"cart {command}: done in {time.perf_counter() - start:.1f} s")
 
 
 def _generate(args) -> None:
-    from cart import generate
     from cart.config import load_config
 
     overrides = list(args.overrides)
     if args.subquery or args.split:
         overrides.append("generate.mode=subqueries")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # before the heavy imports: a bad value fails at once
+    from cart import generate
+
     cfg.generate.subqueries = args.subquery or cfg.generate.subqueries
     _seed(cfg.seed)
     generate.run(cfg, prompt=args.prompt, run_dir=args.run)
@@ -129,8 +150,12 @@ def _retrieve(args) -> None:
     transformers_logging.disable_progress_bar()  # no "Loading weights" bar in front of the results
     retriever = Retriever.load(args.run, beam_width=args.beams)
     for query, hits in zip(queries, retriever.search(queries, k=args.k, batch_size=args.batch_size)):
-        print(json.dumps({"query": query, "hits": [vars(h) for h in hits]}, ensure_ascii=False) if args.json
-              else format_hits(query, hits))
+        warning = None if retriever.reads(query) else (
+            f"no word of the query {query!r} is known to the model's tokenizer: these results mean nothing")
+        if warning:
+            print(f"cart retrieve: warning: {warning}", file=sys.stderr)
+        print(json.dumps({"query": query, "hits": [vars(h) for h in hits]} | ({"warning": warning} if warning else {}),
+                         ensure_ascii=False) if args.json else format_hits(query, hits))
 
 
 

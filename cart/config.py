@@ -8,6 +8,7 @@ say what differs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,37 @@ from typing import Any, Literal
 import yaml
 
 from cart.errors import CartError
+
+MINILM_DIM = 384  # all-MiniLM-L6-v2's width
+
+
+class InvalidValue(ValueError):
+    """A config value out of its range; `load_config` names the file and the full key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key} {message}")
+        self.key, self.message = key, message
+
+
+def at_least(section, low, *keys: str) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        if not value >= low:  # also refuses NaN
+            raise InvalidValue(key, f"must be at least {low}, got {value!r}")
+
+
+def below(section, high, *keys: str) -> None:
+    for key in keys:
+        value = getattr(section, key)
+        if not value < high:
+            raise InvalidValue(key, f"must be below {high}, got {value!r}")
+
+
+def folder_name(section, key: str) -> None:
+    """A value that names one folder inside another: no path separators, not '.' or '..'."""
+    value = getattr(section, key)
+    if value and (value in (".", "..") or Path(value).name != value or "\\" in value):
+        raise InvalidValue(key, f"must be a plain folder name (no '/', not '..'), got {value!r}")
 
 
 @dataclass
@@ -41,6 +73,9 @@ class EmbedConfig:
     device: str = "auto"  # auto: cuda when present, else cpu
     save_every: int = 20  # batches between resumable partial saves
 
+    def __post_init__(self):
+        at_least(self, 1, "batch_size", "save_every")
+
 
 @dataclass
 class IdsConfig:
@@ -59,6 +94,13 @@ class IdsConfig:
     rqvae_dead_code: float = 0.5  # codes whose EMA use per batch falls below this are replaced (0: never)
     commitment_weight: float = 0.25
 
+    def __post_init__(self):
+        at_least(self, 1, "clusters", "levels", "rqvae_hidden", "rqvae_latent", "rqvae_steps", "rqvae_batch_size")
+        at_least(self, 2, "codebook_size")
+        at_least(self, 0, "rqvae_dead_code", "commitment_weight")
+        if not self.rqvae_lr > 0:
+            raise InvalidValue("rqvae_lr", f"must be above 0, got {self.rqvae_lr!r}")
+
 
 @dataclass
 class CaptionConfig:
@@ -68,6 +110,9 @@ class CaptionConfig:
     max_new_tokens: int = 30
     batch_size: int = 8
     device: str = "auto"
+
+    def __post_init__(self):
+        at_least(self, 1, "per_item", "max_new_tokens", "batch_size")
 
 
 @dataclass
@@ -92,6 +137,18 @@ class ModelConfig:
     fusion: bool = True  # CART's coarse + fine fusion; False is the paper's "w/o fusion" ablation
     max_query_tokens: int = 32  # longer queries are cut
 
+    def __post_init__(self):
+        at_least(self, 1, "d_model", "num_layers", "num_decoder_layers", "num_heads", "d_ff")
+        at_least(self, 3, "max_query_tokens")  # the tokenizer's two special tokens and a word
+        at_least(self, 0, "dropout")
+        below(self, 1, "dropout")
+        if self.d_model % self.num_heads:
+            raise InvalidValue("d_model", f"({self.d_model}) must be a multiple of model.num_heads ({self.num_heads})")
+        if self.encoder == "minilm" and not self.pretrained and (
+                self.d_model != MINILM_DIM or (self.tokenizer or "minilm") != "minilm"):
+            raise InvalidValue("encoder", f"minilm needs model.d_model={MINILM_DIM} and MiniLM's tokenizer "
+                                          f"(got d_model={self.d_model}, tokenizer={self.tokenizer or 'minilm'})")
+
 
 @dataclass
 class TrainConfig:
@@ -115,17 +172,29 @@ class TrainConfig:
     log_every: int = 10  # optimiser steps between tracker logs
     tracker: Literal["none", "wandb", "tensorboard"] = "none"
 
+    def __post_init__(self):
+        at_least(self, 1, "epochs", "batch_size", "gradient_accumulation", "save_every", "keep_states", "log_every")
+        at_least(self, 0, "weight_decay", "warmup_steps", "rdrop_weight", "validation_fraction", "validation_max",
+                 "subset_queries", "patience")
+        at_least(self, 2, "subset_size")
+        below(self, 1, "validation_fraction")
+        if not self.learning_rate > 0:
+            raise InvalidValue("learning_rate", f"must be above 0, got {self.learning_rate!r}")
+
 
 @dataclass
 class RetrieveConfig:
     beam_width: int = 10  # paper: not published; k of R@k can be at most this
-    top_k: int = 10  # items `cart retrieve` prints per query
+    top_k: int = 10  # items `cart retrieve` prints per query (at most beam_width of them)
     examples: list[str] = field(default_factory=list)  # queries `cart pipeline` retrieves for at the end (the demo)
+
+    def __post_init__(self):
+        at_least(self, 1, "beam_width", "top_k")
 
 
 @dataclass
 class EvalConfig:
-    baselines: list[str] = field(default_factory=lambda: ["bm25", "minilm", "dense"])  # dense: ImageBind runs only
+    baselines: list[Literal["bm25", "minilm", "dense"]] = field(default_factory=lambda: ["bm25", "minilm", "dense"])  # dense: ImageBind runs only
     # an item is also a right answer when one of its texts of these kinds (caption, generated, query:SET) equals
     # the query, case-insensitive; the emoji benchmark adds query:A (the label)
     relevant_kinds: list[str] = field(default_factory=lambda: ["caption"])
@@ -133,6 +202,10 @@ class EvalConfig:
     latency_queries: int = 100  # held-out queries timed one at a time (p50/p95 latency)
     report_queries: int = 12  # sample queries per set shown with thumbnails in report.html
     device: str = "auto"
+
+    def __post_init__(self):
+        at_least(self, 1, "batch_size")
+        at_least(self, 0, "latency_queries", "report_queries")
 
 
 @dataclass
@@ -160,6 +233,13 @@ class GenerateConfig:
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 (SDXL) / bf16 (OmniGen) on CUDA
 
+    def __post_init__(self):
+        at_least(self, 1, "images", "steps")
+        at_least(self, 8, "height", "width")
+        at_least(self, 16, "thumbnail")
+        at_least(self, 0, "guidance", "image_guidance", "ip_adapter_scale")
+        folder_name(self, "name")
+
 
 @dataclass
 class Config:
@@ -176,6 +256,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
+    def __post_init__(self):
+        at_least(self, 0, "seed")
+        below(self, 2**32, "seed")  # NumPy's seeds are 32-bit
+        if not self.run:
+            raise InvalidValue("run", "must name the run folder, got ''")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir).expanduser() / self.run
@@ -191,6 +277,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise CartError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise CartError(f"--config {path} is a folder: give a YAML file") from None
+        except OSError as e:
+            raise CartError(f"config file {path}: cannot read it: {e.strerror}") from None
         except UnicodeDecodeError:
             raise CartError(f"{path}: not UTF-8 text") from None
         try:
@@ -231,7 +321,10 @@ def _build(cls, data: dict, source: str, prefix: str):
                 f"{source}: unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})"
             )
     values = {key: _check(hints[key], value, source, prefix + key) for key, value in data.items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except InvalidValue as e:
+        raise CartError(f"{source}: {prefix}{e.key} {e.message}") from None
 
 
 def _check(hint, value, source: str, key: str):
@@ -256,9 +349,13 @@ def _check(hint, value, source: str, key: str):
         return value
     if hint is float and not isinstance(value, bool):
         try:  # YAML reads 1e-3 (no dot) as a string
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            pass
+            number = None
+        if number is not None:
+            if not math.isfinite(number):
+                raise CartError(f"{source}: {key} must be a finite number, got {value!r}")
+            return number
     if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
     raise CartError(f"{source}: {key} should be {hint.__name__}, got {type(value).__name__} {value!r}")

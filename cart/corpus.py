@@ -16,7 +16,9 @@ have their texts held out as queries of a set named after the split.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -46,20 +48,29 @@ EXTENSIONS = {
     **dict.fromkeys((".mp4", ".avi", ".mkv", ".mov", ".webm"), "video"),
 }
 MANIFEST_COLUMNS = ("id", "modality", "path", "texts", "split")
+REQUIRED_COLUMNS = ("id", "path", "texts")
+# files built from the corpus: a corpus with other content would leave them stale
+LATER_OUTPUTS = (files.EMBEDDINGS, files.IDS, files.MODEL_WEIGHTS)
 
 
 class BadItem(Exception):
     """One item that cannot enter the corpus; the message says why."""
 
 
-def run(cfg: Config) -> Path:
-    """Build `corpus.jsonl` in the run folder from `cfg.corpus`; return its path."""
+def run(cfg: Config, force: bool = False) -> Path:
+    """Build `corpus.jsonl` in the run folder from `cfg.corpus`; return its path. A corpus with other content
+    than the run's present one, whose later stages were built from it, is refused unless `force`."""
     c = cfg.corpus
     sources = {"emoji": _emoji, "karpathy": _karpathy, "coco": _coco, "manifest": _manifest, "folder": _folder}
     if c.source != "emoji" and not c.path:
         raise CartError(f"corpus.path is required for corpus.source={c.source}")
-    if c.path and not Path(c.path).exists():
+    if c.path and not Path(c.path).expanduser().exists():
         raise CartError(f"corpus.path not found: {c.path}")
+    if c.source == "folder" and not Path(c.path).expanduser().is_dir():
+        raise CartError(f"corpus.path {c.path} is a file: corpus.source=folder reads a folder of media")
+    if c.source in ("karpathy", "coco", "manifest") and Path(c.path).expanduser().is_dir():
+        raise CartError(f"corpus.path {c.path} is a folder: corpus.source={c.source} reads a file "
+                        f"(corpus.source=folder reads a folder of media)")
     records, skipped, seen = [], [], {}
     for where, record in tqdm(sources[c.source](c), desc="corpus", unit=" items", leave=False):
         try:
@@ -77,10 +88,10 @@ def run(cfg: Config) -> Path:
     if not records:
         raise CartError(f"corpus: no usable items in {c.path or c.source}")
     out = cfg.run_dir / files.CORPUS
+    content = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
+    _refuse_replacing_a_used_corpus(cfg.run_dir, content, force)
     with files.atomic_path(out) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        tmp.write_bytes(content)
     inputs = {Path(c.path).name: files.sha256_file(c.path)} if Path(c.path).is_file() else {}
     if c.source == "emoji":
         inputs = dict(emoji.PACKAGES)
@@ -89,6 +100,21 @@ def run(cfg: Config) -> Path:
     kinds = ", ".join(f"{n} {k}" for k, n in stats["texts"].items())
     print(f"corpus: {len(records)} items ({kinds}); {len(skipped)} skipped -> {out}")
     return out
+
+
+def _refuse_replacing_a_used_corpus(run_dir: Path, content: bytes, force: bool) -> None:
+    """A corpus with other content replaces the run's present one only when no later stage used it, or with
+    `force`; either way the replacement is said out loud."""
+    out = run_dir / files.CORPUS
+    if not out.exists() or files.sha256_file(out) == hashlib.sha256(content).hexdigest():
+        return
+    used = [name for name in LATER_OUTPUTS if (run_dir / name).exists()]
+    if used and not force:
+        raise CartError(f"{out} exists with other content, and {', '.join(used)} were built from it: choose "
+                        f"another run name (run=NAME), or `cart corpus --force` to replace it (then rerun the "
+                        f"later stages)")
+    print(f"cart corpus: replacing {out}, which had other content" + (f" ({', '.join(used)} are now stale)" if used else ""),
+          file=sys.stderr)
 
 
 def read(run_dir: Path) -> list[dict]:
@@ -124,11 +150,18 @@ def _check(record: dict, seen: dict, where: str, check_media: bool) -> None:
                 image.load()  # a full decode: verify() alone misses truncated files
         except Exception as e:  # PIL raises several types for broken files
             raise BadItem(f"unreadable or truncated image {path}: {e}") from None
+    if not record["texts"]:
+        raise BadItem("no text: an item needs at least one training text or held-out query")
     for i, text in enumerate(record["texts"]):
-        if not isinstance(text.get("text"), str) or not text["text"].strip():
+        if not isinstance(text, dict) or not isinstance(text.get("text"), str):
+            value = text.get("text") if isinstance(text, dict) else text
+            raise BadItem(f"texts[{i}] should be a string, got {type(value).__name__} {value!r}")
+        if not text["text"].strip():
             raise BadItem(f"empty text (texts[{i}])")
         if text.get("kind") not in ("caption", "generated", "query"):
             raise BadItem(f"texts[{i}]: unknown kind {text.get('kind')!r} (expected caption, generated or query)")
+        if text["kind"] == "query" and not (isinstance(text.get("set"), str) and text["set"].strip()):
+            raise BadItem(f"texts[{i}]: a query needs the name of its query set (\"set\")")
 
 
 def _texts(strings: list, split: str, c: CorpusConfig) -> list[dict]:
@@ -146,6 +179,19 @@ def _texts(strings: list, split: str, c: CorpusConfig) -> list[dict]:
 
 def _media_root(c: CorpusConfig) -> Path:
     return Path(c.media_root).expanduser() if c.media_root else Path(c.path).expanduser().parent
+
+
+def media_path(root: Path, value) -> str:
+    """A media file's path: relative ones are read under the media root and may not leave it ("../x");
+    an absolute path is the manifest author's explicit choice and is kept."""
+    if not isinstance(value, str) or not value.strip():
+        raise BadItem(f"path should be a file name, got {value!r}")
+    if Path(value).is_absolute():
+        return value
+    path = os.path.normpath(root / value)
+    if os.path.commonpath([path, os.path.normpath(root)]) != os.path.normpath(root):
+        raise BadItem(f"path {value!r} leaves the media root {root} (an absolute path may point elsewhere)")
+    return path
 
 
 def _read_utf8(path: Path) -> str:
@@ -177,16 +223,18 @@ def _karpathy(c: CorpusConfig):
         where = f"{c.path} images[{i}]"
         try:
             split = image.get("split", c.split)
-            relative = Path(image.get("filepath", "")) / image["filename"]
+            relative = str(Path(image.get("filepath", "")) / image["filename"])
             yield where, {
                 "id": str(image.get("cocoid", Path(image["filename"]).stem)),
                 "modality": "image",
-                "path": str(root / relative),
+                "path": media_path(root, relative),
                 "split": split,
                 "texts": _texts([s["raw"] for s in image.get("sentences", [])], split, c),
             }
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             yield where, BadItem(f"malformed entry, missing {e}")
+        except BadItem as bad:
+            yield where, bad
 
 
 def _coco(c: CorpusConfig):
@@ -202,17 +250,19 @@ def _coco(c: CorpusConfig):
             yield where, {
                 "id": str(image["id"]),
                 "modality": "image",
-                "path": str(root / image["file_name"]),
+                "path": media_path(root, image["file_name"]),
                 "split": c.split,
                 "texts": _texts(captions.get(image["id"], []), c.split, c),
             }
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             yield where, BadItem(f"malformed entry, missing {e}")
+        except BadItem as bad:
+            yield where, bad
 
 
 def _manifest(c: CorpusConfig):
     path, root = Path(c.path), _media_root(c)
-    lines = path.read_bytes().splitlines()
+    lines = path.read_bytes().splitlines(keepends=True)  # a quoted CSV text keeps its line breaks
     if path.suffix.lower() == ".csv":
         yield from _manifest_csv(path, lines, root, c)
         return
@@ -232,42 +282,78 @@ def _manifest(c: CorpusConfig):
 
 
 def _manifest_csv(path: Path, lines: list[bytes], root: Path, c: CorpusConfig):
-    decoded = []
+    """Rows of a CSV manifest, each named by the file line it starts on (a quoted text may span lines)."""
+    decoded, numbers = [], []
     for number, raw in enumerate(lines, 1):
         try:
-            decoded.append(raw.decode("utf-8"))
+            line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             if number == 1:
                 raise CartError(f"{path} line 1: header is not UTF-8 text") from None
             yield f"{path} line {number}", BadItem(f"not UTF-8 text ({e.reason} at byte {e.start})")
-            decoded.append(None)
-    rows = csv.reader(line for line in decoded if line is not None)
-    header = next(rows, [])
-    if tuple(h.strip() for h in header[:3]) != MANIFEST_COLUMNS[:3]:
-        raise CartError(f"{path} line 1: expected the columns {', '.join(MANIFEST_COLUMNS)}; texts are separated by |")
-    numbers = [n for n, line in enumerate(decoded, 1) if line is not None][1:]
-    for number, values in zip(numbers, rows):
-        if not any(v.strip() for v in values):
             continue
-        row = dict(zip([h.strip() for h in header], values))
-        row["texts"] = row.get("texts", "").split("|") if row.get("texts", "").strip() else []
-        yield f"{path} line {number}", _manifest_record(row, root, c)
+        decoded.append(line.removeprefix("\ufeff") if number == 1 else line)  # a UTF-8 BOM (Excel writes one)
+        numbers.append(number)
+    rows = csv.reader(decoded, strict=True)
+    try:
+        header = [h.strip() for h in next(rows, [])]
+    except csv.Error as e:
+        raise CartError(f"{path} line 1: not a CSV header: {e}") from None
+    unknown = [h for h in header if h not in MANIFEST_COLUMNS]
+    missing = [h for h in REQUIRED_COLUMNS if h not in header]
+    if unknown or missing or len(set(header)) != len(header):
+        problem = (f"unknown column {unknown[0]!r}" if unknown else f"no {missing[0]!r} column" if missing
+                   else "a column named twice")
+        raise CartError(f"{path} line 1: {problem}; the columns are {', '.join(MANIFEST_COLUMNS)} "
+                        f"(id, path and texts required; texts separated by |)")
+    while True:
+        first = rows.line_num  # lines read so far: this row starts on the next one
+        try:
+            values = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield f"{path} line {numbers[first]}", BadItem(f"not valid CSV: {e}")
+            continue
+        where = f"{path} line {numbers[first]}"
+        if not values:  # a blank line
+            continue
+        if len(values) != len(header):
+            yield where, BadItem(f"{len(values)} fields where the header has {len(header)} "
+                                 f"(a comma inside a text? quote the field)")
+            continue
+        if not any(v.strip() for v in values):  # a row of empty fields
+            continue
+        row = dict(zip(header, values))
+        row["texts"] = row["texts"].split("|") if row["texts"].strip() else []
+        yield where, _manifest_record(row, root, c)
 
 
 def _manifest_record(row, root: Path, c: CorpusConfig):
     if not isinstance(row, dict):
-        return BadItem("expected a JSON object with id, modality, path, texts, split")
-    missing = [k for k in ("id", "path") if k not in row]
+        return BadItem(f"expected a JSON object with {', '.join(MANIFEST_COLUMNS)}")
+    unknown = [k for k in row if k not in MANIFEST_COLUMNS]
+    if unknown:
+        return BadItem(f"unknown field {unknown[0]!r} (the fields are {', '.join(MANIFEST_COLUMNS)})")
+    missing = [k for k in REQUIRED_COLUMNS if k not in row]
     if missing:
         return BadItem(f"missing {' and '.join(missing)}")
-    texts = row.get("texts", [])
+    item_id, texts, split = row["id"], row["texts"], row.get("split") or c.split
+    if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
+        return BadItem(f"id should be a string or a whole number, got {item_id!r}")
     if not isinstance(texts, list):
         return BadItem("texts should be a list")
-    split = row.get("split") or c.split
+    if not isinstance(split, str):
+        return BadItem(f"split should be a string, got {split!r}")
+    modality = row.get("modality") or EXTENSIONS.get(Path(str(row["path"])).suffix.lower(), "")
+    try:
+        path = media_path(root, row["path"])
+    except BadItem as bad:
+        return bad
     return {
-        "id": str(row["id"]),
-        "modality": row.get("modality", EXTENSIONS.get(Path(str(row["path"])).suffix.lower(), "")),
-        "path": str(root / str(row["path"])),
+        "id": str(item_id),
+        "modality": modality,
+        "path": path,
         "split": split,
         "texts": _texts([t.strip() if isinstance(t, str) else t for t in texts], split, c),
     }
@@ -291,6 +377,9 @@ def _folder(c: CorpusConfig):
                     texts.append(line)
         if isinstance(texts, BadItem):
             yield where, texts
+            continue
+        if not texts:
+            yield where, BadItem(f"no text: write its captions in {sidecar.name} beside it, one a line")
             continue
         yield where, {
             "id": str(path.relative_to(root).with_suffix("")),

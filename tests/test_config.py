@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -61,3 +62,51 @@ def test_cli_prints_one_line_errors(args, message):
     assert done.stderr.startswith(message)
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=-1", "train.batch_size must be at least 1, got -1"),
+    ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
+    ("train.gradient_accumulation=0", "train.gradient_accumulation must be at least 1"),
+    ("train.learning_rate=-1", "train.learning_rate must be above 0, got -1.0"),
+    ("train.learning_rate=nan", "train.learning_rate must be a finite number, got 'nan'"),
+    ("train.learning_rate=.inf", "train.learning_rate must be a finite number"),
+    ("model.num_heads=0", "model.num_heads must be at least 1"),
+    ("model.num_layers=0", "model.num_layers must be at least 1"),
+    ("model.dropout=2", "model.dropout must be below 1, got 2.0"),
+    ("model.d_model=100", r"model.d_model \(100\) must be a multiple of model.num_heads \(6\)"),
+    ("train.save_every=0", "train.save_every must be at least 1"),
+    ("train.epochs=0", "train.epochs must be at least 1"),
+    ("embed.save_every=0", "embed.save_every must be at least 1"),
+    ("embed.save_every=-3", "embed.save_every must be at least 1"),
+    ("ids.rqvae_batch_size=0", "ids.rqvae_batch_size must be at least 1"),
+    ("ids.rqvae_latent=0", "ids.rqvae_latent must be at least 1"),
+    ("ids.rqvae_hidden=-4", "ids.rqvae_hidden must be at least 1"),
+    ("ids.rqvae_steps=0", "ids.rqvae_steps must be at least 1"),
+    ("retrieve.beam_width=0", "retrieve.beam_width must be at least 1, got 0"),
+    ("seed=-1", "seed must be at least 0, got -1"),
+    ("seed=99999999999", "seed must be below 4294967296"),
+    ("eval.baselines=[bm26]", r"eval.baselines\[0\] must be one of bm25, minilm, dense"),
+    ("generate.name=../../x", "generate.name must be a plain folder name"),
+    ("run=''", "run must name the run folder"),
+])
+def test_out_of_range_values_are_refused_when_the_config_loads(override, message):
+    with pytest.raises(CartError, match=f"configs/emoji.yaml: {message}"):
+        load_config(ROOT / "configs/emoji.yaml", [override])
+
+
+def test_a_folder_given_as_config(tmp_path):
+    with pytest.raises(CartError, match=f"--config {tmp_path} is a folder: give a YAML file"):
+        load_config(tmp_path)
+
+
+def test_the_tiny_config_runs_as_shipped_once_its_input_is_made(tmp_path):
+    """configs/tiny.yaml points at data/tiny, which its header says how to make."""
+    assert "scripts/make_tiny_data.py" in (ROOT / "configs/tiny.yaml").read_text().split("\nrun:")[0]
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    subprocess.run([sys.executable, str(ROOT / "scripts/make_tiny_data.py")], cwd=tmp_path, check=True,
+                   capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "cart", "corpus", "--config", "configs/tiny.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "corpus: 6 items" in done.stdout

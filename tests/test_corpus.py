@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from cart import corpus, files
@@ -61,14 +62,31 @@ def test_coco_captions_json(tiny_config, tmp_path, media):
     assert texts_of(records, "caption") == {"7": ["red", "a red block"], "9": ["green"]}
 
 
+def sidecars(media):
+    for i, colour in enumerate(COLOURS):
+        (media / f"img{i}.txt").write_text(f"{colour}\n", encoding="utf-8")
+
+
 def test_folder_with_sidecar_texts(tiny_config, media):
+    sidecars(media)
     (media / "img0.txt").write_text("red square\n\nscarlet\n", encoding="utf-8")
     (media / "sub").mkdir()
     make_image(media / "sub" / "deep.jpg", "blue")
+    (media / "sub" / "deep.txt").write_text("deep blue\n", encoding="utf-8")
     records = corpus.read(corpus.run(tiny_config("corpus.source=folder", f"corpus.path={media}")).parent)
     assert len(records) == 7
     assert texts_of(records, "caption")["img0"] == ["red square", "scarlet"]
     assert "sub/deep" in {r["id"] for r in records}
+
+
+def test_folder_item_without_texts_is_bad_input(tiny_config, media, capsys):
+    sidecars(media)
+    (media / "img4.txt").write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(CartError, match="img4.png: no text: write its captions in img4.txt beside it"):
+        corpus.run(tiny_config("corpus.source=folder", f"corpus.path={media}"))
+    out = corpus.run(tiny_config("corpus.source=folder", f"corpus.path={media}", "corpus.on_bad=skip"))
+    assert [r["id"] for r in corpus.read(out.parent)] == ["img0", "img1", "img2", "img3", "img5"]
+    assert "skipped" in capsys.readouterr().err
 
 
 def bad_rows(media):
@@ -125,6 +143,7 @@ def test_csv_and_sidecar_non_utf8_name_the_line(tiny_config, tmp_path, media):
     path.write_bytes(b"id,modality,path,texts,split\na,image,media/img0.png,red,train\nb,image,media/img1.png,gr\xfcn,train\n")
     with pytest.raises(CartError, match="m.csv line 3: not UTF-8 text"):
         corpus.run(tiny_config(f"corpus.path={path}"))
+    sidecars(media)
     (media / "img2.txt").write_bytes(b"blue\nbl\xe4u\n")
     with pytest.raises(CartError, match="img2.txt line 2: not UTF-8 text"):
         corpus.run(tiny_config("corpus.source=folder", f"corpus.path={media}"))
@@ -157,3 +176,104 @@ def test_corpus_edited_by_hand_is_refused(tiny_config, manifest):
     out.write_text(out.read_text().replace("red", "blue"))
     with pytest.raises(CartError, match="does not match its manifest"):
         corpus.read(cfg.run_dir)
+
+
+def write_csv(path, *rows):
+    path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("row, fields", [
+    ("b,image,media/img1.png,green, round,test", 6),  # an unquoted comma: "round" would land in `split`
+    ("b,image,media/img1.png,green", 4),
+])
+def test_csv_row_with_other_field_count_names_the_line(tiny_config, tmp_path, media, row, fields):
+    path = write_csv(tmp_path / "m.csv", "id,modality,path,texts,split", "a,image,media/img0.png,red,train", row)
+    with pytest.raises(CartError, match=f"m.csv line 3: {fields} fields where the header has 5 "
+                                        r"\(a comma inside a text\? quote the field\)"):
+        corpus.run(tiny_config(f"corpus.path={path}"))
+
+
+def test_csv_with_a_bom_and_a_text_over_two_lines(tiny_config, tmp_path, media):
+    path = tmp_path / "m.csv"
+    path.write_bytes("\ufeffid,path,texts\na,media/img0.png,\"red\nsquare\"\nb,media/img1.png,green\n"
+                     "c,media/nope.png,blue\n".encode("utf-8"))
+    with pytest.raises(CartError, match="m.csv line 5: missing media file"):  # the quoted text took lines 2-3
+        corpus.run(tiny_config(f"corpus.path={path}"))
+    write_csv(path, "\ufeffid,path,texts", "a,media/img0.png,red", "b,media/img1.png,green")
+    records = corpus.read(corpus.run(tiny_config(f"corpus.path={path}")).parent)
+    assert [r["id"] for r in records] == ["a", "b"] and records[0]["modality"] == "image"
+
+
+@pytest.mark.parametrize("header, message", [
+    ("id,modality,path,captions,split", "unknown column 'captions'"),
+    ("id,modality,path,split", "no 'texts' column"),
+    ("id,path,texts,texts", "a column named twice"),
+])
+def test_csv_header_must_name_known_columns(tiny_config, tmp_path, media, header, message):
+    path = write_csv(tmp_path / "m.csv", header, "a,image,media/img0.png,red,train")
+    with pytest.raises(CartError, match=f"m.csv line 1: {message}; the columns are id, modality, path, texts, split"):
+        corpus.run(tiny_config(f"corpus.path={path}"))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"texts": None}, "missing texts"),
+    ({"texts": []}, "no text: an item needs at least one training text or held-out query"),
+    ({"id": None}, "id should be a string or a whole number, got None"),
+    ({"captions": ["red"]}, "unknown field 'captions'"),
+    ({"texts": ["red", 3]}, "texts\\[1\\] should be a string, got int 3"),
+    ({"texts": [{"text": "red", "kind": "query"}]}, "texts\\[0\\]: a query needs the name of its query set"),
+    ({"split": 3}, "split should be a string, got 3"),
+])
+def test_jsonl_items_without_usable_text_or_id_are_bad_input(tiny_config, tmp_path, media, change, message):
+    row = {"id": "a", "modality": "image", "path": "media/img0.png", "texts": ["red"]} | change
+    row = {k: v for k, v in row.items() if not (k == "texts" and v is None)}
+    path = write_jsonl(tmp_path / "m.jsonl", [{"id": "ok", "path": "media/img1.png", "texts": ["green"]}, row])
+    with pytest.raises(CartError, match=f"m.jsonl line 2: {message}"):
+        corpus.run(tiny_config(f"corpus.path={path}"))
+    out = corpus.run(tiny_config(f"corpus.path={path}", "corpus.on_bad=skip"))
+    assert [r["id"] for r in corpus.read(out.parent)] == ["ok"]
+
+
+def test_media_paths_stay_inside_the_media_root_unless_absolute(tiny_config, tmp_path, media):
+    outside = make_image(tmp_path / "elsewhere" / "x.png")
+    rows = [{"id": "a", "modality": "audio", "path": "../../etc/passwd", "texts": ["secret"]}]
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    with pytest.raises(CartError, match=r"m.jsonl line 1: path '../../etc/passwd' leaves the media root"):
+        corpus.run(tiny_config(f"corpus.path={path}"))
+    write_jsonl(path, [{"id": "a", "path": "media/../media/img0.png", "texts": ["red"]},
+                       {"id": "b", "path": str(outside), "texts": ["elsewhere"]}])  # absolute: the author's choice
+    records = corpus.read(corpus.run(tiny_config(f"corpus.path={path}")).parent)
+    assert [r["path"] for r in records] == [str(media / "img0.png"), str(outside)]
+    data = {"images": [{"filename": "../../../etc/passwd", "split": "train", "sentences": [{"raw": "x"}]}]}
+    (tmp_path / "k.json").write_text(json.dumps(data))
+    with pytest.raises(CartError, match=r"k.json images\[0\]: path .* leaves the media root"):
+        corpus.run(tiny_config("corpus.source=karpathy", f"corpus.path={tmp_path / 'k.json'}"))
+
+
+def test_corpus_path_of_the_wrong_kind_is_one_clear_error(tiny_config, tmp_path, media, manifest):
+    with pytest.raises(CartError, match="is a folder: corpus.source=manifest reads a file"):
+        corpus.run(tiny_config(f"corpus.path={tmp_path}"))
+    with pytest.raises(CartError, match="is a file: corpus.source=folder reads a folder"):
+        corpus.run(tiny_config("corpus.source=folder", f"corpus.path={manifest}"))
+
+
+def test_a_corpus_used_by_later_stages_is_not_replaced_silently(tiny_config, tmp_path, manifest, capsys):
+    from cart import embed
+
+    np.save(tmp_path / "emb.npy", np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
+    cfg = tiny_config(f"corpus.path={manifest}", "embed.encoder=precomputed", f"embed.weights={tmp_path / 'emb.npy'}")
+    corpus.run(cfg)
+    corpus.run(cfg)  # the same content again: nothing to refuse
+    embed.run(cfg)
+    before = (cfg.run_dir / files.CORPUS).read_bytes()
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    write_jsonl(manifest, rows[:-1])
+    with pytest.raises(CartError, match="corpus.jsonl exists with other content, and embeddings.safetensors were "
+                                        r"built from it: choose another run name \(run=NAME\), or `cart corpus --force`"):
+        corpus.run(cfg)
+    assert (cfg.run_dir / files.CORPUS).read_bytes() == before
+    capsys.readouterr()
+    corpus.run(cfg, force=True)
+    assert len(corpus.read(cfg.run_dir)) == 5
+    assert "(embeddings.safetensors are now stale)" in capsys.readouterr().err

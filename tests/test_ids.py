@@ -11,6 +11,7 @@ from cart.errors import CartError
 from cart.identifiers import TokenLayout
 from cart import trie as trie_module
 from cart.trie import PrefixTrie
+from conftest import write_jsonl
 
 
 def clustered(n=300, dim=16, centres=6, seed=0):
@@ -191,8 +192,19 @@ def test_ids_built_from_other_embeddings_are_refused(embedded_run, tmp_path):
     (cfg.run_dir / files.TRIE).write_bytes(b"junk")
     build_ids.run(cfg)
     (cfg.run_dir / files.TRIE).write_bytes(b"junk")
-    with pytest.raises(CartError, match="trie.marisa is missing or does not belong"):
+    with pytest.raises(CartError, match="trie.marisa is missing or does not match ids.safetensors"):
         build_ids.load(cfg.run_dir)
+
+
+def test_ids_refuses_embeddings_of_another_corpus(embedded_run, manifest):
+    cfg = embedded_run
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[0]["texts"] = ["crimson"]
+    write_jsonl(manifest, rows)
+    corpus.run(cfg, force=True)
+    with pytest.raises(CartError, match="embeddings.safetensors was built from another corpus.jsonl: rerun `cart embed`"):
+        build_ids.run(cfg)
+    assert not (cfg.run_dir / files.IDS).exists()
 
 
 @pytest.mark.parametrize("rows, overrides, message", [
@@ -215,6 +227,6 @@ def test_bad_embeddings_are_clear_errors(tiny_config, tmp_path, manifest, rows, 
         matrix = matrix[:1]
     path = cfg.run_dir / files.EMBEDDINGS  # written directly: cart embed itself refuses non-finite rows
     save_file({"embeddings": matrix}, str(path))
-    files.write_manifest(path, "embed", {}, {})
+    files.write_manifest(path, "embed", {}, {files.CORPUS: files.sha256_file(cfg.run_dir / files.CORPUS)})
     with pytest.raises(CartError, match=message):
         build_ids.run(cfg)
