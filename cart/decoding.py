@@ -43,14 +43,24 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie: P
     item -1 with score -inf where fewer than top_k valid identifiers were found."""
     if top_k > beams:
         raise ValueError(f"top_k={top_k} is larger than the beam width {beams}: raise the beam width")
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=beams,
-                         num_return_sequences=top_k, max_new_tokens=trie.length + 1,
-                         length_penalty=0.0, early_stopping=True, do_sample=False,
-                         logits_processor=LogitsProcessorList([TrieConstraint(trie)]),
-                         output_scores=True, return_dict_in_generate=True)
+    constraint = LogitsProcessorList([TrieConstraint(trie)])
+    if beams == 1:  # greedy search
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=1, do_sample=False,
+                             max_new_tokens=trie.length + 1, logits_processor=constraint,
+                             output_logits=True, return_dict_in_generate=True)
+        # greedy search keeps no sequence score: sum the chosen tokens' log-probabilities, as beam search does
+        # (log-softmax over every token, before the constraint masks any)
+        chosen = out.sequences[:, 1:]  # (B, L + 1): the identifier and EOS
+        log_probs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, L + 1, V)
+        scores = log_probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).sum(1).cpu().view(-1, 1)
+    else:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=beams,
+                             num_return_sequences=top_k, max_new_tokens=trie.length + 1,
+                             length_penalty=0.0, early_stopping=True, do_sample=False, logits_processor=constraint,
+                             output_scores=True, return_dict_in_generate=True)
+        scores = out.sequences_scores.float().cpu().view(-1, top_k)
     identifiers = out.sequences[:, 1: trie.length + 1].cpu().numpy()  # (B * top_k, L)
     items = torch.from_numpy(trie.item_of(identifiers)).view(-1, top_k)
-    scores = out.sequences_scores.float().cpu().view(-1, top_k)
     # transformers fills the return slots that beam search could not fill (fewer valid identifiers than
     # beams) with copies of finished ones scored -1e9: those, like invalid identifiers, are no result
     repeated = (items.unsqueeze(2) == items.unsqueeze(1)).tril(-1).any(2)  # equal to an earlier slot

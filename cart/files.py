@@ -9,9 +9,11 @@ match it (edited or half-written) and an output built from other inputs.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +57,52 @@ def atomic_path(path: Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def publish_folder(folder: Path, path: Path) -> None:
+    """Make the complete `folder` (a temporary beside `path`) become `path` in one atomic step. `path` is a
+    symlink to a hidden folder `.<name>.<n>`, so replacing it swaps one link (os.replace): a reader, or a
+    kill at any moment, finds the old folder or the new one, never none or half of one. The old folder and
+    any temporaries an earlier kill left are removed afterwards."""
+    folder, path = Path(folder), Path(path)
+    version = path.with_name(f".{path.name}.{time.time_ns()}")
+    os.replace(folder, version)
+    link = path.with_name(f".{path.name}.link")
+    link.unlink(missing_ok=True)
+    os.symlink(version.name, link)
+    if path.is_dir() and not path.is_symlink():  # a plain folder (an older cart's): moved aside, then removed
+        os.replace(path, path.with_name(f".{path.name}.old"))
+    os.replace(link, path)
+    remove_stale(path.parent, f".{glob.escape(path.name)}.*")
+
+
+def remove_stale(folder: Path, pattern: str) -> None:
+    """Remove the hidden entries of `folder` matching `pattern` (e.g. ".model.*") that no link of `folder`
+    points at: the versions `publish_folder` replaced and the temporaries of a write that was killed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    current = {os.readlink(p) for p in folder.iterdir() if p.is_symlink() and not p.name.startswith(".")}
+    for entry in folder.glob(pattern):
+        if entry.name in current:
+            continue
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def remove_folder(path: Path) -> None:
+    """Remove a folder, or a link made by `publish_folder` and the folder it points at."""
+    path = Path(path)
+    if path.is_symlink():
+        target = path.parent / os.readlink(path)
+        path.unlink()
+        shutil.rmtree(target, ignore_errors=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -103,6 +151,22 @@ def verified_input(run_dir: Path, name: str) -> tuple[Path, dict]:
     if manifest.get("sha256") != sha256_file(path):
         raise CartError(f"{path} does not match its manifest (edited by hand?): rerun `{WRITER.get(name)}`")
     return path, manifest
+
+
+def folder_hashes(folder: Path, name: str, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file in `folder` (to be published as `name` in the run folder), keyed `name/file`."""
+    return {f"{name}/{p.name}": sha256_file(p) for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name not in leave_out}
+
+
+def verify_companions(run_dir: Path, manifest: dict, writer: str) -> None:
+    """Refuse when a file the manifest names beside its main file (`companions`: path -> sha256) is missing
+    or changed."""
+    for name, sha in manifest.get("companions", {}).items():
+        path = Path(run_dir) / name
+        if not path.is_file() or sha256_file(path) != sha:
+            raise CartError(f"{path} is missing or does not match {manifest['file']}'s manifest (edited by hand?): "
+                            f"rerun `{writer}`")
 
 
 def require_built_from(output: dict, output_name: str, run_dir: Path, input_name: str) -> None:

@@ -11,13 +11,18 @@ Two ways to retrieve (`generate.mode`):
 
 The generator (`cart.generators`) receives the prompt and the chosen images. Writes, under
 `checkpoints/<run>/generations/<name>/`: the generated image(s) and `record.json` (prompt, sub-queries,
-retrieved items with scores, the generator and its settings).
+retrieved items with scores, the generator and its settings). `<name>` is `generate.name` or a slug of the
+prompt; when that folder exists, `<name>-2`, `<name>-3`, ...: an earlier generation is never overwritten.
+The folder appears complete or not at all (written under a temporary name, then renamed).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -124,15 +129,36 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
         kinds = sorted({retriever.records[c.row]["modality"] for c in chosen})
         raise CartError(f"no images retrieved for {prompt!r}" + (f" (found only {', '.join(kinds)} items)" if kinds else "")
                         + ": nothing to condition the generator on")
-    out_dir = run_dir / "generations" / (g.name or _slug(prompt))
-    outputs = generator.generate(prompt, queries if g.mode == "subqueries" else [], images, cfg.seed, out_dir)
-    record = {"prompt": prompt, "mode": g.mode, "queries": queries, "retrieved": [asdict(c) for c in images],
-              "generator": g.generator, "settings": generator.settings(), "seed": cfg.seed,
-              "outputs": [str(p) for p in outputs], "run": str(run_dir)}
-    files.write_text(out_dir / "record.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    out_dir = _new_folder(run_dir / "generations", g.name or _slug(prompt))
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir()
+        made = generator.generate(prompt, queries if g.mode == "subqueries" else [], images, cfg.seed, tmp)
+        outputs = [out_dir / path.name for path in made]
+        record = {"prompt": prompt, "mode": g.mode, "queries": queries, "retrieved": [asdict(c) for c in images],
+                  "generator": g.generator, "settings": generator.settings(), "seed": cfg.seed,
+                  "outputs": [str(p) for p in outputs], "run": str(run_dir)}
+        files.write_text(tmp / "record.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_dir)  # over the empty folder reserved for it
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        out_dir.rmdir()
+        raise
     print(f"generate: {len(images)} retrieved image(s) -> {g.generator}: {', '.join(str(p) for p in outputs)}")
     print(f"generate: record -> {out_dir / 'record.json'}")
     return out_dir
+
+
+def _new_folder(parent: Path, name: str) -> Path:
+    """Reserve a new empty folder `name` under `parent`, or `name-2`, `name-3`, ... when it is taken."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
 
 
 def _slug(text: str) -> str:

@@ -53,7 +53,7 @@ class Retriever:
         model, tokenizer, ids = train.load(run_dir)
         manifest = json.loads(files.manifest_path(run_dir / files.MODEL_WEIGHTS).read_text(encoding="utf-8"))
         config = manifest["config"]
-        beam_width = beam_width or config["retrieve"]["beam_width"]
+        beam_width = config["retrieve"]["beam_width"] if beam_width is None else beam_width
         if beam_width < 1:
             raise CartError(f"beam width must be at least 1, got {beam_width}")
         return cls(model, tokenizer, ids, corpus.read(run_dir), beam_width=beam_width,
@@ -64,7 +64,7 @@ class Retriever:
         """Ranked items for each query, best first (fewer than k when the beams found fewer)."""
         if isinstance(queries, str):
             queries = [queries]
-        rows, scores = self.search_rows(queries, k or min(self.top_k, self.beam_width), batch_size)
+        rows, scores = self.search_rows(queries, min(self.top_k, self.beam_width) if k is None else k, batch_size)
         return [[Hit(self.records[r]["id"], self.records[r]["path"], float(s), int(r))
                  for r, s in zip(row, score) if r >= 0] for row, score in zip(rows, scores)]
 
@@ -74,6 +74,8 @@ class Retriever:
             raise CartError(f"k={k} is larger than the beam width {self.beam_width}: pass a larger beam width")
         if k < 1:
             raise CartError(f"k must be at least 1, got {k}")
+        if batch_size < 1:
+            raise CartError(f"batch size must be at least 1, got {batch_size}")
         for i, query in enumerate(queries):
             if not isinstance(query, str) or not query.strip():
                 raise CartError(f"query {i + 1} is empty")
@@ -88,6 +90,13 @@ class Retriever:
         if not rows:
             return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
         return np.concatenate(rows), np.concatenate(scores)
+
+
+    def reads(self, query: str) -> bool:
+        """False when the tokenizer knows nothing in `query` (every token unknown, e.g. a script or emoji
+        outside its vocabulary): the model then sees the same empty input for every such query."""
+        tokens = self.tokenizer(query, add_special_tokens=False)["input_ids"]
+        return any(token != self.tokenizer.unk_token_id for token in tokens)
 
 
 def format_hits(query: str, hits: list[Hit]) -> str:

@@ -16,7 +16,6 @@ run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,14 +32,12 @@ from tqdm import tqdm
 
 from cart import build_ids, corpus, files
 from cart.build_ids import Identifiers
-from cart.config import Config, to_dict
+from cart.config import MINILM_DIM, Config, to_dict
 from cart.decoding import decode
 from cart.encoders import minilm_dir
 from cart.errors import CartError
 from cart.fusion import CartT5, cart_config
 from cart.losses import cart_loss
-
-MINILM_DIM = 384
 
 
 @dataclass
@@ -116,15 +113,20 @@ def run(cfg: Config) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.warmup_steps, total))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
-    fingerprint = _fingerprint(cfg, inputs)
-    trainer = {"fingerprint": fingerprint, "step": 0, "epoch": 0, "batches_done": 0, "best_r1": -1.0,
+    settings = _resume_settings(cfg, inputs)
+    trainer = {"settings": settings, "step": 0, "epoch": 0, "batches_done": 0, "best_r1": -1.0,
                "best_step": 0, "stale": 0, "history": []}
+    if accelerator.is_main_process:  # what a killed save left behind
+        files.remove_stale(run_dir, f".{files.MODEL}.*")
+        files.remove_stale(run_dir / files.STATE, ".step_*")
+    accelerator.wait_for_everyone()
     state = _latest_state(run_dir)
     if state is not None:
         saved = json.loads((state / "trainer.json").read_text(encoding="utf-8"))
-        if saved["fingerprint"] != fingerprint:
-            raise CartError(f"{state} is a state of another config or other inputs: remove {run_dir / files.STATE} "
-                            f"to start again, or choose another run name")
+        changed = _differences(saved.get("settings", {}), settings)
+        if changed:
+            raise CartError(f"{state} was saved by a run with other settings or inputs ({'; '.join(changed[:3])}): "
+                            f"remove {run_dir / files.STATE} to start again, or choose another run name")
         accelerator.load_state(str(state))
         trainer = saved
         accelerator.print(f"train: resuming from {state} (epoch {trainer['epoch']}, step {trainer['step']})")
@@ -191,6 +193,12 @@ def load(run_dir: Path) -> tuple[CartT5, object, Identifiers]:
 
     run_dir = Path(run_dir)
     _, manifest = files.verified_input(run_dir, files.MODEL_WEIGHTS)
+    files.verify_companions(run_dir, manifest, "cart train")
+    named = {Path(name).name for name in manifest.get("companions", {})} | {manifest["file"]}
+    extra = [p.name for p in (run_dir / files.MODEL).iterdir() if p.name not in named | {files.manifest_path(p).name}]
+    if extra:
+        raise CartError(f"{run_dir / files.MODEL / extra[0]} is not one of the files the model was saved with: "
+                        f"remove it, or rerun `cart train`")
     for name in (files.IDS, files.CORPUS):
         files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, name)
     ids = build_ids.load(run_dir)
@@ -280,13 +288,8 @@ def build_model(cfg: Config, decoder_vocab_size: int, text_vocab_size: int) -> C
         if not (folder / "config.json").exists():
             raise CartError(f"model.pretrained: no T5 config.json in {folder}")
         return CartT5.from_t5(folder, decoder_vocab_size=decoder_vocab_size, fusion=m.fusion, dropout=m.dropout)
-    if m.d_model % m.num_heads:
-        raise CartError(f"model.d_model={m.d_model} must be a multiple of model.num_heads={m.num_heads}")
     text_encoder = None
-    if m.encoder == "minilm":
-        if m.d_model != MINILM_DIM or (m.tokenizer or "minilm") != "minilm":
-            raise CartError(f"model.encoder=minilm needs model.d_model={MINILM_DIM} and MiniLM's tokenizer "
-                            f"(got d_model={m.d_model}, tokenizer={m.tokenizer or 'minilm'})")
+    if m.encoder == "minilm":  # the config checked d_model and the tokenizer
         text_encoder = json.loads((minilm_dir() / "config.json").read_text(encoding="utf-8"))
     config = cart_config(text_vocab_size=text_vocab_size, decoder_vocab_size=decoder_vocab_size, fusion=m.fusion,
                          text_encoder=text_encoder, freeze_encoder=m.freeze_encoder,
@@ -410,24 +413,27 @@ def _validate(accelerator, model, tokenizer, ids, val_pairs, train_pairs, releva
 
 
 def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, trainer: dict) -> None:
+    """Write the model, its tokenizer and its manifest (which hashes every file of the folder) under a
+    temporary name, then publish them as `model/` in one step: a model always exists, old or new."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = cfg.run_dir / files.MODEL
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        files.write_manifest(cfg.run_dir / files.MODEL_WEIGHTS, "train", to_dict(cfg), inputs,
-                             step=trainer["step"], validation_r1=trainer["best_r1"])
+        weights = Path(files.MODEL_WEIGHTS).name
+        files.write_manifest(tmp / weights, "train", to_dict(cfg), inputs, step=trainer["step"],
+                             validation_r1=trainer["best_r1"],
+                             companions=files.folder_hashes(tmp, files.MODEL, leave_out=(weights,)))
+        files.publish_folder(tmp, out)
     accelerator.wait_for_everyone()
 
 
 def _save_state(accelerator, run_dir: Path, trainer: dict, keep: int) -> None:
-    """Save into a temporary folder, then rename it to state/step_N: a folder named step_N is complete."""
+    """Every process saves into a temporary folder, then the first publishes it as state/step_N: a folder
+    named step_N is complete."""
     states = run_dir / files.STATE
-    final = states / f"step_{trainer['step']}"
     tmp = states / f".step_{trainer['step']}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -435,10 +441,9 @@ def _save_state(accelerator, run_dir: Path, trainer: dict, keep: int) -> None:
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         files.write_text(tmp / "trainer.json", json.dumps(trainer, indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        files.publish_folder(tmp, states / f"step_{trainer['step']}")
         for old in _states(run_dir)[: -max(1, keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+            files.remove_folder(old)
     accelerator.wait_for_everyone()
 
 
@@ -453,15 +458,25 @@ def _latest_state(run_dir: Path) -> Path | None:
     return states[-1] if states else None
 
 
-def _fingerprint(cfg: Config, inputs: dict) -> str:
+def _resume_settings(cfg: Config, inputs: dict) -> dict:
     """What a state must share with this run to be resumed: the inputs and every setting that changes the
-    weights (not the epoch count, patience, tracker or save/log frequencies)."""
+    weights (not the epoch count, patience, tracker, save/log frequencies, or validation's beam width)."""
     settings = to_dict(cfg)
     train = {k: v for k, v in settings["train"].items()
              if k not in ("epochs", "patience", "tracker", "save_every", "keep_states", "log_every")}
-    key = {"inputs": inputs, "model": settings["model"], "train": train, "seed": cfg.seed,
-           "beam_width": cfg.retrieve.beam_width}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return json.loads(json.dumps({"inputs": inputs, "model": settings["model"], "train": train, "seed": cfg.seed}))
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """'key: saved -> now' for every setting that differs between two nested dicts."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 def _schedule(warmup: int, total: int):

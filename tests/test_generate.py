@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +80,24 @@ def test_prompt_mode_takes_the_concepts_in_turn(trained):
     rows = [item["row"] for item in record["retrieved"]]
     assert len(rows) == 4 and len(set(rows)) == 4
     assert record["retrieved"][0]["covers"][0] == "green thing 1"
+
+
+def test_a_generation_never_overwrites_another(trained):
+    cfg = trained("generate.images=1")
+    prompts = ["a cat", "A cat!", "a cat", "\U0001f431\U0001f680", "\U0001f355"]  # one slug; emoji-only: no slug
+    outs = [generate.run(cfg, prompt=prompt) for prompt in prompts]
+    assert len({out.name for out in outs}) == len(prompts)
+    assert [out.name for out in outs[:3]] == ["a-cat", "a-cat-2", "a-cat-3"]
+    for out, prompt in zip(outs, prompts):  # each folder still holds its own generation
+        record = json.loads((out / "record.json").read_text())
+        assert record["prompt"] == prompt and all(Path(p).parent == out and Path(p).is_file() for p in record["outputs"])
+    assert not [p for p in outs[0].parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", "."])
+def test_a_generation_name_that_leaves_the_run_folder_is_refused(trained, name):
+    with pytest.raises(CartError, match="generate.name must be a plain folder name"):
+        trained(f"generate.name={name}")
 
 
 @pytest.fixture(scope="module")

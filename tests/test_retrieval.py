@@ -170,3 +170,69 @@ def test_cli_eval_runs_from_the_command_line(trained):
     assert out.returncode == 0, out.stderr
     assert "CART" in out.stdout and "report ->" in out.stdout
     assert set(json.loads((cfg.run_dir / files.EVAL).read_text())["methods"]) == {"CART"}
+
+
+def test_beam_width_one_is_greedy_search_with_the_models_own_score(trained):
+    retriever = Retriever.load(trained().run_dir, beam_width=1)
+    queries = ["red number 0", "shape 3", "green thing 1"]
+    rows, scores = retriever.search_rows(queries, k=1)
+    assert (rows >= 0).all() and np.isfinite(scores).all()
+    # the score is the identifier's log-probability under the model, as beam search reports it
+    encoded = retriever.tokenizer(queries, padding=True, return_tensors="pt")
+    labels = torch.cat([torch.from_numpy(retriever.ids.tokens[rows[:, 0]]),
+                        torch.full((len(queries), 1), build_ids.TokenLayout.EOS)], dim=1)
+    with torch.no_grad():
+        logits = retriever.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                                 labels=labels).logits
+    expected = logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1).sum(1)
+    assert torch.allclose(torch.from_numpy(scores[:, 0]), expected, atol=1e-4)
+    done = subprocess.run([PYTHON, "-m", "cart", "retrieve", "--run", str(trained().run_dir), "--beams", "1", "-k", "1",
+                           "red number 0"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 2
+
+
+def test_api_refuses_zero_k_beams_and_batch_size(trained):
+    run_dir = trained().run_dir
+    retriever = Retriever.load(run_dir)
+    with pytest.raises(CartError, match="k must be at least 1, got 0"):
+        retriever.search("red", k=0)
+    with pytest.raises(CartError, match="batch size must be at least 1, got 0"):
+        retriever.search("red", batch_size=0)
+    with pytest.raises(CartError, match="beam width must be at least 1, got 0"):
+        Retriever.load(run_dir, beam_width=0)
+
+
+def test_a_query_the_tokenizer_cannot_read_is_flagged(trained):
+    retriever = Retriever.load(trained().run_dir)
+    assert retriever.reads("red number 0") and retriever.reads("red 日本")
+    assert not retriever.reads("\U0001f431 \U0001f680") and not retriever.reads("\U00020000\U00020001")  # emoji, rare CJK
+    done = subprocess.run([PYTHON, "-m", "cart", "retrieve", "--run", str(trained().run_dir), "--json", "-k", "2",
+                           "\U0001f431\U0001f680", "red"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert "no word of the query '\U0001f431\U0001f680' is known" in rows[0]["warning"] and "warning" not in rows[1]
+    assert done.stderr.strip().splitlines() == [f"cart retrieve: warning: {rows[0]['warning']}"]
+
+
+@pytest.mark.parametrize("name", ["model/config.json", "model/tokenizer.json", "model/tokenizer_config.json"])
+def test_every_file_of_the_model_folder_is_verified(tmp_path, name):
+    config = prepare_run(tmp_path)
+    train.run(config("train.epochs=1"))
+    run_dir = config().run_dir
+    path = run_dir / name
+    path.write_text(path.read_text().replace('"', '"', 1) + " ")
+    with pytest.raises(CartError, match=f"{name} is missing or does not match model.safetensors's manifest"):
+        Retriever.load(run_dir)
+    path.unlink()
+    with pytest.raises(CartError, match=f"{name} is missing"):
+        Retriever.load(run_dir)
+
+
+def test_an_extra_file_in_the_model_folder_is_refused(tmp_path):
+    config = prepare_run(tmp_path)
+    train.run(config("train.epochs=1"))
+    run_dir = config().run_dir
+    (run_dir / "model/special_tokens_map.json").write_text("{}")
+    with pytest.raises(CartError, match="special_tokens_map.json is not one of the files the model was saved with"):
+        Retriever.load(run_dir)

@@ -48,8 +48,11 @@ def test_train_writes_a_loadable_model_states_and_an_honest_validation_split(rea
     out = train.run(cfg)
     run_dir = cfg.run_dir
     assert out == run_dir / files.MODEL
-    states = sorted(p.name for p in (run_dir / files.STATE).iterdir())
-    assert len(states) == 2 and all(s.startswith("step_") for s in states)  # older ones removed, no temp left
+    entries = list((run_dir / files.STATE).iterdir())
+    states = [p for p in entries if not p.name.startswith(".")]
+    assert len(states) == 2 and all(p.name.startswith("step_") for p in states)  # older ones removed
+    # each state/step_N is a link to its complete hidden folder; no other folder, no temporary left
+    assert {p.name for p in entries if p.name.startswith(".")} == {os.readlink(p) for p in states}
     summary = json.loads((run_dir / files.TRAIN_LOG).read_text())
     assert len(summary["history"]) == 3
     assert {"validation_r1", "train_r1", "epoch", "step"} <= set(summary["history"][0])
@@ -84,7 +87,8 @@ def test_a_model_trained_on_other_identifiers_is_refused(ready_run):
 
 def test_resume_with_another_config_is_a_clear_error(ready_run):
     train.run(ready_run("train.epochs=1"))
-    with pytest.raises(CartError, match="is a state of another config or other inputs: remove .*state"):
+    with pytest.raises(CartError, match=r"step_\d+ was saved by a run with other settings or inputs "
+                                        r"\(train.learning_rate: 0.001 -> 0.01\): remove .*state"):
         train.run(ready_run("train.epochs=2", "train.learning_rate=0.01"))
     train.run(ready_run("train.epochs=2"))  # more epochs is the same run: it resumes
 
@@ -94,7 +98,7 @@ def test_bad_inputs_are_clear_errors(ready_run, tmp_path):
     # identifiers of another corpus: rebuild the corpus with one item fewer
     rows = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()][:-1]
     write_jsonl(tmp_path / "manifest.jsonl", rows)
-    corpus.run(cfg)
+    corpus.run(cfg, force=True)
     with pytest.raises(CartError, match="embeddings.safetensors was built from another corpus.jsonl"):
         train.run(cfg)
     # a corpus with no training texts at all
@@ -102,8 +106,9 @@ def test_bad_inputs_are_clear_errors(ready_run, tmp_path):
         row["split"] = "test"
     write_jsonl(tmp_path / "manifest.jsonl", rows)
     np.save(tmp_path / "emb.npy", np.random.default_rng(1).normal(size=(11, 8)).astype(np.float32))
-    for stage in (corpus, embed, build_ids):
-        stage.run(cfg)
+    corpus.run(cfg, force=True)
+    embed.run(cfg)
+    build_ids.run(cfg)
     with pytest.raises(CartError, match="no training texts .* every text is a held-out query"):
         train.run(cfg)
 
@@ -252,8 +257,8 @@ def test_minilm_encoder_is_the_pretrained_model_and_trains_frozen(ready_run):
     train.run(cfg)
     trained = train.load(cfg.run_dir)[0]
     assert all(torch.equal(before[k], v) for k, v in trained.encoder.bert.state_dict().items())
-    with pytest.raises(CartError, match="model.encoder=minilm needs model.d_model=384"):
-        train.build_model(ready_run("model.encoder=minilm"), decoder_vocab_size=10, text_vocab_size=30522)
+    with pytest.raises(CartError, match="model.encoder minilm needs model.d_model=384"):
+        ready_run("model.encoder=minilm")
 
 
 def test_length_grouped_batches_cover_each_pair_once_in_a_seeded_order():
@@ -300,3 +305,24 @@ def test_subset_queries_never_use_a_validation_text(ready_run):
     for text, row in added:
         assert row in relevant[text.lower()]
         assert not any(v in text for v in held.get(row, ()))
+
+
+def test_greedy_validation_and_resuming_with_another_beam_width(ready_run):
+    cfg = ready_run("train.epochs=1", "retrieve.beam_width=1")
+    train.run(cfg)
+    history = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())["history"]
+    assert len(history) == 1 and 0 <= history[0]["validation_r1"] <= 1
+    # validation's beam width does not change the weights: the run resumes with another
+    train.run(ready_run("train.epochs=2", "retrieve.beam_width=10"))
+    assert len(json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())["history"]) == 2
+
+
+def test_what_a_killed_save_left_is_removed_on_start(ready_run):
+    cfg = ready_run("train.epochs=1")
+    for leftover in (".model.tmp", ".model.tmp-4242", ".model.1795000000000000000", "state/.step_3.tmp"):
+        (cfg.run_dir / leftover).mkdir(parents=True)
+        (cfg.run_dir / leftover / "model.safetensors").write_bytes(b"half")
+    train.run(cfg)
+    assert sorted(p.name for p in cfg.run_dir.glob(".model*")) == [os.readlink(cfg.run_dir / files.MODEL)]
+    assert not (cfg.run_dir / "state/.step_3.tmp").exists()
+    train.load(cfg.run_dir)
