@@ -2,38 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
 from cart.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = ["red", "green", "blue", "orange", "purple", "black"]
+# the tiny media are drawn by the script that makes configs/tiny.yaml's input: one copy of them
+_spec = importlib.util.spec_from_file_location("make_tiny_data", ROOT / "scripts/make_tiny_data.py")
+tiny_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny_data)
+COLOURS, make_image, make_media = tiny_data.COLOURS, tiny_data.make_image, tiny_data.make_media
 # A tiny ImageBind: every tower one block of width 16; the same class and loading code as imagebind_huge.
 TINY_IMAGEBIND = {
     f"{m}_{k}": v for m in ("vision", "audio", "text", "depth", "thermal", "imu")
     for k, v in (("embed_dim", 16), ("num_blocks", 1), ("num_heads", 2))
 } | {"out_embed_dim": 8}
-
-
-def make_image(path: Path, colour: str = "red", shape: str = "ellipse", size: int = 48) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    getattr(draw, shape)([8, 8, size - 8, size - 8], fill=colour)
-    image.save(path)
-    return path
-
-
-def make_media(folder: Path) -> Path:
-    """Six small PNGs in folder/media: img0.png .. img5.png, each a different colour."""
-    for i, colour in enumerate(COLOURS):
-        make_image(folder / "media" / f"img{i}.png", colour, "ellipse" if i % 2 else "rectangle")
-    return folder / "media"
 
 
 @pytest.fixture
@@ -48,12 +36,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 @pytest.fixture
 def manifest(tmp_path, media) -> Path:
-    rows = [
-        {"id": f"item{i}", "modality": "image", "path": f"media/img{i}.png",
-         "texts": [f"a {c} shape", f"{c}"], "split": "test" if i == 5 else "train"}
-        for i, c in enumerate(COLOURS)
-    ]
-    return write_jsonl(tmp_path / "manifest.jsonl", rows)
+    return write_jsonl(tmp_path / "manifest.jsonl", tiny_data.manifest_rows())
 
 
 @pytest.fixture
