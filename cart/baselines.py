@@ -6,7 +6,7 @@
 - `dense`: dense cross-modal retrieval on the run's own embeddings, the queries embedded by the encoder's
   text tower (ImageBind; encoders without one, like EfficientNet, have no such baseline).
 
-An item's training text is `corpus.item_document`: its distinct training texts joined by spaces, leaving
+An item's training text is `data.item_document`: its distinct training texts joined by spaces, leaving
 out any text contained in another one (for the emoji set: the tags).
 Each `search(queries, k)` returns (Q, k) corpus rows and scores, best first, ties in corpus order.
 """
@@ -18,7 +18,7 @@ import re
 import numpy as np
 import torch
 
-from cart.corpus import item_document
+from cart.data import item_document
 
 TOKEN = re.compile(r"\w+")
 

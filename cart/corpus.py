@@ -30,17 +30,6 @@ from cart import emoji, files
 from cart.config import Config, CorpusConfig, to_dict
 from cart.errors import CartError
 
-TRAINING_KINDS = ("caption", "generated")  # text kinds that are training queries; `query` is held out
-
-
-def item_document(record: dict) -> str:
-    """An item's training text as one string: its distinct training texts joined by spaces, leaving out
-    texts contained in another one (for the emoji set: the tags, whose joined form is itself a text)."""
-    texts = list(dict.fromkeys(t["text"] for t in record["texts"] if t["kind"] in TRAINING_KINDS))
-    kept = [t for t in texts if not any(t != other and t in other for other in texts)]
-    return " ".join(kept)
-
-
 MODALITIES = ("image", "audio", "video")
 EXTENSIONS = {
     **dict.fromkeys((".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"), "image"),

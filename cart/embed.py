@@ -4,7 +4,9 @@ Reads `corpus.jsonl`; writes `embeddings.safetensors` (tensor `embeddings`, N x 
 float32, one L2-normalised row per item in corpus order) and its manifest.
 Work is saved every `embed.save_every` batches to `embeddings.partial/`, so an
 interrupted run picks up where it stopped; the partial folder is kept only
-while it belongs to the same corpus and encoder settings.
+while it belongs to the same corpus and encoder settings. `minilm-text` embeds an
+item's training text without the texts `cart train` will hold out for validation
+(`data.held_out_texts`), so identifiers built from it know nothing validation asks.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from cart import corpus, encoders, files
+from cart import corpus, data, encoders, files
 from cart.config import Config, to_dict
 from cart.errors import CartError
 
@@ -35,12 +37,15 @@ def run(cfg: Config) -> Path:
     records = corpus.read(run_dir)
     _, corpus_manifest = files.verified_input(run_dir, files.CORPUS)
     out = run_dir / files.EMBEDDINGS
+    extra = {}
+    if e.encoder == "minilm-text":  # the item's own text: never the texts `cart train` validates on
+        held_out = data.held_out_texts(records, cfg)
+        records = data.without_texts(records, held_out)
+        extra["validation_left_out"] = data.held_out_digest(held_out)
     if e.encoder == "precomputed":
         matrix = encoders.load_precomputed(e.weights, [r["id"] for r in records])
     else:
-        if e.batch_size < 1:
-            raise CartError(f"embed.batch_size must be at least 1, got {e.batch_size}")
-        matrix = _encode(records, cfg, corpus_manifest["sha256"])
+        matrix = _encode(records, cfg, corpus_manifest["sha256"], extra)
     matrix = F.normalize(matrix.float(), dim=-1).contiguous()
     if not torch.isfinite(matrix).all():
         raise CartError(f"{e.encoder} gave non-finite embeddings; check the inputs and weights")
@@ -48,14 +53,14 @@ def run(cfg: Config) -> Path:
         save_file({"embeddings": matrix}, str(tmp))
     files.write_manifest(
         out, "embed", to_dict(cfg), {files.CORPUS: corpus_manifest["sha256"]},
-        encoder=e.encoder, items=len(matrix), dim=matrix.shape[1],
+        encoder=e.encoder, items=len(matrix), dim=matrix.shape[1], **extra,
     )
     shutil.rmtree(run_dir / files.EMBEDDINGS_PARTIAL, ignore_errors=True)
     print(f"embed: {len(matrix)} x {matrix.shape[1]} ({e.encoder}) -> {out}")
     return out
 
 
-def _encode(records: list[dict], cfg: Config, corpus_sha: str) -> torch.Tensor:
+def _encode(records: list[dict], cfg: Config, corpus_sha: str, extra: dict) -> torch.Tensor:
     e = cfg.embed
     encoder = encoders.load(e, pick_device(e.device))
     unsupported = [r for r in records if r["modality"] not in encoder.modalities]
@@ -68,7 +73,7 @@ def _encode(records: list[dict], cfg: Config, corpus_sha: str) -> torch.Tensor:
     partial = cfg.run_dir / files.EMBEDDINGS_PARTIAL
     # Shards stay valid while the corpus and the model are the same (batch size and device do not matter).
     done = _resume(partial, {"corpus": corpus_sha, "encoder": e.encoder, "weights": e.weights,
-                             "arch": e.imagebind_arch})
+                             "arch": e.imagebind_arch, **extra})
     rows = sum(len(t) for t in done)
     pending: list[torch.Tensor] = []
     with tqdm(total=len(records), initial=rows, desc=f"embed ({e.encoder})", unit=" items") as bar:

@@ -20,12 +20,13 @@ class Loss:
     kl: torch.Tensor
 
 
-def cart_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-              omega: float) -> Loss:
-    """labels: (B, L) identifier tokens ending in EOS, -100 where ignored."""
+def cart_loss(model, batch: dict, omega: float) -> Loss:
+    """batch: the model's inputs (`input_ids` or a frozen encoder's `encoder_layers`, and `attention_mask`)
+    and `labels`, (B, L) identifier tokens ending in EOS, -100 where ignored."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     passes = 2 if omega > 0 else 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels.repeat(passes, 1),
-                   passes=passes).logits  # (passes * B, L, V)
+    logits = model(**inputs, labels=labels.repeat(passes, 1), passes=passes).logits  # (passes * B, L, V)
     targets = labels.repeat(passes, 1)
     cross_entropy = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     if passes == 1:

@@ -13,10 +13,12 @@ from cart.retriever import Retriever, format_hits
 def run(cfg: Config) -> Path:
     outputs = [corpus.run(cfg), embed.run(cfg), build_ids.run(cfg), train.run(cfg), evaluate.run(cfg)]
     history = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text(encoding="utf-8"))["history"]
-    print("\nvalidation R@1 by epoch (training texts held out of training; the held-out query sets are not used):")
+    print("\nvalidation by epoch (training-derived texts held out of training; the held-out query sets are not "
+          "used), R@1 / R@10 / MRR@10:")
     for row in history:
-        print(f"  epoch {row['epoch']:>2}  step {row['step']:>5}  validation R@1 {row['validation_r1']:.3f}"
-              f"  training-query R@1 {row['train_r1']:.3f}")
+        splits = "  ".join(f"{name} {f['R@1']:.3f} / {f['R@10']:.3f} / {f['MRR@10']:.3f}"
+                           for name, f in row["validation"].items())
+        print(f"  epoch {row['epoch']:>2}  step {row['step']:>5}  {splits}  training-query R@1 {row['train_r1']:.3f}")
     retriever = Retriever.load(cfg.run_dir, beam_width=cfg.retrieve.beam_width)  # examples and generation
     if cfg.retrieve.examples:
         print("\nexample retrievals (rank, log-probability, item, path):")

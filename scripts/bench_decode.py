@@ -102,9 +102,9 @@ def time_decoding(model, tokenizer, ids, queries: list[str], batch: int, beams: 
 
 
 def queries_from(run_dir: Path, count: int, seed: int = 0) -> list[str]:
-    from cart import corpus
+    from cart import corpus, data
 
-    texts = [t["text"] for r in corpus.read(run_dir) for t in r["texts"] if t["kind"] in corpus.TRAINING_KINDS]
+    texts = [t["text"] for r in corpus.read(run_dir) for t in r["texts"] if t["kind"] in data.TRAINING_KINDS]
     return random.Random(seed).sample(texts, count)
 
 
@@ -119,7 +119,7 @@ def demo_run(args) -> dict:
         source = "trained"
     else:
         tokenizer = train.load_tokenizer(cfg)
-        model = train.build_model(cfg, ids.layout.vocab_size, len(tokenizer)).eval()
+        model = train.build_model(cfg, ids.layout.level_sizes, len(tokenizer)).eval()
         source = "random weights (the demo has not trained)"
     queries = queries_from(cfg.run_dir, 256)
     beams = cfg.retrieve.beam_width
@@ -153,9 +153,10 @@ def scale(args) -> dict:
                 build_ids.run(cfg)
             print(f"ids {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         built[name] = build_ids.load(cfg.run_dir)
-    vocab = max(ids.layout.vocab_size for ids in built.values())
+    widest = max(built.values(), key=lambda ids: ids.layout.vocab_size).layout.level_sizes
+    emoji.model.level_softmax = False  # one model for every size: its levels are the widest identifiers'
     torch.manual_seed(0)
-    model = train.build_model(emoji, vocab, len(tokenizer)).eval()  # one model for every size
+    model = train.build_model(emoji, widest, len(tokenizer)).eval()
     results = {}
     for name, ids in built.items():
         row = {"items": len(ids.codes), "identifier_length": ids.layout.length, "collision_rate":

@@ -29,24 +29,30 @@ VARIANTS = {  # name -> overrides
 
 def throughput(cfg, steps: int) -> dict:
     """Pairs per second over `steps` optimiser steps after 3 warm-up steps, forward + backward + update."""
-    from cart import build_ids, corpus, train
+    from cart import build_ids, corpus, data, train
     from cart.losses import cart_loss
 
     records = corpus.read(cfg.run_dir)
     ids = build_ids.load(cfg.run_dir)
-    pairs, _, _ = train.split_pairs(records, cfg)
+    pairs = data.split_pairs(records, cfg).train
     tokenizer = train.load_tokenizer(cfg)
     torch.manual_seed(cfg.seed)
-    model = train.build_model(cfg, ids.layout.vocab_size, len(tokenizer)).train()
+    model = train.build_model(cfg, ids.layout.level_sizes, len(tokenizer)).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
-    labels = torch.from_numpy(ids.tokens)
-    grouped = train.LengthGroupedBatches(train._token_lengths(pairs.texts, tokenizer, cfg), cfg.train.batch_size, cfg.seed)
-    batches = [train._batch(rows, pairs, labels, tokenizer, cfg)  # the first batches of training's first epoch
+    tokens = torch.from_numpy(ids.tokens)
+    labels = torch.cat([tokens, torch.full((len(tokens), 1), build_ids.TokenLayout.EOS)], dim=1)
+    max_tokens = cfg.model.max_query_tokens
+    cache = None
+    if cfg.train.cache_encoder and getattr(model.encoder, "frozen", False):  # as `cart train` does
+        cache = data.LayerCache(model.encoder, tokenizer, pairs.texts, max_tokens, torch.device("cpu"))
+    grouped = data.LengthGroupedBatches(data.token_lengths(pairs.texts, tokenizer, max_tokens), cfg.train.batch_size,
+                                        cfg.seed)
+    batches = [data.make_batch(rows, pairs, labels, tokenizer, max_tokens, cache)  # training's first batches
                for rows, _ in zip(grouped, range(steps + 3))]
     for i, batch in enumerate(batches):
         if i == 3:
             start = time.perf_counter()
-        loss = cart_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], cfg.train.rdrop_weight)
+        loss = cart_loss(model, batch, cfg.train.rdrop_weight)
         loss.total.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -1,0 +1,236 @@
+"""Training data: (query text, item) pairs, the validation splits, batches of like length, and the frozen
+encoder's layer outputs computed once per text.
+
+Every training text of an item (kinds `caption`, `generated`) is a query for it. Two validation splits are
+carved from them (held-out query sets are never read):
+- `texts`: whole training texts held out (a tag, or the joined tags), `train.validation_fraction` of the
+  pairs (at most `train.validation_max`), from items with 2+ texts, each keeping one. They are also left
+  out of the text `cart embed` embeds for an item (`minilm-text`), so identifiers do not know them either;
+- `names`: name-shaped queries, `train.validation_names` items' held-out tag subsets: 2..`subset_size` of
+  an item's short training texts joined in random order ("hands raising"). Their tags are trained on one
+  by one, the joined string never (the subset queries of training avoid it), as an item's label is made of
+  words its tags use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import BatchSampler
+
+from cart.config import Config
+from cart.errors import CartError
+
+TRAINING_KINDS = ("caption", "generated")  # text kinds that are training queries; `query` is held out
+
+
+@dataclass
+class Pairs:
+    texts: list[str]
+    items: list[int]  # corpus row of each text's item (= row of its identifier)
+
+
+@dataclass
+class Splits:
+    train: Pairs
+    validation: dict[str, Pairs]  # split name ("texts", "names") -> its pairs
+    relevant: dict[str, set[int]]  # lower-cased query -> every item having it as a training text (right answers)
+
+
+def training_texts(record: dict) -> list[str]:
+    """An item's distinct training texts, in corpus order."""
+    return list(dict.fromkeys(t["text"] for t in record["texts"] if t["kind"] in TRAINING_KINDS))
+
+
+def item_document(record: dict) -> str:
+    """An item's training text as one string: its distinct training texts joined by spaces, leaving out
+    texts contained in another one (for the emoji set: the tags, whose joined form is itself a text)."""
+    texts = training_texts(record)
+    kept = [t for t in texts if not any(t != other and t in other for other in texts)]
+    return " ".join(kept)
+
+
+def held_out_texts(records: list[dict], cfg: Config) -> list[tuple[int, str]]:
+    """The (row, text) pairs of the `texts` validation split, drawn with the run's seed from the corpus's
+    own captions (generated ones are always trained on: `cart embed` never sees them)."""
+    t = cfg.train
+    pairs = [(row, text, len(texts)) for row, record in enumerate(records)
+             for texts in [list(dict.fromkeys(x["text"] for x in record["texts"] if x["kind"] == "caption"))]
+             for text in texts]
+    candidates = [i for i, (_, _, count) in enumerate(pairs) if count > 1]
+    random.Random(cfg.seed).shuffle(candidates)
+    chosen, per_item = set(), {}
+    for i in candidates:
+        if len(chosen) >= min(t.validation_max, round(t.validation_fraction * len(pairs))):
+            break
+        row, _, count = pairs[i]
+        if per_item.get(row, 0) < count - 1:  # leave every item at least one training text
+            per_item[row] = per_item.get(row, 0) + 1
+            chosen.add(i)
+    return [pairs[i][:2] for i in sorted(chosen)]
+
+
+def held_out_digest(held_out: list[tuple[int, str]]) -> str:
+    """A short fingerprint of a `texts` split: `cart train` checks that `cart embed` left out the same texts."""
+    return hashlib.sha256(json.dumps(held_out, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def without_texts(records: list[dict], held_out: list[tuple[int, str]]) -> list[dict]:
+    """The records with the held-out (row, text) training texts removed (new dicts)."""
+    drop = set(held_out)
+    return [{**r, "texts": [t for t in r["texts"] if not (t["kind"] in TRAINING_KINDS and (row, t["text"]) in drop)]}
+            for row, r in enumerate(records)]
+
+
+def split_pairs(records: list[dict], cfg: Config) -> Splits:
+    """Training pairs from every training text, the two validation splits, and every query's right answers."""
+    t = cfg.train
+    relevant: dict[str, set[int]] = {}
+    texts_of = [training_texts(record) for record in records]
+    for row, texts in enumerate(texts_of):
+        for text in texts:
+            relevant.setdefault(text.lower(), set()).add(row)
+    if not any(texts_of):
+        raise CartError(f"{cfg.run_dir}/corpus.jsonl: no training texts (kinds {', '.join(TRAINING_KINDS)}): "
+                        f"every text is a held-out query; nothing to train on")
+    held_out = set(held_out_texts(records, cfg))
+    train = Pairs([], [])
+    for row, texts in enumerate(texts_of):
+        for text in texts:
+            if (row, text) not in held_out:
+                train.texts.append(text)
+                train.items.append(row)
+    validation = {"texts": Pairs([text for _, text in sorted(held_out)], [row for row, _ in sorted(held_out)])}
+    by_item: dict[int, list[str]] = {}
+    for text, row in zip(train.texts, train.items):
+        by_item.setdefault(row, []).append(text)
+    names = Pairs([], [])
+    if t.validation_names:
+        rng = random.Random(f"{cfg.seed}/names")
+        rows = sorted(by_item)
+        rng.shuffle(rows)
+        for row in rows:
+            made = subset_queries(by_item[row], 1, t.subset_size, rng)
+            if made and made[0].lower() not in relevant:
+                names.texts.append(made[0])
+                names.items.append(row)
+                if len(names.texts) == t.validation_names:
+                    break
+        validation["names"] = names
+    for text, row in zip(names.texts, names.items):
+        relevant.setdefault(text.lower(), set()).add(row)
+    if t.subset_queries:
+        rng = random.Random(f"{cfg.seed}/subsets")
+        avoid = {text.lower() for text in names.texts}
+        for row, texts in by_item.items():
+            for text in subset_queries(texts, t.subset_queries, t.subset_size, rng, avoid):
+                train.texts.append(text)
+                train.items.append(row)
+                relevant.setdefault(text.lower(), set()).add(row)
+    return Splits(train, validation, relevant)
+
+
+def subset_queries(texts: list[str], count: int, largest: int, rng: random.Random,
+                   avoid: set[str] = frozenset()) -> list[str]:
+    """Up to `count` distinct new queries, each 2..`largest` of an item's short training texts in random
+    order, joined by spaces (tags -> "hands raising": the shape of a name). Short texts are those whose
+    words do not include all the words of another of its texts (so a text joining the others is left out).
+    Made from the texts given only (training texts: never validation or held-out queries); none equals a
+    text given or one in `avoid` (lower-cased)."""
+    words = [frozenset(text.lower().split()) for text in texts]
+    short = [text for text, w in zip(texts, words) if not any(o < w for o in words)]
+    if len(short) < 2:
+        return []
+    made, existing = [], {text.lower() for text in texts} | set(avoid)
+    for _ in range(4 * count):  # a few tries: small items have few distinct subsets
+        chosen = rng.sample(short, rng.randint(2, min(largest, len(short))))
+        query = " ".join(chosen)
+        if query.lower() not in existing:
+            existing.add(query.lower())
+            made.append(query)
+            if len(made) == count:
+                break
+    return made
+
+
+class LengthGroupedBatches(BatchSampler):
+    """Shuffled batches of similar token length: the padded memory, whose keys and values every decoder
+    layer projects, shrinks from the longest text of a random batch (the joined tags) to the batch's own.
+    Each epoch: shuffle, sort windows of 50 batches by length, cut, shuffle the batches; full batches
+    only. The order depends on (seed, epoch) alone, so a resumed run skips into the same epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 50):
+        super().__init__(range(len(lengths)), batch_size, drop_last=True)
+        self.lengths, self.seed, self.window, self.epoch = lengths, seed, window, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        rng = random.Random(f"{self.seed}/{self.epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        order = order[: len(self) * self.batch_size]
+        span = self.window * self.batch_size
+        order = [i for start in range(0, len(order), span)
+                 for i in sorted(order[start: start + span], key=self.lengths.__getitem__)]
+        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def token_lengths(texts: list[str], tokenizer, max_tokens: int) -> list[int]:
+    return [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]]
+
+
+class LayerCache:
+    """The layer outputs of a frozen encoder for every training text, computed once (the same each epoch):
+    a training step then runs only the fusion and the decoder. (T, S, d) float32 a text."""
+
+    def __init__(self, encoder, tokenizer, texts: list[str], max_tokens: int, device: torch.device,
+                 batch_size: int = 256):
+        self.index = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        unique = list(self.index)
+        self.layers: list[torch.Tensor] = [None] * len(unique)
+        order = sorted(range(len(unique)), key=lambda i: len(unique[i]))  # batches of like length pad less
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                rows = order[start: start + batch_size]
+                encoded = tokenizer([unique[i] for i in rows], padding=True, truncation=True, max_length=max_tokens,
+                                    return_tensors="pt").to(device)
+                layers = encoder.layer_outputs(encoded["input_ids"], encoded["attention_mask"]).cpu()  # (B, T, S, d)
+                for row, length, features in zip(rows, encoded["attention_mask"].sum(1).tolist(), layers):
+                    self.layers[row] = features[:length].clone()
+
+    @property
+    def bytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self.layers)
+
+    def batch(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, S, d) layer outputs padded with zeros, and the (B, T) attention mask."""
+        features = [self.layers[self.index[text]] for text in texts]
+        length = max(len(f) for f in features)
+        layers = torch.zeros(len(features), length, *features[0].shape[1:])
+        mask = torch.zeros(len(features), length, dtype=torch.long)
+        for i, f in enumerate(features):
+            layers[i, : len(f)] = f
+            mask[i, : len(f)] = 1
+        return layers, mask
+
+
+def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, max_tokens: int,
+               cache: LayerCache | None = None) -> dict:
+    """The model inputs of some pairs (token ids, or the cached layer outputs) and their labels (the rows of
+    `labels`, each item's identifier tokens ending in EOS)."""
+    texts = [pairs.texts[i] for i in rows]
+    if cache is not None:
+        layers, mask = cache.batch(texts)
+        inputs = {"encoder_layers": layers, "attention_mask": mask}
+    else:
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    return {**inputs, "labels": labels[[pairs.items[i] for i in rows]]}
