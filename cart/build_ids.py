@@ -103,7 +103,7 @@ def _check(x: torch.Tensor, cfg: Config) -> None:
     zero = (x == 0).all(dim=1)
     if zero.any():
         raise CartError(f"{where}: row {int(zero.nonzero()[0])} {_item(cfg, int(zero.nonzero()[0]))}is all zeros")
-    if c.scheme in ("cart", "hkmeans") and c.clusters > n:
+    if c.scheme in ("cart", "rqkmeans", "hkmeans") and c.clusters > n:
         raise CartError(f"ids.clusters={c.clusters} is more than the {n} items: lower it")
     if c.scheme != "atomic" and (c.clusters < 1 or c.levels < 1 or c.codebook_size < 2):
         raise CartError("ids.clusters and ids.levels must be at least 1, ids.codebook_size at least 2")
@@ -131,7 +131,7 @@ def describe(summary: dict) -> str:
         f" ({group['empty']} empty); codes used per level: {usage}",
     ]
     if "relative_reconstruction_error" in s:
-        lines.append(f"     RQ-VAE relative reconstruction error {s['relative_reconstruction_error']:.3f}")
+        lines.append(f"     quantiser relative reconstruction error {s['relative_reconstruction_error']:.3f}")
     return "\n".join(lines)
 
 

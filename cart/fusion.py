@@ -25,6 +25,7 @@ layer); the encoder keeps the text vocabulary. `config.cart_fusion = False` is t
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,19 +40,32 @@ from transformers.models.t5.modeling_t5 import (T5Attention, T5DenseActDense, T5
 from cart.identifiers import TokenLayout
 
 
-def cart_config(*, text_vocab_size: int, decoder_vocab_size: int, fusion: bool, base: T5Config | None = None,
-                text_encoder: dict | None = None, freeze_encoder: bool = False, **sizes) -> T5Config:
+def cart_config(*, text_vocab_size: int, level_sizes: list[int], fusion: bool, fine_fusion: bool = True,
+                level_softmax: bool = False, geometry_dim: int = 0, geometry_scale: float = 20.0,
+                base: T5Config | None = None, text_encoder: dict | None = None, freeze_encoder: bool = False,
+                tune_layers: int = 0, **sizes) -> T5Config:
     """A T5 config for CartT5: `base` (a pretrained T5's) or T5's defaults, with `sizes` (d_model,
-    num_layers, ...) applied and the identifier decoder's special tokens set. `text_encoder`: a BERT config
-    (as a dict) whose model replaces T5's encoder (`BertFusionEncoder`); `freeze_encoder` keeps it fixed."""
+    num_layers, ...) applied and the identifier decoder's vocabulary (`level_sizes`, the TokenLayout's) and
+    special tokens set. `fine_fusion`: the per-layer attention beside the coarse one (else coarse only);
+    `level_softmax`: each decoding position's softmax ranges over its level's tokens only. `geometry_dim`:
+    the width of the identifier space (the embeddings `cart ids` quantised) for the identifier geometry
+    (`CartT5._geometry_logits`), 0 for none; `geometry_scale` its initial scale. `text_encoder`: a BERT config
+    (as a dict) whose model replaces T5's encoder (`BertFusionEncoder`); `freeze_encoder` keeps it fixed but
+    for its top `tune_layers` layers, which training may fine-tune after a frozen warm-up."""
     config = copy.deepcopy(base) if base is not None else T5Config()
     for key, value in sizes.items():
         setattr(config, key, value)
     config.vocab_size = text_vocab_size
-    config.decoder_vocab_size = decoder_vocab_size
+    config.decoder_vocab_size = TokenLayout(level_sizes).vocab_size
+    config.cart_level_sizes = list(level_sizes)
+    config.cart_level_softmax = level_softmax
     config.cart_fusion = fusion
+    config.cart_fine_fusion = fusion and fine_fusion
+    config.cart_geometry_dim = geometry_dim
+    config.cart_geometry_scale = geometry_scale
     config.cart_text_encoder = text_encoder
     config.cart_freeze_encoder = freeze_encoder
+    config.cart_tune_layers = tune_layers
     if text_encoder is not None:
         if text_encoder["hidden_size"] != config.d_model:
             raise ValueError(f"d_model={config.d_model} must equal the text encoder's width {text_encoder['hidden_size']}")
@@ -64,13 +78,26 @@ def cart_config(*, text_vocab_size: int, decoder_vocab_size: int, fusion: bool, 
     return config
 
 
-def fused_memory(layers: list[torch.Tensor], projection: nn.Linear | None) -> BaseModelOutput:
+@dataclass
+class FusedMemory(BaseModelOutput):
+    """The encoder's output: the memory the decoder reads (`last_hidden_state`) and the mean of the last
+    layer over the text's tokens (`pooled`, (B, d): the sentence embedding, for the identifier geometry)."""
+
+    pooled: torch.FloatTensor | None = None
+
+
+def fused_memory(layers: list[torch.Tensor], projection: nn.Linear | None, mask: torch.Tensor | None,
+                 fine: bool = True) -> FusedMemory:
     """[Z; E1; ...; ES] from the S normalised layer outputs (B, T, d) when fusion is on (a projection is
-    given), else the last layer."""
+    given; [Z] alone without fine fusion), else the last layer."""
+    weights = torch.ones(layers[-1].shape[:2], device=layers[-1].device) if mask is None else mask.to(layers[-1].dtype)
+    pooled = (layers[-1] * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)  # (B, d)
     if projection is None:
-        return BaseModelOutput(last_hidden_state=layers[-1])
+        return FusedMemory(last_hidden_state=layers[-1], pooled=pooled)
     coarse = projection(torch.cat(layers, dim=-1))  # (B, T, d)
-    return BaseModelOutput(last_hidden_state=torch.cat([coarse, *layers], dim=1))  # (B, (S + 1) T, d)
+    if not fine:
+        return FusedMemory(last_hidden_state=coarse, pooled=pooled)
+    return FusedMemory(last_hidden_state=torch.cat([coarse, *layers], dim=1), pooled=pooled)  # (B, (S + 1) T, d)
 
 
 class LayerFusionEncoder(T5Stack):
@@ -87,16 +114,19 @@ class LayerFusionEncoder(T5Stack):
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                               output_hidden_states=self.config.cart_fusion, return_dict=True, **kwargs)
         if not self.config.cart_fusion:
-            return fused_memory([out.last_hidden_state], None)
+            return fused_memory([out.last_hidden_state], None, attention_mask)
         # hidden_states = (embeddings, E1, ..., ES-1 raw, ES normalised): normalise the inner layers too
         layers = [self.final_layer_norm(h) for h in out.hidden_states[1:-1]] + [out.last_hidden_state]
-        return fused_memory(layers, self.coarse_projection)
+        return fused_memory(layers, self.coarse_projection, attention_mask, self.config.cart_fine_fusion)
 
 
 class BertFusionEncoder(nn.Module):
     """A pretrained BERT-style text encoder (all-MiniLM-L6-v2 from its PyPI package) in place of T5's: its
     S layer outputs, each already normalised by BERT's post-layer norm, make the same fused memory.
-    Frozen (`cart_freeze_encoder`), it runs without gradients and without dropout."""
+    Frozen (`cart_freeze_encoder`), it runs without gradients and without dropout, and its layer outputs may
+    come precomputed (`layers`: training computes them once per text, `data.LayerCache`). Its top
+    `cart_tune_layers` layers may still be fine-tuned once training sets `tuning`: they then run again, with
+    gradients and dropout, from the (cached) output of the frozen layer below them."""
 
     main_input_name = "input_ids"  # generate asks the encoder what it reads
 
@@ -106,21 +136,54 @@ class BertFusionEncoder(nn.Module):
 
         self.bert = BertModel(BertConfig(**config.cart_text_encoder), add_pooling_layer=False)
         self.frozen = config.cart_freeze_encoder
+        self.tuned = getattr(config, "cart_tune_layers", 0) if self.frozen else 0
+        if self.tuned >= len(self.bert.encoder.layer):
+            raise ValueError(f"{self.tuned} tuned layers of {len(self.bert.encoder.layer)}: leave one frozen below them")
+        self.tuning = False  # set by training once its frozen warm-up is over
         self.bert.requires_grad_(not self.frozen)
+        for layer in self._tuned_layers():
+            layer.requires_grad_(True)
         self.coarse_projection = (nn.Linear(config.num_layers * config.d_model, config.d_model)
                                   if config.cart_fusion else None)
+        self.fine = config.cart_fine_fusion
+
+    def _tuned_layers(self) -> list[nn.Module]:
+        return list(self.bert.encoder.layer)[len(self.bert.encoder.layer) - self.tuned:] if self.tuned else []
 
     def train(self, mode: bool = True):
         super().train(mode)
         if self.frozen:
             self.bert.eval()  # no dropout in a frozen encoder, whatever the model's mode
+            for layer in self._tuned_layers():
+                layer.train(mode and self.tuning)
         return self
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+    def layer_outputs(self, input_ids, attention_mask) -> torch.Tensor:
+        """The S layer outputs, (B, T, S, d)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                             return_dict=True)
-        return fused_memory(list(out.hidden_states[1:]), self.coarse_projection)
+        layers = torch.stack(out.hidden_states[1:], dim=2)
+        return self._retune(layers, attention_mask) if self.tuning else layers
+
+    def _retune(self, layers: torch.Tensor, attention_mask) -> torch.Tensor:
+        """The layer outputs with the tuned top layers run again, with gradients, from the frozen one below."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        hidden = layers[:, :, -self.tuned - 1]
+        mask = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        tuned = []
+        for layer in self._tuned_layers():
+            hidden = layer(hidden, attention_mask=mask)
+            tuned.append(hidden)
+        return torch.cat([layers[:, :, : -self.tuned], torch.stack(tuned, dim=2)], dim=2)
+
+    def forward(self, input_ids=None, attention_mask=None, layers=None, **kwargs):
+        if layers is None:
+            layers = self.layer_outputs(input_ids, attention_mask)  # (B, T, S, d)
+        elif self.tuning:
+            layers = self._retune(layers, attention_mask)
+        return fused_memory(list(layers.unbind(2)), self.coarse_projection, attention_mask, self.fine)
 
 
 class FusedCrossAttention(nn.Module):
@@ -128,12 +191,13 @@ class FusedCrossAttention(nn.Module):
 
     def __init__(self, config: T5Config, layer_idx: int):
         super().__init__()
-        self.sources = config.num_layers  # S encoder layers
+        self.sources = config.num_layers if config.cart_fine_fusion else 0  # S encoder layers in the memory
         self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.coarse = T5Attention(config, has_relative_attention_bias=False, layer_idx=layer_idx)
         self.gate = nn.Linear(config.d_model, config.d_model)
-        self.fine = T5Attention(config, has_relative_attention_bias=False, layer_idx=layer_idx)
-        self.alpha = nn.Parameter(torch.zeros(self.sources))  # softmax(alpha) mixes the S layers
+        if self.sources:
+            self.fine = T5Attention(config, has_relative_attention_bias=False, layer_idx=layer_idx)
+            self.alpha = nn.Parameter(torch.zeros(self.sources))  # softmax(alpha) mixes the S layers
         self.dropout = nn.Dropout(config.dropout_rate)
         self._memo = None  # (memory, its keys and values), see _keys_values
 
@@ -150,14 +214,15 @@ class FusedCrossAttention(nn.Module):
         coarse_mask, fine_mask = _split_mask(attention_mask, batch, length, self.sources)
         coarse_kv, fine_kv = self._keys_values(key_value_states, batch, length)
         coarse = self.coarse.o(_attend(self.coarse, _queries(self.coarse, normed), *coarse_kv, coarse_mask))
-        coarse = coarse * torch.sigmoid(self.gate(coarse))
-        # the S layers as S x batch rows of one attention: row b * S + i reads E_i of example b. The query and
-        # output projections are linear, so they run once, on B rows, not on B * S
-        fine_queries = _queries(self.fine, normed).repeat_interleave(self.sources, dim=0)
-        fine = _attend(self.fine, fine_queries, *fine_kv, fine_mask)  # (B * S, q, heads * d_kv)
-        weights = torch.softmax(self.alpha, dim=0).to(fine.dtype)
-        fine = self.fine.o(torch.einsum("bsqe,s->bqe", fine.view(batch, self.sources, queries, -1), weights))
-        fused = coarse + fine
+        fused = coarse * torch.sigmoid(self.gate(coarse))
+        if self.sources:
+            # the S layers as S x batch rows of one attention: row b * S + i reads E_i of example b. The query
+            # and output projections are linear, so they run once, on B rows, not on B * S
+            fine_queries = _queries(self.fine, normed).repeat_interleave(self.sources, dim=0)
+            fine = _attend(self.fine, fine_queries, *fine_kv, fine_mask)  # (B * S, q, heads * d_kv)
+            weights = torch.softmax(self.alpha, dim=0).to(fine.dtype)
+            fused = fused + self.fine.o(torch.einsum("bsqe,s->bqe", fine.view(batch, self.sources, queries, -1),
+                                                     weights))
         if fold > 1:
             fused = _unfold(fused, fold)
         return hidden_states + self.dropout(fused), None, None
@@ -169,7 +234,8 @@ class FusedCrossAttention(nn.Module):
         if not torch.is_grad_enabled() and self._memo is not None and self._memo[0] is memory:
             return self._memo[1]
         layers = memory[:, length:].reshape(batch * self.sources, length, memory.shape[-1])
-        projected = (_project(self.coarse, memory[:, :length]), _project(self.fine, layers))
+        projected = (_project(self.coarse, memory[:, :length]),
+                     _project(self.fine, layers) if self.sources else (None, None))
         self._memo = None if torch.is_grad_enabled() else (memory, projected)
         return projected
 
@@ -211,6 +277,8 @@ def _split_mask(mask, batch: int, length: int, sources: int):
     if mask is None:
         return None, None
     coarse = mask[..., :length]
+    if not sources:
+        return coarse, None
     fine = mask[..., length:].unflatten(-1, (sources, length))  # (B, h, q, S, T)
     fine = fine.expand(batch, *fine.shape[1:]).movedim(-2, 1)  # (B, S, h, q, T)
     return coarse, fine.flatten(0, 1)
@@ -237,6 +305,12 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
             for i, block in enumerate(self.decoder.block):
                 block.layer[1] = FusedCrossAttention(config, layer_idx=i)
         self.lm_head = nn.Linear(config.d_model, config.decoder_vocab_size, bias=False)
+        if config.cart_geometry_dim:  # see _geometry_logits
+            self.geometry = nn.Parameter(torch.zeros(config.decoder_vocab_size, config.cart_geometry_dim))
+            self.geometry_scale = nn.Parameter(torch.tensor(float(config.cart_geometry_scale)))
+            self.geometry_query = (nn.Identity() if config.cart_geometry_dim == config.d_model
+                                   else nn.Linear(config.d_model, config.cart_geometry_dim, bias=False))
+        self._level_tokens = None  # see _restrict_to_levels
         self.post_init()
         self._init_cart_layers()
 
@@ -255,7 +329,36 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
 
     @property
     def sources(self) -> int:
-        return self.config.num_layers if self.config.cart_fusion else 0
+        """S, the encoder layers in the memory beside Z (fine fusion); 0 for coarse fusion or none."""
+        return self.config.num_layers if self.config.cart_fine_fusion else 0
+
+    def _geometry_logits(self, pooled: torch.Tensor, rows: int) -> torch.Tensor:
+        """scale * <q, e_t> for every identifier token t: q is the query's sentence embedding (its encoder's
+        mean-pooled last layer, normalised; projected when the identifier space is another), e_t starts as
+        the mean residual of the items having t at its level (`identifiers.residual_means`). With the
+        level softmax an identifier's score then starts as scale * <q, x_hat> minus a constant per query,
+        x_hat the item's embedding rebuilt from its tokens: a query starts near its dense answer, and the
+        decoder learns from there. (B, V), repeated for R-Drop's stacked passes."""
+        q = nn.functional.normalize(self.geometry_query(pooled), dim=-1)
+        q = q.repeat(rows // len(q), 1)
+        return self.geometry_scale * q @ self.geometry.T
+
+    def _restrict_to_levels(self, logits: torch.Tensor, start: int) -> torch.Tensor:
+        """Position l may emit only level l's tokens (the last position only EOS): the softmax spends no
+        probability on tokens that can never follow, in training as in decoding. Masked with the dtype's
+        lowest finite value rather than -inf, so R-Drop's KL between two passes stays finite."""
+        if self._level_tokens is None or self._level_tokens.device != logits.device:
+            # level_tokens[l, t]: token t is of identifier level l (the last row: EOS alone). Built from the
+            # config, not kept as a buffer: from_pretrained does not fill buffers that are not saved
+            layout = TokenLayout(self.config.cart_level_sizes)
+            level_tokens = torch.zeros(layout.length + 1, layout.vocab_size, dtype=torch.bool)
+            for level in range(layout.length):
+                level_tokens[level, slice(*layout.level_range(level))] = True
+            level_tokens[layout.length, TokenLayout.EOS] = True
+            self._level_tokens = level_tokens.to(logits.device)
+        positions = torch.arange(start, start + logits.shape[1], device=logits.device)
+        allowed = self._level_tokens[positions.clamp(max=len(self._level_tokens) - 1)]  # (L', V)
+        return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
 
     def get_input_embeddings(self):
         if isinstance(self.encoder, BertFusionEncoder):
@@ -270,27 +373,35 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, labels=None, use_cache=None, passes: int = 1,
-                **kwargs) -> Seq2SeqLMOutput:
+                encoder_layers=None, **kwargs) -> Seq2SeqLMOutput:
         """passes > 1 (R-Drop): the decoder runs on `passes` copies of the batch, stacked; `labels` must be
-        given stacked already. A frozen encoder has no dropout, so it runs once and its memory is copied."""
+        given stacked already. A frozen encoder has no dropout, so it runs once and its memory is copied.
+        `encoder_layers` (B, T, S, d): a frozen encoder's layer outputs, computed beforehand."""
         kwargs.pop("return_dict", None)
         kwargs.pop("past_key_values", None)
         if encoder_outputs is None:
             frozen = getattr(self.encoder, "frozen", False)
             if passes > 1 and not frozen:
                 input_ids, attention_mask = input_ids.repeat(passes, 1), attention_mask.repeat(passes, 1)
-            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+            layers = {"layers": encoder_layers} if encoder_layers is not None else {}
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **layers)
             if passes > 1 and frozen and not self.config.cart_fusion:  # fusion shares one memory (_fold)
-                encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0].repeat(passes, 1, 1))
+                encoder_outputs = FusedMemory(last_hidden_state=encoder_outputs[0].repeat(passes, 1, 1),
+                                              pooled=encoder_outputs.pooled)
                 attention_mask = attention_mask.repeat(passes, 1)
         memory = encoder_outputs[0]  # (B, (S + 1) T, d) with fusion, else (B, T, d)
         memory_mask = attention_mask.repeat(1, self.sources + 1) if attention_mask is not None else None
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = self._shift_right(labels)
+        start = cache.get_seq_length() if cache is not None else 0  # the first position decoded now
         decoded = self.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
                                encoder_hidden_states=memory, encoder_attention_mask=memory_mask,
                                cache=cache, use_cache=use_cache, **kwargs)
         logits = self.lm_head(decoded.last_hidden_state)  # (B, L, decoder vocab)
+        if self.config.cart_geometry_dim:
+            logits = logits + self._geometry_logits(encoder_outputs.pooled, len(logits)).unsqueeze(1)
+        if self.config.cart_level_softmax:
+            logits = self._restrict_to_levels(logits, start)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -298,20 +409,21 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
                                encoder_last_hidden_state=memory)
 
     @classmethod
-    def from_t5(cls, folder: str | Path, *, decoder_vocab_size: int, fusion: bool, dropout: float) -> "CartT5":
+    def from_t5(cls, folder: str | Path, *, level_sizes: list[int], fusion: bool, dropout: float,
+                **options) -> "CartT5":
         """A CartT5 starting from a pretrained T5 in a local folder: its encoder, its decoder's layers;
-        new identifier embeddings, output layer and fusion weights."""
+        new identifier embeddings, output layer and fusion weights. `options`: cart_config's."""
         t5 = T5ForConditionalGeneration.from_pretrained(folder, local_files_only=True)
-        config = cart_config(text_vocab_size=t5.config.vocab_size, decoder_vocab_size=decoder_vocab_size,
-                             fusion=fusion, base=t5.config, dropout_rate=dropout)
+        config = cart_config(text_vocab_size=t5.config.vocab_size, level_sizes=level_sizes, fusion=fusion,
+                             base=t5.config, dropout_rate=dropout, **options)
         model = cls(config)
         weights = {k: v for k, v in t5.state_dict().items()
                    if not k.startswith(("decoder.embed_tokens", "lm_head", "shared"))}
         weights["encoder.embed_tokens.weight"] = t5.shared.weight
-        if fusion:  # the pretrained cross-attention starts both fused attentions
+        if fusion:  # the pretrained cross-attention starts the fused attentions
             for key in [k for k in weights if ".layer.1.EncDecAttention." in k]:
                 value = weights.pop(key)
-                for part in ("coarse", "fine"):
+                for part in ("coarse", "fine") if config.cart_fine_fusion else ("coarse",):
                     weights[key.replace("EncDecAttention", part)] = value
         missing, unexpected = model.load_state_dict(weights, strict=False)
         unexpected = [k for k in unexpected if "relative_attention_bias" not in k]

@@ -68,10 +68,29 @@ class TokenLayout:
         return int(self.offsets[level]), int(self.offsets[level]) + self.level_sizes[level]
 
 
+def residual_means(codes: np.ndarray, layout: TokenLayout, x: np.ndarray) -> np.ndarray:
+    """The identifier geometry: for each decoder token, a vector in the embedding space, (V, D). Level by
+    level, a token's vector is the mean of what its items' embeddings x (N, D) keep after the levels above:
+    the first level's are the cluster means (the K-Means centroids), the next ones the mean residual of
+    each code, whatever quantiser made it. Summed along an identifier they rebuild its item's embedding
+    as well as its tokens can; special tokens get zeros."""
+    geometry = np.zeros((layout.vocab_size, x.shape[1]), dtype=np.float64)
+    rebuilt = np.zeros_like(x, dtype=np.float64)
+    tokens = layout.to_tokens(codes)
+    for level in range(layout.length):
+        counts = np.bincount(tokens[:, level], minlength=layout.vocab_size)
+        sums = np.zeros_like(geometry)
+        np.add.at(sums, tokens[:, level], x - rebuilt)
+        present = counts > 0
+        geometry[present] = sums[present] / counts[present, None]
+        rebuilt += geometry[tokens[:, level]]
+    return geometry.astype(np.float32)
+
+
 def build(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict | None = None) -> Codes:
     """Identifiers for the rows of x (N, D) under `cfg.scheme`; x may be modified in place.
     `phases` collects the wall time and peak memory of each phase."""
-    scheme = {"cart": _cart, "rq": _rq, "hkmeans": _hkmeans, "atomic": _atomic}[cfg.scheme]
+    scheme = {"cart": _cart, "rq": _rq, "rqkmeans": _rqkmeans, "hkmeans": _hkmeans, "atomic": _atomic}[cfg.scheme]
     return scheme(x, cfg, seed, {} if phases is None else phases)
 
 
@@ -142,6 +161,27 @@ def _rq(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
     model, fine, errors = _train_quantizer(x, cfg, seed, phases)
     stats = {"reconstruction_error": float(errors.mean()), "relative_reconstruction_error": float(errors.mean() / energy)}
     return _with_counter(fine, [cfg.codebook_size] * cfg.levels, errors, phases, quantizer=model, stats=stats)
+
+
+def _rqkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
+    """Residual K-Means (as GRID and OneRec build semantic ids): K-Means for the first token, then one
+    K-Means of V codes a level over what the levels above leave, shared by every cluster; the counter
+    orders a collision group by the distance left (the best rebuilt item gets 0)."""
+    data = x.numpy()
+    with phase(phases, "kmeans"):
+        labels, centroids = kmeans(data, cfg.clusters, cfg.kmeans, seed)
+        residual = data - centroids[labels]
+        energy = float((residual ** 2).sum(1).mean())
+        levels = [labels]
+        for level in range(cfg.levels):
+            codes, codebook = kmeans(residual, cfg.codebook_size, cfg.kmeans, seed + 1 + level)
+            residual -= codebook[codes]
+            levels.append(codes)
+    errors = (residual ** 2).sum(1)
+    stats = {"residual_energy": energy, "reconstruction_error": float(errors.mean()),
+             "relative_reconstruction_error": float(errors.mean() / max(energy, 1e-12))}
+    return _with_counter(np.stack(levels, axis=1), [cfg.clusters] + [cfg.codebook_size] * cfg.levels, errors,
+                         phases, centroids=torch.from_numpy(centroids), stats=stats)
 
 
 def _hkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:

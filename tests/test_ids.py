@@ -110,7 +110,7 @@ def test_trie_survives_save_and_load(tmp_path):
     assert np.array_equal(loaded.item_of(tokens), np.arange(len(tokens)))
 
 
-@pytest.mark.parametrize("scheme, length", [("cart", 4), ("rq", 3), ("hkmeans", 4), ("atomic", 1)])
+@pytest.mark.parametrize("scheme, length", [("cart", 4), ("rq", 3), ("rqkmeans", 4), ("hkmeans", 4), ("atomic", 1)])
 def test_every_scheme_gives_unique_fixed_length_identifiers(scheme, length):
     x = clustered()
     built = identifiers.build(x.clone(), IdsConfig(scheme=scheme, **SMALL), seed=0)
@@ -130,6 +130,23 @@ def test_cart_identifiers_are_kmeans_then_rqvae_of_the_residual_and_deterministi
     assert np.array_equal(first.codes[:, 0], labels)
     residual = x - first.centroids[first.codes[:, 0]]
     assert np.array_equal(first.quantizer.encode(residual).numpy(), first.codes[:, 1:3])
+
+
+def test_rqkmeans_codes_are_kmeans_of_each_levels_residual():
+    x = clustered()
+    built = identifiers.build(x.clone(), IdsConfig(scheme="rqkmeans", **SMALL), seed=3)
+    labels, centroids = identifiers.kmeans(x.numpy(), 6, "auto", 3)
+    assert np.array_equal(built.codes[:, 0], labels)
+    residual = x.numpy() - centroids[labels]
+    codes, codebook = identifiers.kmeans(residual, SMALL["codebook_size"], "auto", 4)
+    assert np.array_equal(built.codes[:, 1], codes)
+    # each level rebuilds the embeddings better: the geometry of its codes is what it removed
+    layout = TokenLayout(built.level_sizes)
+    geometry = identifiers.residual_means(built.codes, layout, x.numpy())
+    tokens = layout.to_tokens(built.codes)
+    errors = [np.linalg.norm(x.numpy() - geometry[tokens[:, :depth]].sum(1)) for depth in range(1, 4)]
+    assert errors[0] > errors[1] > errors[2]
+    assert built.stats["relative_reconstruction_error"] < 1
 
 
 def test_rqvae_decode_inverts_encode_up_to_quantisation_and_learns():

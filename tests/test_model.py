@@ -6,7 +6,7 @@ import torch
 
 from cart.decoding import TrieConstraint, decode
 from cart.fusion import CartT5, FusedCrossAttention, LayerFusionEncoder, cart_config
-from cart.identifiers import TokenLayout
+from cart.identifiers import TokenLayout, residual_means
 from cart.losses import cart_loss
 from cart.trie import PrefixTrie
 
@@ -17,13 +17,18 @@ TINY_BERT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attenti
                  max_position_embeddings=32, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 
 
-def tiny_model(fusion=True, dropout=0.0, decoder_vocab=12, seed=0, attn="sdpa", bert=False, frozen=False):
-    """A tiny CartT5; bert: a tiny BERT as the encoder (the path all-MiniLM-L6-v2 takes)."""
+def tiny_model(fusion=True, dropout=0.0, levels=(4, 6), seed=0, attn="sdpa", bert=False, frozen=False, **options):
+    """A tiny CartT5 (decoder vocabulary 2 + 4 + 6 = 12 by default); bert: a tiny BERT as the encoder (the path
+    all-MiniLM-L6-v2 takes); options: cart_config's (fine_fusion, level_softmax)."""
     torch.manual_seed(seed)
-    config = cart_config(text_vocab_size=50, decoder_vocab_size=decoder_vocab, fusion=fusion, dropout_rate=dropout,
-                         text_encoder=TINY_BERT if bert else None, freeze_encoder=frozen, **SIZES)
+    config = cart_config(text_vocab_size=50, level_sizes=list(levels), fusion=fusion, dropout_rate=dropout,
+                         text_encoder=TINY_BERT if bert else None, freeze_encoder=frozen, **options, **SIZES)
     config._attn_implementation = attn
     return CartT5(config).eval()
+
+
+def batch_of(input_ids, mask, labels):
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def padded_batch(seed=0):
@@ -153,21 +158,24 @@ def test_a_bert_encoder_feeds_all_its_layers_to_fusion_and_can_be_frozen():
     assert model.get_input_embeddings() is model.encoder.bert.embeddings.word_embeddings
     frozen = tiny_model(True, bert=True, frozen=True, dropout=0.1).train()
     labels = torch.tensor([[3, 5, 7, 1]] * 3)
-    loss = cart_loss(frozen, input_ids, mask, labels, omega=1.0)
+    loss = cart_loss(frozen, batch_of(input_ids, mask, labels), omega=1.0)
     loss.total.backward()
     assert all(p.grad is None for p in frozen.encoder.bert.parameters())
     assert frozen.encoder.coarse_projection.weight.grad is not None and not frozen.encoder.bert.training
     deterministic = tiny_model(True, bert=True, frozen=True).train()  # no dropout anywhere: the passes agree
-    once = cart_loss(deterministic, input_ids, mask, labels, omega=1.0)  # the frozen encoder ran once
+    once = cart_loss(deterministic, batch_of(input_ids, mask, labels), omega=1.0)  # the frozen encoder ran once
     twice = deterministic(input_ids=input_ids.repeat(2, 1), attention_mask=mask.repeat(2, 1), labels=labels.repeat(2, 1))
     assert torch.allclose(once.cross_entropy, twice.loss, atol=1e-6) and once.kl.abs().item() < 1e-6
     with pytest.raises(ValueError, match="d_model=8 must equal the text encoder's width 16"):
-        cart_config(text_vocab_size=50, decoder_vocab_size=12, fusion=True, text_encoder=TINY_BERT, d_model=8)
+        cart_config(text_vocab_size=50, level_sizes=[4, 6], fusion=True, text_encoder=TINY_BERT, d_model=8)
 
 
-@pytest.mark.parametrize("bert", [False, True])
-def test_save_and_load_round_trip(tmp_path, bert):
-    model = tiny_model(True, bert=bert)
+@pytest.mark.parametrize("bert, options", [(False, {}), (True, {}),
+                                           (True, {"level_softmax": True, "geometry_dim": 16, "fine_fusion": False})])
+def test_save_and_load_round_trip(tmp_path, bert, options):
+    model = tiny_model(True, bert=bert, **options)
+    if options:
+        model.geometry.data.normal_()
     model.save_pretrained(tmp_path / "m")
     loaded = CartT5.from_pretrained(tmp_path / "m", local_files_only=True).eval()
     input_ids, mask = padded_batch()
@@ -183,7 +191,7 @@ def test_from_t5_keeps_the_pretrained_layers_and_adds_the_new_ones(tmp_path):
     torch.manual_seed(0)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, **SIZES))
     t5.save_pretrained(tmp_path / "t5")
-    model = CartT5.from_t5(tmp_path / "t5", decoder_vocab_size=9, fusion=True, dropout=0.0)
+    model = CartT5.from_t5(tmp_path / "t5", level_sizes=[3, 4], fusion=True, dropout=0.0)
     assert torch.equal(model.encoder.embed_tokens.weight, t5.shared.weight)
     assert torch.equal(model.encoder.block[1].layer[0].SelfAttention.q.weight, t5.encoder.block[1].layer[0].SelfAttention.q.weight)
     pretrained_cross = t5.decoder.block[0].layer[1].EncDecAttention.q.weight
@@ -197,29 +205,32 @@ def test_rdrop_kl_is_zero_without_dropout_and_positive_with_it(fusion):
     input_ids, mask = padded_batch()
     labels = torch.tensor([[3, 5, 8, 1], [2, 6, 9, 1], [4, 7, 10, -100]])
     no_dropout = tiny_model(fusion, dropout=0.0).train()
-    loss = cart_loss(no_dropout, input_ids, mask, labels, omega=1.0)
+    loss = cart_loss(no_dropout, batch_of(input_ids, mask, labels), omega=1.0)
     assert loss.kl.abs().item() < 1e-6
     assert torch.allclose(loss.total, loss.cross_entropy)
     assert torch.allclose(loss.cross_entropy, no_dropout(input_ids=input_ids, attention_mask=mask, labels=labels).loss, atol=1e-6)
     dropout = tiny_model(fusion, dropout=0.3).train()
-    loss = cart_loss(dropout, input_ids, mask, labels, omega=2.0)
+    loss = cart_loss(dropout, batch_of(input_ids, mask, labels), omega=2.0)
     assert loss.kl.item() > 1e-4
     assert torch.allclose(loss.total, loss.cross_entropy + 2.0 * loss.kl)
-    off = cart_loss(dropout, input_ids, mask, labels, omega=0.0)  # "w/o consistency": one pass, CE only
+    off = cart_loss(dropout, batch_of(input_ids, mask, labels), omega=0.0)  # "w/o consistency": one pass, CE only
     assert off.kl.item() == 0 and torch.equal(off.total, off.cross_entropy)
 
 
 def small_trie(seed=0, n=20, sizes=(3, 4, 4, 5)):
+    """A trie of n random identifiers; `trie.tokens[i]` are item i's tokens."""
     rng = np.random.default_rng(seed)
     layout = TokenLayout(list(sizes))
     codes = np.unique(np.stack([rng.integers(0, s, 4 * n) for s in sizes], 1), axis=0)[:n]
-    return PrefixTrie(layout.to_tokens(codes), layout)
+    trie = PrefixTrie(layout.to_tokens(codes), layout)
+    trie.tokens = layout.to_tokens(codes)
+    return trie
 
 
 @pytest.mark.parametrize("beams", [2, 6, 16])
 def test_constrained_beam_search_only_emits_real_identifiers(beams):
     trie = small_trie()
-    model = tiny_model(True, decoder_vocab=trie.vocab)
+    model = tiny_model(True, levels=trie.layout.level_sizes)
     input_ids, mask = padded_batch()
     items, scores = decode(model, input_ids, mask, trie, beams=beams, top_k=beams)
     valid = items >= 0
@@ -244,4 +255,111 @@ def test_trie_constraint_masks_to_the_allowed_tokens_and_lets_dead_beams_end():
     wider = constraint(input_ids, torch.zeros(2, trie.vocab + 5))  # an output layer with extra tokens
     assert torch.equal(wider[:, : trie.vocab], scores) and torch.isinf(wider[:, trie.vocab:]).all()
     with pytest.raises(ValueError, match="top_k=5 is larger than the beam width 4"):
-        decode(tiny_model(True, decoder_vocab=trie.vocab), *padded_batch(), trie, beams=4, top_k=5)
+        decode(tiny_model(True, levels=trie.layout.level_sizes), *padded_batch(), trie, beams=4, top_k=5)
+
+
+@pytest.mark.parametrize("bert", [False, True])
+def test_coarse_fusion_alone_reads_z_only_and_agrees_in_forward_and_beam_search(bert):
+    model = tiny_model(True, bert=bert, fine_fusion=False)
+    input_ids, mask = padded_batch()
+    memory = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    assert memory.shape == (3, 6, 16) and model.sources == 0  # [Z] alone
+    assert not hasattr(model.decoder.block[0].layer[1], "fine")
+    out = model.generate(input_ids=input_ids, attention_mask=mask, num_beams=4, num_return_sequences=4,
+                         max_new_tokens=4, length_penalty=0.0, do_sample=False, suppress_tokens=[0, 1],
+                         output_scores=True, return_dict_in_generate=True)
+    expected = sequence_log_probs(model, input_ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), out.sequences)
+    assert torch.allclose(expected, out.sequences_scores, atol=1e-4)
+
+
+def test_level_softmax_spends_each_position_on_its_own_level():
+    trie = small_trie()
+    model = tiny_model(True, levels=trie.layout.level_sizes, level_softmax=True, dropout=0.1)
+    input_ids, mask = padded_batch()
+    labels = torch.from_numpy(trie.layout.to_tokens(np.array([[0, 1, 2, 3], [2, 3, 0, 4], [1, 0, 3, 2]])))
+    labels = torch.cat([labels, torch.ones(3, 1, dtype=torch.long)], dim=1)  # + EOS
+    logits = model(input_ids=input_ids, attention_mask=mask, labels=labels).logits  # (3, 5, V)
+    probabilities = logits.softmax(-1)
+    for level in range(4):
+        start, end = trie.layout.level_range(level)
+        assert torch.allclose(probabilities[:, level, start:end].sum(-1), torch.ones(3), atol=1e-6)
+    assert torch.allclose(probabilities[:, 4, 1], torch.ones(3))  # after the identifier: EOS alone
+    model.train()
+    loss = cart_loss(model, batch_of(input_ids, mask, labels), omega=1.0)  # R-Drop's KL stays finite
+    assert torch.isfinite(loss.total) and loss.kl.item() > 0
+    model.eval()
+    items, scores = decode(model, input_ids, mask, trie, beams=6, top_k=3)
+    assert (items >= 0).all()
+    # a returned score is the identifier's log-probability under the level-normalised softmax
+    identifiers = torch.from_numpy(trie.tokens[items.flatten().numpy()])
+    sequences = torch.cat([torch.zeros(9, 1, dtype=torch.long), identifiers, torch.ones(9, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        expected = sequence_log_probs(model, input_ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), sequences)
+    assert torch.allclose(expected.view(3, 3), scores, atol=1e-4)
+
+
+def test_cached_layer_outputs_give_the_same_loss_as_the_encoder():
+    model = tiny_model(True, bert=True, frozen=True).train()
+    input_ids, mask = padded_batch()
+    labels = torch.tensor([[3, 7, 1]] * 3)
+    layers = model.encoder.layer_outputs(input_ids, mask)  # (B, T, S, d)
+    assert layers.shape == (3, 6, 3, 16)
+    direct = cart_loss(model, batch_of(input_ids, mask, labels), omega=1.0)
+    cached = cart_loss(model, {"encoder_layers": layers, "attention_mask": mask, "labels": labels}, omega=1.0)
+    assert torch.allclose(direct.total, cached.total, atol=1e-6)
+
+
+def test_residual_means_are_cluster_means_then_mean_residuals():
+    rng = np.random.default_rng(0)
+    layout = TokenLayout([3, 4])
+    codes = np.stack([rng.integers(0, 3, 40), rng.integers(0, 4, 40)], 1)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    geometry = residual_means(codes, layout, x)
+    tokens = layout.to_tokens(codes)
+    for c in range(3):
+        assert np.allclose(geometry[tokens[codes[:, 0] == c, 0][0]], x[codes[:, 0] == c].mean(0), atol=1e-5)
+    residual = x - geometry[tokens[:, 0]]
+    for c in range(4):
+        assert np.allclose(geometry[tokens[codes[:, 1] == c, 1][0]], residual[codes[:, 1] == c].mean(0), atol=1e-5)
+    assert not geometry[: TokenLayout.SPECIAL].any()
+    unique = TokenLayout([40])  # one token an item: the geometry rebuilds every embedding exactly
+    assert np.allclose(residual_means(np.arange(40)[:, None], unique, x)[unique.to_tokens(np.arange(40)[:, None])[:, 0]], x,
+                       atol=1e-6)
+
+
+def test_identifier_geometry_starts_each_query_at_the_dense_score_of_the_rebuilt_items():
+    trie = small_trie()
+    model = tiny_model(True, bert=True, levels=trie.layout.level_sizes, level_softmax=True, geometry_dim=16)
+    model.lm_head.weight.data.zero_()  # the learned part silent: the geometry alone scores
+    x = np.random.default_rng(1).normal(size=(len(trie.tokens), 16)).astype(np.float32)
+    model.geometry.data.copy_(torch.from_numpy(residual_means(trie.layout.to_codes(trie.tokens), trie.layout, x)))
+    input_ids, mask = padded_batch()
+    items, scores = decode(model, input_ids, mask, trie, beams=20, top_k=20)  # 20 beams, 20 items: exhaustive
+    last = model.encoder.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    pooled = (last * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    q = torch.nn.functional.normalize(pooled, dim=-1)
+    rebuilt = model.geometry[torch.from_numpy(trie.tokens)].sum(1)  # (items, 16)
+    dense = (model.geometry_scale * q @ rebuilt.T).detach()  # (3, items)
+    for row in range(3):  # the order is the dense order; the scores differ from it by one constant per query
+        assert torch.equal(items[row], dense[row].argsort(descending=True))
+        gap = scores[row] - dense[row][items[row]]
+        assert torch.allclose(gap, gap[0].expand_as(gap), atol=1e-4)
+
+
+def test_tuned_top_layers_run_again_with_gradients_from_the_frozen_layer_below():
+    model = tiny_model(True, bert=True, frozen=True, tune_layers=1)
+    encoder = model.encoder
+    input_ids, mask = padded_batch()
+    cached = encoder.layer_outputs(input_ids, mask)  # not tuning yet: the frozen model's layers, as cached
+    encoder.tuning = True
+    model.eval()  # no dropout: both paths must agree
+    direct = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    from_cache = encoder(layers=cached, attention_mask=mask).last_hidden_state
+    assert torch.allclose(direct, from_cache, atol=1e-5)
+    model.train()
+    assert encoder.bert.encoder.layer[-1].training and not encoder.bert.encoder.layer[0].training
+    labels = torch.tensor([[3, 7, 1]] * 3)
+    cart_loss(model, {"encoder_layers": cached, "attention_mask": mask, "labels": labels}, omega=0.0).total.backward()
+    assert all(p.grad is not None for p in encoder.bert.encoder.layer[-1].parameters())
+    assert all(p.grad is None for p in encoder.bert.encoder.layer[0].parameters())
+    assert all(p.grad is None for p in encoder.bert.embeddings.parameters())
