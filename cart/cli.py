@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     retrieve.add_argument("--beams", type=positive, default=None, help="beam width (default: the run's; at least k)")
     retrieve.add_argument("--batch-size", type=positive, default=32, help="queries decoded together")
     retrieve.add_argument("--json", action="store_true", help="one JSON object a query instead of a table")
+    retrieve.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                          help="re-rank the beam's candidates by embedding cosine (default: the run's retrieve.rerank)")
     generate = commands.add_parser("generate", help=GENERATE_HELP, description=GENERATE_HELP)
     generate.add_argument("prompt")
     generate.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. generate.images=2")
@@ -148,7 +150,7 @@ def _retrieve(args) -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # no "Loading weights" bar in front of the results
-    retriever = Retriever.load(args.run, beam_width=args.beams)
+    retriever = Retriever.load(args.run, beam_width=args.beams, rerank=args.rerank)
     for query, hits in zip(queries, retriever.search(queries, k=args.k, batch_size=args.batch_size)):
         warning = None if retriever.reads(query) else (
             f"no word of the query {query!r} is known to the model's tokenizer: these results mean nothing")

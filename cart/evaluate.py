@@ -25,12 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 from cart import baselines, files, train
+from cart.scoring import DEPTH, METRICS, first_right, metrics
 from cart.config import Config, to_dict
 from cart.errors import CartError
 from cart.retriever import Retriever
-
-CUTOFFS = (1, 5, 10)
-DEPTH = 10  # results kept per query: R@10 and MRR@10 need ten
 
 
 def run(cfg: Config) -> Path:
@@ -45,7 +43,9 @@ def run(cfg: Config) -> Path:
         raise CartError(f"{run_dir / files.CORPUS} has no held-out queries (texts of kind `query`): nothing to evaluate")
     relevant = relevant_items(records, query_sets, e.relevant_kinds)
 
-    methods = {"CART": lambda queries: retriever.search_rows(queries, DEPTH, e.batch_size)}
+    methods = {"CART": lambda queries: retriever.search_rows(queries, DEPTH, e.batch_size, rerank=False)}
+    if retriever.reranker is not None:  # its own row, never in place of pure CART's
+        methods["CART + rerank"] = lambda queries: retriever.search_rows(queries, DEPTH, e.batch_size, rerank=True)
     for name in e.baselines:
         baseline = _baseline(name, records, cfg)
         if baseline is not None:
@@ -99,26 +99,6 @@ def relevant_items(records: list[dict], query_sets: dict, kinds: list[str]) -> d
     return {name: [by_text.get(q.lower(), set()) | {row} for q, row in queries] for name, queries in query_sets.items()}
 
 
-def first_right(rows: np.ndarray, relevant: list[set[int]]) -> np.ndarray:
-    """1-based rank of each query's first right answer in `rows`, 0 when none is there."""
-    ranks = np.zeros(len(rows), dtype=np.int64)
-    for i, (row, right) in enumerate(zip(rows, relevant)):
-        hits = [rank for rank, item in enumerate(row, 1) if item in right]
-        ranks[i] = hits[0] if hits else 0
-    return ranks
-
-
-def metrics(rows: np.ndarray, relevant: list[set[int]]) -> dict:
-    ranks = first_right(rows, relevant)
-    found = ranks > 0
-    out = {f"R@{k}": round(float(np.mean(found & (ranks <= k))), 4) for k in CUTOFFS}
-    out["MRR@10"] = round(float(np.mean(np.where(found, 1.0 / np.maximum(ranks, 1), 0.0))), 4)  # ranks <= DEPTH
-    return out
-
-
-METRICS = ("R@1", "R@5", "R@10", "MRR@10")
-
-
 def table_rows(summary: dict):
     """(method, query set, its metrics, latency p50 in ms) for every row of the metrics table."""
     for method, sets in summary["methods"].items():
@@ -129,9 +109,9 @@ def table_rows(summary: dict):
 
 def table(summary: dict) -> str:
     """The metrics as a plain-text table: one row per method and query set."""
-    lines = [f"{'method':<10}{'set':<5}{'queries':>8}" + "".join(f"{k:>8}" for k in METRICS) + f"{'ms/query':>10}"]
+    lines = [f"{'method':<15}{'set':<5}{'queries':>8}" + "".join(f"{k:>8}" for k in METRICS) + f"{'ms/query':>10}"]
     for method, name, m, p50 in table_rows(summary):
-        lines.append(f"{method:<10}{name:<5}{m['queries']:>8}" + "".join(f"{m[k]:>8.3f}" for k in METRICS) + f"{p50:>10.1f}")
+        lines.append(f"{method:<15}{name:<5}{m['queries']:>8}" + "".join(f"{m[k]:>8.3f}" for k in METRICS) + f"{p50:>10.1f}")
     return "\n".join(lines)
 
 

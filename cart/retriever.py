@@ -6,7 +6,10 @@
         print(hit.id, hit.path, hit.score)
 
 A query is encoded, decoded by beam search constrained to the run's identifiers, and every finished
-identifier mapped back to its corpus item: the retriever can only ever return real items.
+identifier mapped back to its corpus item: the retriever can only ever return real items. With rerank
+(`retrieve.rerank`, `Retriever.load(run, rerank=True)`), the beam's candidates are re-ordered by
+`cart.rerank`: cosine of the query's and the item's embeddings + the weight `cart train` chose times the
+log-probability.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from cart import corpus, files
 from cart.decoding import decode
+from cart.rerank import rerank as reorder
 from cart.embed import pick_device
 from cart.errors import CartError
 
@@ -28,23 +32,25 @@ from cart.errors import CartError
 class Hit:
     id: str
     path: str
-    score: float  # log-probability of the item's identifier under the model
+    score: float  # log-probability of the item's identifier under the model (with rerank: the rerank score)
     row: int  # the item's row in corpus.jsonl
 
 
 class Retriever:
     def __init__(self, model, tokenizer, ids, records: list[dict], *, beam_width: int, max_query_tokens: int,
-                 device: torch.device, top_k: int = 10, manifest: dict | None = None):
+                 device: torch.device, top_k: int = 10, manifest: dict | None = None, reranker=None):
         self.model = model.to(device).eval()
         self.tokenizer, self.ids, self.records = tokenizer, ids, records
         self.beam_width, self.max_query_tokens, self.device = beam_width, max_query_tokens, device
         self.top_k = top_k  # the run's default k
         self.manifest = manifest or {}  # the model's: its sha256, the inputs it was trained on, its config
+        self.reranker = reranker  # (query encoder, item embeddings, weight) when reranking
 
     @classmethod
-    def load(cls, run_dir: str | Path, beam_width: int | None = None, device: str = "auto") -> "Retriever":
-        """The run's best model, tokenizer, identifiers and corpus; beam width and query length default to
-        the values the model was trained and validated with."""
+    def load(cls, run_dir: str | Path, beam_width: int | None = None, device: str = "auto",
+             rerank: bool | None = None) -> "Retriever":
+        """The run's best model, tokenizer, identifiers and corpus; beam width, query length and rerank
+        default to the values the model was trained and validated with."""
         from cart import train
 
         run_dir = Path(run_dir)
@@ -56,9 +62,12 @@ class Retriever:
         beam_width = config["retrieve"]["beam_width"] if beam_width is None else beam_width
         if beam_width < 1:
             raise CartError(f"beam width must be at least 1, got {beam_width}")
+        device = pick_device(device)
+        rerank = config["retrieve"].get("rerank", False) if rerank is None else rerank
+        reranker = _reranker(run_dir, manifest, device) if rerank else None
         return cls(model, tokenizer, ids, corpus.read(run_dir), beam_width=beam_width,
-                   max_query_tokens=config["model"]["max_query_tokens"], device=pick_device(device),
-                   top_k=config["retrieve"]["top_k"], manifest=manifest)
+                   max_query_tokens=config["model"]["max_query_tokens"], device=device,
+                   top_k=config["retrieve"]["top_k"], manifest=manifest, reranker=reranker)
 
     def search(self, queries: str | list[str], k: int | None = None, batch_size: int = 32) -> list[list[Hit]]:
         """Ranked items for each query, best first (fewer than k when the beams found fewer)."""
@@ -68,8 +77,14 @@ class Retriever:
         return [[Hit(self.records[r]["id"], self.records[r]["path"], float(s), int(r))
                  for r, s in zip(row, score) if r >= 0] for row, score in zip(rows, scores)]
 
-    def search_rows(self, queries: list[str], k: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, k) corpus rows (-1 where the beams found fewer than k items) and their log-probabilities."""
+    def search_rows(self, queries: list[str], k: int, batch_size: int = 32,
+                    rerank: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, k) corpus rows (-1 where the beams found fewer than k items) and their log-probabilities
+        (with rerank, the whole beam re-ordered by the rerank score, and that score). `rerank`: default the
+        retriever's."""
+        rerank = self.reranker is not None if rerank is None else rerank
+        if rerank and self.reranker is None:
+            raise CartError("this retriever was loaded without rerank: Retriever.load(run, rerank=True)")
         if k > self.beam_width:
             raise CartError(f"k={k} is larger than the beam width {self.beam_width}: pass a larger beam width")
         if k < 1:
@@ -84,9 +99,14 @@ class Retriever:
             encoded = self.tokenizer(queries[start: start + batch_size], padding=True, truncation=True,
                                      max_length=self.max_query_tokens, return_tensors="pt").to(self.device)
             items, item_scores = decode(self.model, encoded["input_ids"], encoded["attention_mask"], self.ids.trie,
-                                        beams=self.beam_width, top_k=k)
-            rows.append(items.numpy())
-            scores.append(item_scores.numpy())
+                                        beams=self.beam_width, top_k=self.beam_width if rerank else k)
+            items, item_scores = items.numpy(), item_scores.numpy()
+            if rerank:
+                encoder, embeddings, weight = self.reranker
+                items, item_scores = reorder(items, item_scores, encoder.encode_text(queries[start: start + batch_size]),
+                                             embeddings, weight)
+            rows.append(items[:, :k])
+            scores.append(item_scores[:, :k])
         if not rows:
             return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
         return np.concatenate(rows), np.concatenate(scores)
@@ -97,6 +117,23 @@ class Retriever:
         outside its vocabulary): the model then sees the same empty input for every such query."""
         tokens = self.tokenizer(query, add_special_tokens=False)["input_ids"]
         return any(token != self.tokenizer.unk_token_id for token in tokens)
+
+
+def _reranker(run_dir: Path, manifest: dict, device: torch.device):
+    """(the query encoder, the run's item embeddings, the weight training chose) for rerank."""
+    from safetensors.torch import load_file
+
+    from cart.config import EmbedConfig
+    from cart.encoders import query_encoder
+
+    weight = manifest.get("rerank_weight")
+    if weight is None:
+        raise CartError(f"{run_dir / files.MODEL_WEIGHTS} was trained without a rerank weight: train with "
+                        f"retrieve.rerank=true to rerank")
+    path, embed_manifest = files.verified_input(run_dir, files.EMBEDDINGS)
+    files.require_built_from(embed_manifest, files.EMBEDDINGS, run_dir, files.CORPUS)
+    embeddings = torch.nn.functional.normalize(load_file(str(path))["embeddings"].float(), dim=-1)
+    return query_encoder(EmbedConfig(**manifest["config"]["embed"]), device), embeddings, weight
 
 
 def format_hits(query: str, hits: list[Hit]) -> str:
