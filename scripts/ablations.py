@@ -1,13 +1,12 @@
-"""The ablation table on the emoji benchmark: full CART and the paper's Table 4 rows (without fusion, without
-R-Drop, `rq` identifiers = without K-Means, `hkmeans` identifiers = without RQ-VAE) plus `atomic` identifiers
-and our own lever (without the tag-subset training queries), each trained and evaluated by the real stages on
-the same items and held-out queries. Prints JSON and a Markdown table; every variant's logs and run folder
-stay under checkpoints/ablation-*/.
+"""The ablation table on the emoji benchmark: the default CART, the paper's Table 4 rows, the second prototype's
+recipe, each lever we tried, and identifiers from the images themselves, each trained and evaluated by the
+real stages (embed, ids, train, eval) on the same items and held-out queries. Prints JSON and a Markdown
+table; every variant's logs and run folder stay under checkpoints/ablation-*/.
 
-Needs the demo's corpus and embeddings (`make demo`, or `cart pipeline --config configs/emoji.yaml`).
-The held-out queries are only evaluated: every choice is made on the validation split inside `cart train`.
+Needs the demo's corpus (`make demo`, or `cart corpus --config configs/emoji.yaml`). Every choice is made on
+the validation splits inside `cart train`; the held-out queries are only evaluated.
 
-    .venv/bin/python scripts/ablations.py [--epochs 3] [--seeds 0] [--only "CART,w/o fusion"]
+    .venv/bin/python scripts/ablations.py [--epochs 3] [--seeds 0,1,2] [--only "CART,w/o fusion"]
 """
 
 from __future__ import annotations
@@ -22,26 +21,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/emoji.yaml"
-VARIANTS = {  # name -> config overrides
-    "CART": [],
-    "w/o fusion": ["model.fusion=false"],
-    "w/o R-Drop": ["train.rdrop_weight=0"],
-    "rq ids (w/o K-Means)": ["ids.scheme=rq"],
-    "hkmeans ids (w/o RQ-VAE)": ["ids.scheme=hkmeans"],
-    "atomic ids": ["ids.scheme=atomic"],
-    "w/o tag-subset queries": ["train.subset_queries=0"],
+VARIANTS = {  # name -> (config file, overrides)
+    "CART": (CONFIG, []),
+    # the paper's Table 4
+    "w/o fusion": (CONFIG, ["model.fusion=false"]),
+    "with R-Drop": (CONFIG, ["train.rdrop_weight=1.0"]),
+    "with fine fusion": (CONFIG, ["model.fine_fusion=true"]),
+    "rq ids (w/o K-Means)": (CONFIG, ["ids.scheme=rq"]),
+    "hkmeans ids (w/o RQ-VAE)": (CONFIG, ["ids.scheme=hkmeans"]),
+    "atomic ids": (CONFIG, ["ids.scheme=atomic"]),
+    # the prototype, and the levers of issue 13
+    "prototype recipe": (ROOT / "configs/emoji-prototype.yaml", []),
+    "w/o identifier geometry": (CONFIG, ["model.geometry=false"]),
+    "w/o level softmax": (CONFIG, ["model.level_softmax=false"]),
+    "w/o tag-subset queries": (CONFIG, ["train.subset_queries=0"]),
+    "rqkmeans ids": (CONFIG, ["ids.scheme=rqkmeans", "ids.codebook_size=256"]),
+    # identifiers from the images (EfficientNet-Lite0 features): the cross-modal path of the design
+    "image ids (efficientnet-lite0)": (CONFIG, ["embed.encoder=efficientnet-lite0", "retrieve.rerank=false"]),
 }
-INPUTS = ("corpus.jsonl", "corpus.manifest.json", "embeddings.safetensors", "embeddings.manifest.json")
+INPUTS = ("corpus.jsonl", "corpus.manifest.json")
 
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def run_stage(stage: str, overrides: list[str], log: Path) -> float:
+def run_stage(stage: str, config: Path, overrides: list[str], log: Path) -> float:
     start = time.perf_counter()
     with open(log, "a") as out:
-        done = subprocess.run([sys.executable, "-m", "cart", stage, "--config", str(CONFIG), *overrides],
+        done = subprocess.run([sys.executable, "-m", "cart", stage, "--config", str(config), *overrides],
                               stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{stage} failed for {overrides}: see {log}")
@@ -58,37 +66,47 @@ def main() -> None:
     args = parser.parse_args()
     source = load_config(CONFIG).run_dir
     if not all((source / name).exists() for name in INPUTS):
-        raise SystemExit(f"{source}: no corpus and embeddings yet; run `make demo` first")
+        raise SystemExit(f"{source}: no corpus yet; run `make demo` (or `cart corpus`) first")
     chosen = [v for v in VARIANTS if not args.only or v in args.only.split(",")]
     rows = []
     for seed in map(int, args.seeds.split(",")):
         for name in chosen:
+            config, variant = VARIANTS[name]
             run = f"ablation-{slug(name)}-seed{seed}"
-            overrides = [f"run={run}", f"seed={seed}", "eval.baselines=[]", "eval.latency_queries=10", *VARIANTS[name]]
+            overrides = [f"run={run}", f"seed={seed}", "eval.baselines=[]", "eval.latency_queries=10", *variant]
             if args.epochs:
                 overrides.append(f"train.epochs={args.epochs}")
-            run_dir = load_config(CONFIG, overrides).run_dir
+            run_dir = load_config(config, overrides).run_dir
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True)
             for file in INPUTS:
                 shutil.copy(source / file, run_dir / file)
             log = run_dir / "ablation.log"
-            seconds = {stage: round(run_stage(stage, overrides, log), 1) for stage in ("ids", "train", "eval")}
-            metrics = json.loads((run_dir / "eval.json").read_text())["methods"]["CART"]
+            # embeddings per seed: the item text left out of them is the seed's validation split
+            seconds = {stage: round(run_stage(stage, config, overrides, log), 1)
+                       for stage in ("embed", "ids", "train", "eval")}
+            methods = json.loads((run_dir / "eval.json").read_text())["methods"]
             trained = json.loads((run_dir / "train.json").read_text())
             ids = json.loads((run_dir / "ids.json").read_text())
+            best = next(h for h in trained["history"] if h["step"] == trained["best_step"])
             rows.append({"variant": name, "seed": seed, "seconds": seconds, "epochs": trained["epochs"],
-                         "best_validation_r1": trained["best_validation_r1"],
-                         "train_r1": trained["history"][-1]["train_r1"],
-                         "collision_rate": ids["stats"].get("collision_rate"), "identifier_length": len(ids["level_sizes"]),
-                         **{f"{s}_{k}": metrics[s][k] for s in ("A", "B") for k in ("R@1", "R@10", "MRR@10")}})
+                         "validation": best["validation"], "train_r1": best["train_r1"],
+                         "collision_rate": ids["stats"].get("collision_rate"),
+                         "largest_counter": ids["stats"].get("largest_counter"),
+                         "identifier_length": len(ids["level_sizes"]),
+                         **{f"{method}|{s}_{k}": methods[method][s][k] for method in methods for s in ("A", "B")
+                            for k in ("R@1", "R@10", "MRR@10")}})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps(rows, indent=2))
-    print("\n| variant | seed | A R@1 | A R@10 | B R@1 | B R@10 | validation R@1 | training-query R@1 | train s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| variant | seed | A R@1 | A R@10 | A MRR@10 | B R@1 | B R@10 | B MRR@10 | validation texts / names MRR@10 "
+          "| collisions | train s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['variant']} | {r['seed']} | {r['A_R@1']:.3f} | {r['A_R@10']:.3f} | {r['B_R@1']:.3f} | "
-              f"{r['B_R@10']:.3f} | {r['best_validation_r1']:.3f} | {r['train_r1']:.3f} | {r['seconds']['train']:.0f} |")
+        v = r["validation"]
+        print(f"| {r['variant']} | {r['seed']} | " + " | ".join(f"{r[f'CART|{s}_{k}']:.3f}" for s in ("A", "B")
+                                                           for k in ("R@1", "R@10", "MRR@10"))
+              + f" | {v['texts']['MRR@10']:.3f} / {v.get('names', {}).get('MRR@10', float('nan')):.3f}"
+              f" | {r['collision_rate']:.3f} | {r['seconds']['train']:.0f} |")
 
 
 if __name__ == "__main__":

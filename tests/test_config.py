@@ -110,3 +110,17 @@ def test_the_tiny_config_runs_as_shipped_once_its_input_is_made(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "corpus: 6 items" in done.stdout
+
+
+def test_a_config_starts_from_its_base_and_changes_what_it_names(tmp_path):
+    (tmp_path / "a.yaml").write_text("run: a\ntrain: {epochs: 3, batch_size: 8}\nmodel: {fusion: false}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nrun: b\ntrain: {epochs: 5}\n")
+    cfg = load_config(tmp_path / "b.yaml", ["train.learning_rate=0.01"])
+    assert (cfg.run, cfg.train.epochs, cfg.train.batch_size, cfg.model.fusion) == ("b", 5, 8, False)
+    assert cfg.train.learning_rate == pytest.approx(0.01)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(CartError, match="a.yaml: base b.yaml leads back to itself"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(CartError, match="config file not found: .*nowhere.yaml"):
+        load_config(tmp_path / "c.yaml")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cart import baselines, build_ids, corpus, evaluate, files, train
+from cart import baselines, build_ids, data, evaluate, files, scoring, train
 from cart.errors import CartError
 from cart.retriever import Retriever
 from conftest import ROOT, prepare_run
@@ -117,8 +117,8 @@ def test_scoring_rule_counts_the_source_and_items_named_by_the_query():
     assert evaluate.relevant_items(records, sets, ["caption"])["A"] == [{0, 1}, {0, 1}, {2}]
     assert evaluate.relevant_items(records, sets, [])["B"] == [{0}]
     rows = np.array([[5, 0, 1], [1, 2, 3], [7, 8, 2]])
-    assert evaluate.first_right(rows, relevant["A"]).tolist() == [2, 1, 3]
-    m = evaluate.metrics(rows, relevant["A"])
+    assert scoring.first_right(rows, relevant["A"]).tolist() == [2, 1, 3]
+    m = scoring.metrics(rows, relevant["A"])
     assert m["R@1"] == pytest.approx(1 / 3, abs=1e-4) and m["R@5"] == 1.0
     assert m["MRR@10"] == pytest.approx((1 / 2 + 1 + 1 / 3) / 3, abs=1e-4)
 
@@ -129,10 +129,10 @@ def emoji_like_records():
 
 
 def test_an_items_document_drops_texts_contained_in_another():
-    assert corpus.item_document(emoji_like_records()[1]) == "cat kitten pet"
+    assert data.item_document(emoji_like_records()[1]) == "cat kitten pet"
     record = {"texts": [{"text": "a red bus", "kind": "caption"}, {"text": "bus", "kind": "generated"},
                         {"text": "a bus in town", "kind": "caption"}, {"text": "red", "kind": "query", "set": "A"}]}
-    assert corpus.item_document(record) == "a red bus a bus in town"
+    assert data.item_document(record) == "a red bus a bus in town"
 
 
 def test_bm25_and_minilm_find_the_item_a_query_describes():
@@ -236,3 +236,67 @@ def test_an_extra_file_in_the_model_folder_is_refused(tmp_path):
     (run_dir / "model/special_tokens_map.json").write_text("{}")
     with pytest.raises(CartError, match="special_tokens_map.json is not one of the files the model was saved with"):
         Retriever.load(run_dir)
+
+
+@pytest.fixture(scope="module")
+def reranked(tmp_path_factory):
+    """A tiny run whose identifiers come from item text (MiniLM), trained with retrieve.rerank."""
+    from cart import corpus, embed
+    from conftest import COLOURS, make_media, write_jsonl
+
+    root = tmp_path_factory.mktemp("rerank")
+    make_media(root)
+    rows = [{"id": f"item{i}", "path": f"media/img{i % 6}.png",
+             "texts": [f"{c} number {i}", f"shape {i}", f"{c} thing {i // 2}",
+                       {"text": f"a {c} shape {i}", "kind": "query", "set": "A"}]}
+            for i, c in enumerate(COLOURS * 2)]
+    overrides = [f"output_dir={root / 'runs'}", f"corpus.path={write_jsonl(root / 'm.jsonl', rows)}",
+                 "embed.encoder=minilm-text", "ids.clusters=3", "retrieve.rerank=true", "eval.baselines=[]"]
+
+    def config(*extra):
+        from cart.config import load_config
+        return load_config(ROOT / "configs/tiny.yaml", [*overrides, *extra])
+
+    cfg = config()
+    for stage in (corpus, embed, build_ids, train):
+        stage.run(cfg)
+    return config
+
+
+def test_rerank_weight_is_chosen_on_validation_and_reorders_the_beam(reranked):
+    from cart.rerank import WEIGHTS
+
+    run_dir = reranked().run_dir
+    history = json.loads((run_dir / files.TRAIN_LOG).read_text())["history"]
+    assert all(row["rerank"]["weight"] in WEIGHTS for row in history)
+    retriever = Retriever.load(run_dir)
+    weight = retriever.manifest["rerank_weight"]
+    assert weight in WEIGHTS and retriever.reranker is not None
+    queries = ["red number 0", "shape 3", "green thing 1"]
+    beam_rows, beam_scores = retriever.search_rows(queries, 10, rerank=False)
+    rows, scores = retriever.search_rows(queries, 5, rerank=True)
+    encoder, items, _ = retriever.reranker
+    q = encoder.encode_text(queries)
+    for i in range(3):
+        found = beam_rows[i] >= 0
+        expected = (items[beam_rows[i][found]] @ q[i]).numpy() + weight * beam_scores[i][found]
+        order = np.argsort(-expected, kind="stable")[:5]
+        assert rows[i][: len(order)].tolist() == beam_rows[i][found][order].tolist()
+        assert np.allclose(scores[i][: len(order)], expected[order], atol=1e-5)
+
+
+def test_eval_reports_cart_and_cart_with_rerank_side_by_side(reranked):
+    cfg = reranked()
+    evaluate.run(cfg)
+    summary = json.loads((cfg.run_dir / files.EVAL).read_text())
+    assert list(summary["methods"]) == ["CART", "CART + rerank"]
+    assert "CART + rerank" in evaluate.table(summary)
+    # the beam's ten candidates, re-ordered: the same items within the top 10
+    assert summary["methods"]["CART + rerank"]["A"]["R@10"] == summary["methods"]["CART"]["A"]["R@10"]
+
+
+def test_rerank_needs_a_weight_chosen_in_training_and_a_text_side(trained):
+    with pytest.raises(CartError, match="was trained without a rerank weight: train with retrieve.rerank=true"):
+        Retriever.load(trained().run_dir, rerank=True)
+    with pytest.raises(CartError, match="retrieve.rerank needs an item encoder with a text side"):
+        trained("retrieve.rerank=true")  # the tiny run's embeddings are precomputed: no text side

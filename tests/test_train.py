@@ -1,6 +1,7 @@
 """`cart train` end to end on a tiny model: files, validation split, W&B offline, resume after SIGKILL,
 two gloo processes equal to one, bad input; and `cart caption` with a tiny random captioner."""
 
+import itertools
 import json
 import os
 import shutil
@@ -14,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cart import build_ids, caption, corpus, embed, encoders, files, train
+from cart import build_ids, caption, corpus, data, embed, encoders, files, train
 from cart.errors import CartError
+from cart.losses import cart_loss
 from conftest import ROOT, prepare_run, write_jsonl
 
 PYTHON = sys.executable
@@ -55,12 +57,14 @@ def test_train_writes_a_loadable_model_states_and_an_honest_validation_split(rea
     assert {p.name for p in entries if p.name.startswith(".")} == {os.readlink(p) for p in states}
     summary = json.loads((run_dir / files.TRAIN_LOG).read_text())
     assert len(summary["history"]) == 3
-    assert {"validation_r1", "train_r1", "epoch", "step"} <= set(summary["history"][0])
-    assert summary["training_pairs"] + summary["validation_pairs"] == 30  # 10 training items x 3 texts
+    assert {"validation", "score", "train_r1", "epoch", "step"} <= set(summary["history"][0])
+    assert set(summary["history"][0]["validation"]["texts"]) == {"R@1", "R@5", "R@10", "MRR@10"}
+    assert summary["training_pairs"] + summary["validation_pairs"]["texts"] == 30  # 10 training items x 3 texts
     # validation pairs are training texts, never held-out queries; every item keeps a training text
     records = {r["id"]: r for r in corpus.read(run_dir)}
     validation = [json.loads(line) for line in (run_dir / files.VALIDATION).read_text().splitlines()]
-    assert len(validation) == summary["validation_pairs"] == round(0.2 * 30)
+    assert {pair["split"] for pair in validation} == {"texts"}
+    assert len(validation) == summary["validation_pairs"]["texts"] == round(0.2 * 30)
     for pair in validation:
         kinds = {t["text"]: t["kind"] for t in records[pair["id"]]["texts"]}
         assert kinds[pair["text"]] == "caption"
@@ -151,11 +155,12 @@ def test_wandb_offline_run_holds_the_logged_metrics(ready_run, monkeypatch):
     (run_file,) = (cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     history = wandb_history(run_file)
     logged = {key for row in history for key in row}
-    for key in ("loss", "cross_entropy", "kl", "learning_rate", "pairs_per_second", "validation_r1", "train_r1"):
+    for key in ("loss", "cross_entropy", "kl", "learning_rate", "pairs_per_second", "validation_score",
+                "texts_R@1", "texts_MRR@10", "train_r1"):
         assert key in logged, key
-    validations = [row["validation_r1"] for row in history if "validation_r1" in row]
+    validations = [row["validation_score"] for row in history if "validation_score" in row]
     expected = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())["history"]
-    assert validations == pytest.approx([v["validation_r1"] for v in expected])
+    assert validations == pytest.approx([v["score"] for v in expected])
     assert [row["loss"] for row in history if "loss" in row][0] > 0
 
 
@@ -226,7 +231,7 @@ def test_caption_stage_writes_generated_captions_that_training_uses(ready_run, t
     summary = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())
     generated = sum(len(r["captions"]) for r in rows[:10] for _ in [0])
     # 30 given captions + the distinct generated ones of the 10 training items (held-out items' too)
-    assert summary["training_pairs"] + summary["validation_pairs"] > 30
+    assert summary["training_pairs"] + summary["validation_pairs"]["texts"] > 30
     assert generated > 0
     with pytest.raises(CartError, match="caption.model: no model config.json in"):
         caption.run(ready_run(f"caption.model={tmp_path / 'nothing'}"))
@@ -238,14 +243,14 @@ def test_minilm_word_embeddings_initialise_the_encoder(ready_run):
     assert full.shape == (30522, 384) and projected.shape == (30522, 32)
     assert full.pow(2).mean().item() == pytest.approx(1.0, rel=1e-3)
     cfg = ready_run("model.init_embeddings=minilm")
-    model = train.build_model(cfg, decoder_vocab_size=10, text_vocab_size=30522)
+    model = train.build_model(cfg, level_sizes=[4, 4], text_vocab_size=30522)
     assert torch.equal(model.get_input_embeddings().weight, projected)
 
 
 def test_minilm_encoder_is_the_pretrained_model_and_trains_frozen(ready_run):
     cfg = ready_run("model.encoder=minilm", "model.d_model=384", "model.num_heads=6", "model.d_ff=64",
                     "model.num_decoder_layers=1", "model.freeze_encoder=true", "train.epochs=1")
-    model = train.build_model(cfg, decoder_vocab_size=10, text_vocab_size=30522).eval()
+    model = train.build_model(cfg, level_sizes=[4, 4], text_vocab_size=30522).eval()
     tokenizer = train.load_tokenizer(cfg)
     reference = encoders.minilm_sentence_model()  # sentence-transformers' own loading of the package
     encoded = tokenizer(["a red heart", "cat"], padding=True, return_tensors="pt")
@@ -264,7 +269,7 @@ def test_minilm_encoder_is_the_pretrained_model_and_trains_frozen(ready_run):
 def test_length_grouped_batches_cover_each_pair_once_in_a_seeded_order():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 25, size=1000).tolist()
-    batches = train.LengthGroupedBatches(lengths, batch_size=16, seed=3, window=10)
+    batches = data.LengthGroupedBatches(lengths, batch_size=16, seed=3, window=10)
     first = list(batches)
     assert len(first) == len(batches) == 62 and all(len(b) == 16 for b in first)
     flat = [i for b in first for i in b]
@@ -281,21 +286,22 @@ def test_subset_queries_join_short_training_texts_only():
     import random
 
     texts = ["cat", "face", "pet", "whiskers", "cat face pet whiskers"]
-    made = train.subset_queries(texts, 6, 3, random.Random(0))
+    made = data.subset_queries(texts, 6, 3, random.Random(0))
     assert len(made) == len(set(made)) == 6
     for query in made:
         words = query.split()
         assert 2 <= len(words) <= 3 and len(set(words)) == len(words)
         assert set(words) <= {"cat", "face", "pet", "whiskers"} and query not in texts
-    assert train.subset_queries(["keycap"], 3, 3, random.Random(0)) == []
-    assert train.subset_queries(["VA", "flag", "VA flag"], 5, 3, random.Random(0)) == ["flag VA"]  # the one new order
+    assert data.subset_queries(["keycap"], 3, 3, random.Random(0)) == []
+    assert data.subset_queries(["VA", "flag", "VA flag"], 5, 3, random.Random(0)) == ["flag VA"]  # the one new order
 
 
 def test_subset_queries_never_use_a_validation_text(ready_run):
     cfg = ready_run("train.subset_queries=4")
     records = corpus.read(cfg.run_dir)
-    plain, _, _ = train.split_pairs(records, ready_run())
-    pairs, validation, relevant = train.split_pairs(records, cfg)
+    plain = data.split_pairs(records, ready_run()).train
+    splits = data.split_pairs(records, cfg)
+    pairs, validation, relevant = splits.train, splits.validation["texts"], splits.relevant
     assert pairs.texts[: len(plain.texts)] == plain.texts  # the same split, subsets appended
     added = list(zip(pairs.texts[len(plain.texts):], pairs.items[len(plain.texts):]))
     assert added
@@ -311,7 +317,7 @@ def test_greedy_validation_and_resuming_with_another_beam_width(ready_run):
     cfg = ready_run("train.epochs=1", "retrieve.beam_width=1")
     train.run(cfg)
     history = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())["history"]
-    assert len(history) == 1 and 0 <= history[0]["validation_r1"] <= 1
+    assert len(history) == 1 and 0 <= history[0]["validation"]["texts"]["R@1"] <= 1
     # validation's beam width does not change the weights: the run resumes with another
     train.run(ready_run("train.epochs=2", "retrieve.beam_width=10"))
     assert len(json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())["history"]) == 2
@@ -326,3 +332,72 @@ def test_what_a_killed_save_left_is_removed_on_start(ready_run):
     assert sorted(p.name for p in cfg.run_dir.glob(".model*")) == [os.readlink(cfg.run_dir / files.MODEL)]
     assert not (cfg.run_dir / "state/.step_3.tmp").exists()
     train.load(cfg.run_dir)
+
+
+MINILM = ["model.encoder=minilm", "model.d_model=384", "model.num_heads=6", "model.d_ff=64", "model.num_decoder_layers=1",
+          "model.freeze_encoder=true", "model.dropout=0", "model.max_query_tokens=24"]
+
+
+def test_cached_encoder_layers_give_the_same_loss_and_gradients_as_running_the_encoder(ready_run):
+    cfg = ready_run(*MINILM)
+    splits = data.split_pairs(corpus.read(cfg.run_dir), cfg)
+    tokenizer = train.load_tokenizer(cfg)
+    model = train.build_model(cfg, build_ids.load(cfg.run_dir).layout.level_sizes, len(tokenizer)).train()
+    cache = data.LayerCache(model.encoder, tokenizer, splits.train.texts, 24, torch.device("cpu"))
+    assert len(cache.index) == len(set(splits.train.texts))
+    labels = torch.tensor([[3, 7, 11, 1]] * len(splits.train.texts))
+    rows = list(range(0, len(splits.train.texts), 3))  # texts of several lengths: padding differs
+    results = []
+    for layer_cache in (cache, None):
+        batch = data.make_batch(rows, splits.train, labels, tokenizer, 24, layer_cache)
+        model.zero_grad()
+        loss = cart_loss(model, batch, omega=0.0).total
+        loss.backward()
+        results.append((loss.item(), model.encoder.coarse_projection.weight.grad.clone()))
+    (cached_loss, cached_grad), (direct_loss, direct_grad) = results
+    assert cached_loss == pytest.approx(direct_loss, abs=1e-5)
+    assert torch.allclose(cached_grad, direct_grad, atol=1e-5)
+
+
+def test_name_shaped_validation_queries_are_never_trained_on(ready_run):
+    cfg = ready_run("train.validation_names=4", "train.subset_queries=6", "train.validation_fraction=0.1")
+    records = corpus.read(cfg.run_dir)
+    splits = data.split_pairs(records, cfg)
+    names = splits.validation["names"]
+    assert len(names.texts) == 4
+    trained = {text.lower() for text in splits.train.texts}
+    held = {(row, text) for text, row in zip(splits.validation["texts"].texts, splits.validation["texts"].items)}
+    for text, row in zip(names.texts, names.items):
+        assert text.lower() not in trained and row in splits.relevant[text.lower()]
+        own = set(data.training_texts(records[row])) - {t for r, t in held if r == row}
+        assert any(" ".join(p) == text for k in (2, 3) for p in itertools.permutations(own, k))  # its own tags
+
+
+def test_item_text_embeddings_leave_out_the_validation_texts(ready_run, tmp_path):
+    cfg = ready_run("embed.encoder=minilm-text", "corpus.query_splits=[]")  # every item has training texts
+    corpus.run(cfg, force=True)
+    embed.run(cfg)
+    build_ids.run(cfg)
+    records = corpus.read(cfg.run_dir)
+    held_out = data.held_out_texts(records, cfg)
+    manifest = json.loads(files.manifest_path(cfg.run_dir / files.EMBEDDINGS).read_text())
+    assert held_out and manifest["validation_left_out"] == data.held_out_digest(held_out)
+    expected = encoders.ItemText(torch.device("cpu")).encode(data.without_texts(records, held_out))
+    assert torch.allclose(load_file(str(cfg.run_dir / files.EMBEDDINGS))["embeddings"], expected, atol=1e-5)
+    with pytest.raises(CartError, match="embedded other validation texts than this run holds out"):
+        train.run(ready_run("embed.encoder=minilm-text", "corpus.query_splits=[]", "train.validation_fraction=0.1"))
+
+
+def test_the_encoders_top_layer_is_tuned_after_the_frozen_epochs_only(ready_run):
+    cfg = ready_run(*MINILM, "model.tune_layers=1", "train.tune_after=1", "train.epochs=2", "train.patience=0",
+                    "train.warmup_steps=1")
+    pretrained = load_file(str(encoders.minilm_dir() / "model.safetensors"))
+    train.run(cfg)
+    trained = final_weights(cfg.run_dir)
+    for name, value in pretrained.items():
+        ours = trained.get(f"encoder.bert.{name}")
+        if ours is None:  # the pooler, which fusion does not use
+            continue
+        assert torch.equal(ours, value) != name.startswith("encoder.layer.5."), name
+    history = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())["history"]
+    assert len(history) == 2
