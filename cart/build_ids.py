@@ -105,8 +105,8 @@ def _check(x: torch.Tensor, cfg: Config) -> None:
         raise CartError(f"{where}: row {int(zero.nonzero()[0])} {_item(cfg, int(zero.nonzero()[0]))}is all zeros")
     if c.scheme in ("cart", "rqkmeans", "hkmeans") and c.clusters > n:
         raise CartError(f"ids.clusters={c.clusters} is more than the {n} items: lower it")
-    if c.scheme != "atomic" and (c.clusters < 1 or c.levels < 1 or c.codebook_size < 2):
-        raise CartError("ids.clusters and ids.levels must be at least 1, ids.codebook_size at least 2")
+    if c.scheme == "rqkmeans" and c.codebook_size > n:  # each level is a K-Means of all the items' residuals
+        raise CartError(f"ids.codebook_size={c.codebook_size} is more than the {n} items: lower it")
 
 
 def _item(cfg: Config, row: int) -> str:

@@ -151,15 +151,19 @@ class ModelConfig:
     def __post_init__(self):
         at_least(self, 1, "d_model", "num_layers", "num_decoder_layers", "num_heads", "d_ff")
         at_least(self, 0, "tune_layers")
+        below(self, 6, "tune_layers")  # MiniLM's 6 layers: one at least stays frozen below the tuned ones
         if self.tune_layers and not (self.encoder == "minilm" and self.freeze_encoder):
             raise InvalidValue("tune_layers", "tunes the top layers of a frozen encoder: it needs model.encoder=minilm "
                                               "and model.freeze_encoder=true")
+        if self.encoder == "minilm" and self.pretrained:
+            raise InvalidValue("encoder", "minilm replaces T5's encoder; model.pretrained starts from a T5 of its own: "
+                                          "choose one")
         at_least(self, 3, "max_query_tokens")  # the tokenizer's two special tokens and a word
         at_least(self, 0, "dropout")
         below(self, 1, "dropout")
         if self.d_model % self.num_heads:
             raise InvalidValue("d_model", f"({self.d_model}) must be a multiple of model.num_heads ({self.num_heads})")
-        if self.encoder == "minilm" and not self.pretrained and (
+        if self.encoder == "minilm" and (
                 self.d_model != MINILM_DIM or (self.tokenizer or "minilm") != "minilm"):
             raise InvalidValue("encoder", f"minilm needs model.d_model={MINILM_DIM} and MiniLM's tokenizer "
                                           f"(got d_model={self.d_model}, tokenizer={self.tokenizer or 'minilm'})")
@@ -175,7 +179,8 @@ class TrainConfig:
     warmup_steps: int = 100
     rdrop_weight: float = 1.0  # omega; 0 is the paper's "w/o consistency" ablation (paper: not published)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on CUDA, none on CPU
-    validation_fraction: float = 0.05  # of training pairs held out for validation (from items with 2+ texts)
+    # of the corpus's (caption, item) pairs held out for the `texts` validation split, from items with 2+ captions
+    validation_fraction: float = 0.05
     validation_max: int = 500  # at most this many validation pairs
     # extra training queries per item, each 2..subset_size of its short training texts (tags) joined in
     # random order; built after the validation split, from training texts only (0: none)
@@ -186,7 +191,7 @@ class TrainConfig:
     cache_encoder: bool = True  # a frozen encoder's layer outputs computed once per training text, not each step
     tune_after: int = 0  # epochs of frozen warm-up before the encoder's model.tune_layers top layers train
     encoder_learning_rate: float = 5e-5  # their peak learning rate (warm-up, then the cosine to the last step)
-    patience: int = 3  # stop after this many validations without a better validation R@1 (0: never stop early)
+    patience: int = 3  # stop after this many validations without a better validation score (0: never stop early)
     save_every: int = 200  # optimiser steps between resumable states (and at every epoch end)
     keep_states: int = 2  # newest state/step_N folders kept
     log_every: int = 10  # optimiser steps between tracker logs
@@ -231,8 +236,8 @@ class EvalConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        at_least(self, 1, "batch_size")
-        at_least(self, 0, "latency_queries", "report_queries")
+        at_least(self, 1, "batch_size", "latency_queries")
+        at_least(self, 0, "report_queries")
 
 
 @dataclass
@@ -294,6 +299,7 @@ class Config:
         below(self, 2**32, "seed")  # NumPy's seeds are 32-bit
         if not self.run:
             raise InvalidValue("run", "must name the run folder, got ''")
+        folder_name(self, "run")
 
     @property
     def run_dir(self) -> Path:

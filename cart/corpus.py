@@ -16,6 +16,7 @@ have their texts held out as queries of a set named after the split.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,14 +51,15 @@ def run(cfg: Config, force: bool = False) -> Path:
     """Build `corpus.jsonl` in the run folder from `cfg.corpus`; return its path. A corpus with other content
     than the run's present one, whose later stages were built from it, is refused unless `force`."""
     c = cfg.corpus
+    c = dataclasses.replace(c, path=os.path.expanduser(c.path), media_root=os.path.expanduser(c.media_root))
     sources = {"emoji": _emoji, "karpathy": _karpathy, "coco": _coco, "manifest": _manifest, "folder": _folder}
     if c.source != "emoji" and not c.path:
         raise CartError(f"corpus.path is required for corpus.source={c.source}")
-    if c.path and not Path(c.path).expanduser().exists():
+    if c.path and not Path(c.path).exists():
         raise CartError(f"corpus.path not found: {c.path}")
-    if c.source == "folder" and not Path(c.path).expanduser().is_dir():
+    if c.source == "folder" and not Path(c.path).is_dir():
         raise CartError(f"corpus.path {c.path} is a file: corpus.source=folder reads a folder of media")
-    if c.source in ("karpathy", "coco", "manifest") and Path(c.path).expanduser().is_dir():
+    if c.source in ("karpathy", "coco", "manifest") and Path(c.path).is_dir():
         raise CartError(f"corpus.path {c.path} is a folder: corpus.source={c.source} reads a file "
                         f"(corpus.source=folder reads a folder of media)")
     records, skipped, seen = [], [], {}
@@ -167,7 +169,7 @@ def _texts(strings: list, split: str, c: CorpusConfig) -> list[dict]:
 
 
 def _media_root(c: CorpusConfig) -> Path:
-    return Path(c.media_root).expanduser() if c.media_root else Path(c.path).expanduser().parent
+    return Path(c.media_root) if c.media_root else Path(c.path).parent
 
 
 def media_path(root: Path, value) -> str:
@@ -177,8 +179,8 @@ def media_path(root: Path, value) -> str:
         raise BadItem(f"path should be a file name, got {value!r}")
     if Path(value).is_absolute():
         return value
-    path = os.path.normpath(root / value)
-    if os.path.commonpath([path, os.path.normpath(root)]) != os.path.normpath(root):
+    path, inside = os.path.normpath(root / value), os.path.abspath(root)
+    if os.path.commonpath([os.path.abspath(path), inside]) != inside:
         raise BadItem(f"path {value!r} leaves the media root {root} (an absolute path may point elsewhere)")
     return path
 
@@ -350,7 +352,7 @@ def _manifest_record(row, root: Path, c: CorpusConfig):
 
 def _folder(c: CorpusConfig):
     """Every media file below the folder; texts from a `<name>.txt` beside it, one per line."""
-    root = Path(c.path).expanduser()
+    root = Path(c.path)
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()):
         where = str(path)
         texts = []

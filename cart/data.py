@@ -125,13 +125,14 @@ def split_pairs(records: list[dict], cfg: Config) -> Splits:
         relevant.setdefault(text.lower(), set()).add(row)
     if t.subset_queries:
         rng = random.Random(f"{cfg.seed}/subsets")
-        avoid = {text.lower() for text in names.texts}
+        # a subset may rebuild a held-out text (the joined tags, in another order it would still differ)
+        avoid = {text.lower() for pairs in validation.values() for text in pairs.texts}
         for row, texts in by_item.items():
             for text in subset_queries(texts, t.subset_queries, t.subset_size, rng, avoid):
                 train.texts.append(text)
                 train.items.append(row)
                 relevant.setdefault(text.lower(), set()).add(row)
-    return Splits(train, validation, relevant)
+    return Splits(train, {name: pairs for name, pairs in validation.items() if pairs.texts}, relevant)
 
 
 def subset_queries(texts: list[str], count: int, largest: int, rng: random.Random,
@@ -197,6 +198,8 @@ class LayerCache:
         unique = list(self.index)
         self.layers: list[torch.Tensor] = [None] * len(unique)
         order = sorted(range(len(unique)), key=lambda i: len(unique[i]))  # batches of like length pad less
+        training = encoder.training
+        encoder.eval()  # the features inference sees: never a dropout draw
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 rows = order[start: start + batch_size]
@@ -205,6 +208,7 @@ class LayerCache:
                 layers = encoder.layer_outputs(encoded["input_ids"], encoded["attention_mask"]).cpu()  # (B, T, S, d)
                 for row, length, features in zip(rows, encoded["attention_mask"].sum(1).tolist(), layers):
                     self.layers[row] = features[:length].clone()
+        encoder.train(training)
 
     @property
     def bytes(self) -> int:

@@ -62,9 +62,11 @@ def atomic_path(path: Path):
 def publish_folder(folder: Path, path: Path) -> None:
     """Make the complete `folder` (a temporary beside `path`) become `path` in one atomic step. `path` is a
     symlink to a hidden folder `.<name>.<n>`, so replacing it swaps one link (os.replace): a reader, or a
-    kill at any moment, finds the old folder or the new one, never none or half of one. The old folder and
-    any temporaries an earlier kill left are removed afterwards."""
+    kill at any moment, finds the old folder or the new one, never half of one. (A plain `path` folder, as
+    an older cart wrote it, is moved aside first: a kill just then leaves no `path` until `finish_publish`.)
+    The old folder and any temporaries an earlier kill left are removed afterwards."""
     folder, path = Path(folder), Path(path)
+    finish_publish(path)
     version = path.with_name(f".{path.name}.{time.time_ns()}")
     os.replace(folder, version)
     link = path.with_name(f".{path.name}.link")
@@ -74,6 +76,19 @@ def publish_folder(folder: Path, path: Path) -> None:
         os.replace(path, path.with_name(f".{path.name}.old"))
     os.replace(link, path)
     remove_stale(path.parent, f".{glob.escape(path.name)}.*")
+
+
+def finish_publish(path: Path) -> None:
+    """Complete a `publish_folder` that a kill interrupted before `path` existed again: the link made for
+    it, or the folder an older cart's plain `path` was moved aside to, becomes `path`."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        return
+    link, old = path.with_name(f".{path.name}.link"), path.with_name(f".{path.name}.old")
+    if link.is_symlink() and (path.parent / os.readlink(link)).is_dir():
+        os.replace(link, path)
+    elif old.is_dir():
+        os.replace(old, path)
 
 
 def remove_stale(folder: Path, pattern: str) -> None:

@@ -136,13 +136,15 @@ class BertFusionEncoder(nn.Module):
 
         self.bert = BertModel(BertConfig(**config.cart_text_encoder), add_pooling_layer=False)
         self.frozen = config.cart_freeze_encoder
-        self.tuned = getattr(config, "cart_tune_layers", 0) if self.frozen else 0
+        self.tuned = config.cart_tune_layers if self.frozen else 0
         if self.tuned >= len(self.bert.encoder.layer):
             raise ValueError(f"{self.tuned} tuned layers of {len(self.bert.encoder.layer)}: leave one frozen below them")
         self.tuning = False  # set by training once its frozen warm-up is over
         self.bert.requires_grad_(not self.frozen)
         for layer in self._tuned_layers():
             layer.requires_grad_(True)
+        if self.frozen:
+            self.bert.eval()  # from the start: a module is built in training mode, dropout on
         self.coarse_projection = (nn.Linear(config.num_layers * config.d_model, config.d_model)
                                   if config.cart_fusion else None)
         self.fine = config.cart_fine_fusion
@@ -284,6 +286,15 @@ def _split_mask(mask, batch: int, length: int, sources: int):
     return coarse, fine.flatten(0, 1)
 
 
+def _with_defaults(config: T5Config) -> None:
+    """Models saved before a switch existed load as they were trained: without it."""
+    defaults = {"cart_fine_fusion": config.cart_fusion, "cart_level_softmax": False, "cart_level_sizes": [],
+                "cart_geometry_dim": 0, "cart_geometry_scale": 20.0, "cart_tune_layers": 0}
+    for key, value in defaults.items():
+        if not hasattr(config, key):
+            setattr(config, key, value)
+
+
 class CartT5(T5PreTrainedModel, GenerationMixin):
     """Query text -> identifier tokens. forward(input_ids, attention_mask, labels) -> (loss, logits)."""
 
@@ -292,6 +303,7 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: T5Config):
         super().__init__(config)
+        _with_defaults(config)
         encoder_config = copy.deepcopy(config)
         encoder_config.is_decoder, encoder_config.use_cache = False, False
         self.encoder = (BertFusionEncoder(encoder_config) if getattr(config, "cart_text_encoder", None)

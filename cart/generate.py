@@ -119,8 +119,6 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
     if not prompt:
         raise CartError("empty prompt: give the text to generate from")
     run_dir = Path(run_dir or cfg.run_dir)
-    if g.images < 1:
-        raise CartError(f"generate.images={g.images}: at least one image must condition the generator")
     generator = generators.load(g)  # fail on a bad model folder before decoding anything
     retriever = retriever or Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=g.device)
     queries, chosen = retrieve_for_generation(retriever, prompt, cfg)

@@ -71,8 +71,8 @@ class TokenLayout:
 def residual_means(codes: np.ndarray, layout: TokenLayout, x: np.ndarray) -> np.ndarray:
     """The identifier geometry: for each decoder token, a vector in the embedding space, (V, D). Level by
     level, a token's vector is the mean of what its items' embeddings x (N, D) keep after the levels above:
-    the first level's are the cluster means (the K-Means centroids), the next ones the mean residual of
-    each code, whatever quantiser made it. Summed along an identifier they rebuild its item's embedding
+    the first level's are the mean of each first code's items (with K-Means, its centroids), the next ones
+    the mean residual of each code, whatever quantiser made it. Summed along an identifier they rebuild its item's embedding
     as well as its tokens can; special tokens get zeros."""
     geometry = np.zeros((layout.vocab_size, x.shape[1]), dtype=np.float64)
     rebuilt = np.zeros_like(x, dtype=np.float64)
@@ -174,7 +174,7 @@ def _rqkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes
         energy = float((residual ** 2).sum(1).mean())
         levels = [labels]
         for level in range(cfg.levels):
-            codes, codebook = kmeans(residual, cfg.codebook_size, cfg.kmeans, seed + 1 + level)
+            codes, codebook = kmeans(residual, cfg.codebook_size, cfg.kmeans, (seed + 1 + level) % 2**32)
             residual -= codebook[codes]
             levels.append(codes)
     errors = (residual ** 2).sum(1)

@@ -9,8 +9,13 @@ the cost stays flat in corpus size. The weight is chosen on the validation split
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors.torch import load_file
+
+from cart import files
 
 WEIGHTS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # the log-probability's weight, chosen on validation
 
@@ -25,3 +30,9 @@ def rerank(rows: np.ndarray, log_probs: np.ndarray, queries: torch.Tensor, items
     scores = np.where(found, cosine + weight * np.where(found, log_probs, 0.0), -np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)
+
+
+def item_embeddings(run_dir: Path) -> torch.Tensor:
+    """The run's item embeddings (`cart embed`'s, verified against their manifest), L2-normalised, (N, D)."""
+    path, _ = files.verified_input(run_dir, files.EMBEDDINGS)
+    return torch.nn.functional.normalize(load_file(str(path))["embeddings"].float(), dim=-1)

@@ -23,6 +23,7 @@ import torch
 
 from cart import corpus, files
 from cart.decoding import decode
+from cart.rerank import item_embeddings
 from cart.rerank import rerank as reorder
 from cart.embed import pick_device
 from cart.errors import CartError
@@ -121,8 +122,6 @@ class Retriever:
 
 def _reranker(run_dir: Path, manifest: dict, device: torch.device):
     """(the query encoder, the run's item embeddings, the weight training chose) for rerank."""
-    from safetensors.torch import load_file
-
     from cart.config import EmbedConfig
     from cart.encoders import query_encoder
 
@@ -130,10 +129,8 @@ def _reranker(run_dir: Path, manifest: dict, device: torch.device):
     if weight is None:
         raise CartError(f"{run_dir / files.MODEL_WEIGHTS} was trained without a rerank weight: train with "
                         f"retrieve.rerank=true to rerank")
-    path, embed_manifest = files.verified_input(run_dir, files.EMBEDDINGS)
-    files.require_built_from(embed_manifest, files.EMBEDDINGS, run_dir, files.CORPUS)
-    embeddings = torch.nn.functional.normalize(load_file(str(path))["embeddings"].float(), dim=-1)
-    return query_encoder(EmbedConfig(**manifest["config"]["embed"]), device), embeddings, weight
+    files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, files.EMBEDDINGS)  # the ones it chose w on
+    return query_encoder(EmbedConfig(**manifest["config"]["embed"]), device), item_embeddings(run_dir), weight
 
 
 def format_hits(query: str, hits: list[Hit]) -> str:

@@ -41,14 +41,14 @@ from cart.errors import CartError
 from cart.fusion import CartT5, cart_config
 from cart.identifiers import residual_means
 from cart.losses import cart_loss
-from cart.rerank import WEIGHTS, rerank
+from cart.rerank import WEIGHTS, item_embeddings, rerank
 from cart.scoring import DEPTH
 
 
 def run(cfg: Config) -> Path:
     """Train (or resume training) the run's model; return the path of `model/`."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
     run_dir, t = cfg.run_dir, cfg.train
     records, ids, inputs = read_inputs(run_dir, cfg)
@@ -60,7 +60,10 @@ def run(cfg: Config) -> Path:
 
     if t.tracker == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; `wandb sync` later
+    # the encoder's tuned layers wait for train.tune_after epochs: DDP must not expect their gradients before
+    unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.model.tune_layers else []
     accelerator = Accelerator(
+        kwargs_handlers=unused,
         gradient_accumulation_steps=t.gradient_accumulation,
         mixed_precision=_precision(t.mixed_precision),
         cpu=not torch.cuda.is_available(),
@@ -99,7 +102,7 @@ def run(cfg: Config) -> Path:
         groups.append({"params": [p for p in model.parameters() if p.requires_grad and id(p) in tuned],
                        "lr": t.encoder_learning_rate})
     optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
-    updates_per_epoch = len(loader) // t.gradient_accumulation
+    updates_per_epoch = math.ceil(len(loader) / t.gradient_accumulation)  # the last, partial one steps too
     total = max(1, updates_per_epoch * t.epochs)
     schedules = [_schedule(t.warmup_steps, total), _schedule(t.warmup_steps, total, start=updates_per_epoch * t.tune_after)]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[: len(groups)])
@@ -109,6 +112,7 @@ def run(cfg: Config) -> Path:
     trainer = {"settings": settings, "step": 0, "epoch": 0, "batches_done": 0, "best_score": -1.0,
                "best_step": 0, "stale": 0, "history": []}
     if accelerator.is_main_process:  # what a killed save left behind
+        files.finish_publish(run_dir / files.MODEL)
         files.remove_stale(run_dir, f".{files.MODEL}.*")
         files.remove_stale(run_dir / files.STATE, ".step_*")
     accelerator.wait_for_everyone()
@@ -191,7 +195,8 @@ def load(run_dir: Path) -> tuple[CartT5, object, Identifiers]:
     _, manifest = files.verified_input(run_dir, files.MODEL_WEIGHTS)
     files.verify_companions(run_dir, manifest, "cart train")
     named = {Path(name).name for name in manifest.get("companions", {})} | {manifest["file"]}
-    extra = [p.name for p in (run_dir / files.MODEL).iterdir() if p.name not in named | {files.manifest_path(p).name}]
+    named.add(files.manifest_path(run_dir / files.MODEL_WEIGHTS).name)
+    extra = [p.name for p in (run_dir / files.MODEL).iterdir() if p.name not in named]
     if extra:
         raise CartError(f"{run_dir / files.MODEL / extra[0]} is not one of the files the model was saved with: "
                         f"remove it, or rerun `cart train`")
@@ -291,7 +296,8 @@ def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, di
     if len(ids.codes) != len(records):
         raise CartError(f"{run_dir / files.IDS} has {len(ids.codes)} identifiers for {len(records)} corpus items: "
                         f"rerun `cart embed` and `cart ids`")
-    inputs = {name: files.verified_input(run_dir, name)[1]["sha256"] for name in (files.CORPUS, files.IDS)}
+    read = (files.CORPUS, files.IDS) + ((files.EMBEDDINGS,) if cfg.model.geometry or cfg.retrieve.rerank else ())
+    inputs = {name: files.verified_input(run_dir, name)[1]["sha256"] for name in read}
     records, captions_sha = with_generated_captions(run_dir, records)
     if captions_sha:
         inputs[files.CAPTIONS] = captions_sha
@@ -313,10 +319,10 @@ def with_generated_captions(run_dir: Path, records: list[dict]) -> tuple[list[di
 
 
 def decode_texts(model, tokenizer, ids: Identifiers, texts: list[str], cfg: Config, device: torch.device,
-                 batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """The top 10 items of constrained beam search (fewer with fewer beams) for each text, and their
+                 depth: int = DEPTH, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """The top `depth` items of constrained beam search (fewer with fewer beams) for each text, and their
     log-probabilities: (n, depth) each, -1 / -inf where the beams found fewer."""
-    depth = min(DEPTH, cfg.retrieve.beam_width)
+    depth = min(depth, cfg.retrieve.beam_width)
     rows, scores = np.full((len(texts), depth), -1), np.full((len(texts), depth), -np.inf)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of like length pad less
     for start in range(0, len(texts), batch_size):
@@ -333,7 +339,7 @@ TRAIN_SAMPLE = 200  # training pairs decoded after each epoch for the training-q
 
 
 class Validation:
-    """The validation splits' figures after an epoch: R@1, R@10, MRR@10 of beam search and, with
+    """The validation splits' figures after an epoch: R@1, R@5, R@10, MRR@10 of beam search and, with
     `retrieve.rerank`, of the beam's candidates re-ranked (`cart.rerank`) at each weight of WEIGHTS; each
     process decodes its share of the queries."""
 
@@ -341,8 +347,7 @@ class Validation:
         self.splits, self.cfg = splits, cfg
         self.queries = self.items = None
         if cfg.retrieve.rerank:  # the run's own embeddings, and the validation queries by the same encoder
-            path, _ = files.verified_input(run_dir, files.EMBEDDINGS)
-            self.items = torch.nn.functional.normalize(load_file(str(path))["embeddings"].float(), dim=-1)
+            self.items = item_embeddings(run_dir)
             texts = sorted({text for pairs in splits.validation.values() for text in pairs.texts})
             vectors = query_encoder(cfg.embed, device).encode_text(texts) if texts else torch.zeros(0)
             self.queries = dict(zip(texts, vectors))
@@ -354,12 +359,14 @@ class Validation:
             mine = list(range(accelerator.process_index, len(pairs.texts), accelerator.num_processes))
             texts = [pairs.texts[i] for i in mine]
             relevant = [self.splits.relevant[t.lower()] for t in texts]
-            rows, scores = decode_texts(model, tokenizer, ids, texts, self.cfg, accelerator.device)
-            totals[name] = scoring.totals(rows, relevant)
+            # with rerank, the whole beam: retrieval re-ranks all its candidates
+            depth = self.cfg.retrieve.beam_width if self.queries is not None else DEPTH
+            rows, scores = decode_texts(model, tokenizer, ids, texts, self.cfg, accelerator.device, depth)
+            totals[name] = scoring.totals(rows[:, :DEPTH], relevant)
             if self.queries is not None:
                 queries = torch.stack([self.queries[t] for t in texts]) if texts else torch.zeros(0, self.items.shape[1])
-                reranked[name] = np.stack([scoring.totals(rerank(rows, scores, queries, self.items, w)[0], relevant)
-                                           for w in WEIGHTS])
+                reranked[name] = np.stack([scoring.totals(rerank(rows, scores, queries, self.items, w)[0][:, :DEPTH],
+                                                          relevant) for w in WEIGHTS])
         train = self.splits.train  # how well it fits its own training queries: a sample tells enough
         sample = random.Random(self.cfg.seed).sample(range(len(train.texts)), min(len(train.texts), TRAIN_SAMPLE))
         mine = sample[accelerator.process_index::accelerator.num_processes]

@@ -23,18 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/emoji.yaml"
 VARIANTS = {  # name -> (config file, overrides)
     "CART": (CONFIG, []),
-    # the paper's Table 4
+    # the paper's Table 4 (our default has no R-Drop: its row is "with R-Drop")
     "w/o fusion": (CONFIG, ["model.fusion=false"]),
+    "coarse fusion only": (CONFIG, ["model.fine_fusion=false"]),
     "with R-Drop": (CONFIG, ["train.rdrop_weight=1.0"]),
-    "with fine fusion": (CONFIG, ["model.fine_fusion=true"]),
     "rq ids (w/o K-Means)": (CONFIG, ["ids.scheme=rq"]),
     "hkmeans ids (w/o RQ-VAE)": (CONFIG, ["ids.scheme=hkmeans"]),
-    "atomic ids": (CONFIG, ["ids.scheme=atomic"]),
-    # the prototype, and the levers of issue 13
+    # the second prototype's recipe, and the levers of issue 13
     "prototype recipe": (ROOT / "configs/emoji-prototype.yaml", []),
-    "w/o identifier geometry": (CONFIG, ["model.geometry=false"]),
     "w/o level softmax": (CONFIG, ["model.level_softmax=false"]),
-    "w/o tag-subset queries": (CONFIG, ["train.subset_queries=0"]),
+    "with identifier geometry": (CONFIG, ["model.geometry=true"]),
     "rqkmeans ids": (CONFIG, ["ids.scheme=rqkmeans", "ids.codebook_size=256"]),
     # identifiers from the images (EfficientNet-Lite0 features): the cross-modal path of the design
     "image ids (efficientnet-lite0)": (CONFIG, ["embed.encoder=efficientnet-lite0", "retrieve.rerank=false"]),

@@ -55,3 +55,28 @@ def test_publishing_replaces_a_plain_folder_and_remove_folder_follows_the_link(t
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", os.readlink(model)])
     files.remove_folder(model)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kill_at", range(3))
+def test_a_plain_folder_replaced_by_a_kill_is_restored_on_the_next_start(tmp_path, monkeypatch, kill_at):
+    model = folder_with(tmp_path / "model", "plain")  # as an older cart wrote it
+    real_replace, real_symlink, calls = os.replace, os.symlink, []
+
+    def counting(real):
+        def step(*args):
+            calls.append(args)
+            if len(calls) > kill_at + 2:  # the new folder renamed and its link made: then the migration
+                raise Killed
+            return real(*args)
+        return step
+
+    monkeypatch.setattr(os, "replace", counting(real_replace))
+    monkeypatch.setattr(os, "symlink", counting(real_symlink))
+    try:
+        files.publish_folder(folder_with(tmp_path / ".model.tmp", "new"), model)
+    except Killed:
+        pass
+    monkeypatch.undo()
+    files.finish_publish(model)  # what the next start does, before removing what is stale
+    files.remove_stale(tmp_path, ".model.*")
+    assert (model / "weights").read_text() in ("plain", "new")

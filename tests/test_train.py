@@ -342,8 +342,10 @@ def test_cached_encoder_layers_give_the_same_loss_and_gradients_as_running_the_e
     cfg = ready_run(*MINILM)
     splits = data.split_pairs(corpus.read(cfg.run_dir), cfg)
     tokenizer = train.load_tokenizer(cfg)
-    model = train.build_model(cfg, build_ids.load(cfg.run_dir).layout.level_sizes, len(tokenizer)).train()
+    model = train.build_model(cfg, build_ids.load(cfg.run_dir).layout.level_sizes, len(tokenizer))
+    # as `cart train` does: the cache is made from the model as built, before any .train() or .eval()
     cache = data.LayerCache(model.encoder, tokenizer, splits.train.texts, 24, torch.device("cpu"))
+    model.train()
     assert len(cache.index) == len(set(splits.train.texts))
     labels = torch.tensor([[3, 7, 11, 1]] * len(splits.train.texts))
     rows = list(range(0, len(splits.train.texts), 3))  # texts of several lengths: padding differs
@@ -367,6 +369,8 @@ def test_name_shaped_validation_queries_are_never_trained_on(ready_run):
     assert len(names.texts) == 4
     trained = {text.lower() for text in splits.train.texts}
     held = {(row, text) for text, row in zip(splits.validation["texts"].texts, splits.validation["texts"].items)}
+    held_out = {text.lower() for pairs in splits.validation.values() for text in pairs.texts}
+    assert not held_out & trained  # no training query, tag subsets included, repeats a validation query
     for text, row in zip(names.texts, names.items):
         assert text.lower() not in trained and row in splits.relevant[text.lower()]
         own = set(data.training_texts(records[row])) - {t for r, t in held if r == row}
