@@ -21,7 +21,8 @@ def run(cfg: Config) -> Path:
         print(f"  epoch {row['epoch']:>2}  step {row['step']:>5}  {splits}  training-query R@1 {row['train_r1']:.3f}")
     retriever = Retriever.load(cfg.run_dir, beam_width=cfg.retrieve.beam_width)  # examples and generation
     if cfg.retrieve.examples:
-        print("\nexample retrievals (rank, log-probability, item, path):")
+        score = "rerank score" if retriever.reranker is not None else "log-probability"
+        print(f"\nexample retrievals (rank, {score}, item, path):")
         for query, hits in zip(cfg.retrieve.examples, retriever.search(cfg.retrieve.examples, k=3)):
             print(format_hits(query, hits))
     summary = json.loads((cfg.run_dir / files.EVAL).read_text(encoding="utf-8"))
