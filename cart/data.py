@@ -24,6 +24,7 @@ from torch.utils.data import BatchSampler
 
 from cart.config import Config
 from cart.errors import CartError
+from cart.identifiers import TokenLayout
 
 TRAINING_KINDS = ("caption", "generated")  # text kinds that are training queries; `query` is held out
 
@@ -224,6 +225,12 @@ class LayerCache:
             layers[i, : len(f)] = f
             mask[i, : len(f)] = 1
         return layers, mask
+
+
+def identifier_labels(codes_as_tokens) -> torch.Tensor:
+    """The decoder's targets: each item's identifier tokens (N, L) followed by EOS."""
+    tokens = torch.as_tensor(codes_as_tokens)
+    return torch.cat([tokens, torch.full((len(tokens), 1), TokenLayout.EOS)], dim=1)
 
 
 def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, max_tokens: int,

@@ -55,8 +55,7 @@ def run(cfg: Config) -> Path:
     splits = data.split_pairs(records, cfg)
     train_pairs = splits.train
     tokenizer = load_tokenizer(cfg)
-    tokens = torch.from_numpy(ids.tokens)  # (N, L) identifier tokens
-    labels = torch.cat([tokens, torch.full((len(tokens), 1), build_ids.TokenLayout.EOS)], dim=1)  # ending in EOS
+    labels = data.identifier_labels(ids.tokens)
 
     if t.tracker == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; `wandb sync` later

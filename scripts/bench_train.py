@@ -41,8 +41,7 @@ def throughput(cfg, steps: int) -> dict:
     torch.manual_seed(cfg.seed)
     model = train.build_model(cfg, ids.layout.level_sizes, len(tokenizer)).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
-    tokens = torch.from_numpy(ids.tokens)
-    labels = torch.cat([tokens, torch.full((len(tokens), 1), build_ids.TokenLayout.EOS)], dim=1)
+    labels = data.identifier_labels(ids.tokens)
     max_tokens = cfg.model.max_query_tokens
     cache = None
     if cfg.train.cache_encoder and getattr(model.encoder, "frozen", False):  # as `cart train` does
