@@ -178,6 +178,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     rdrop_weight: float = 1.0  # omega; 0 is the paper's "w/o consistency" ablation (paper: not published)
+    # a listwise ranking loss (as LTRGR's ranking phase): each query's identifier against rank_negatives hard
+    # negatives, the items nearest its item in the embeddings the identifiers were built from (0: off)
+    rank_weight: float = 0.0
+    rank_negatives: int = 4
+    rank_after: int = 0  # epochs before it starts: a ranking phase after the generation phase, as LTRGR
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on CUDA, none on CPU
     # of the corpus's (caption, item) pairs held out for the `texts` validation split, from items with 2+ captions
     validation_fraction: float = 0.05
@@ -198,11 +203,12 @@ class TrainConfig:
     tracker: Literal["none", "wandb", "tensorboard"] = "none"
 
     def __post_init__(self):
-        at_least(self, 1, "epochs", "batch_size", "gradient_accumulation", "save_every", "keep_states", "log_every")
-        at_least(self, 0, "weight_decay", "warmup_steps", "rdrop_weight", "validation_fraction", "validation_max",
+        at_least(self, 1, "epochs", "batch_size", "gradient_accumulation", "save_every", "keep_states", "log_every",
+                 "rank_negatives")
+        at_least(self, 0, "weight_decay", "warmup_steps", "rdrop_weight", "rank_weight", "validation_fraction", "validation_max",
                  "validation_names", "subset_queries", "patience")
         at_least(self, 2, "subset_size")
-        at_least(self, 0, "tune_after")
+        at_least(self, 0, "tune_after", "rank_after")
         if not self.encoder_learning_rate > 0:
             raise InvalidValue("encoder_learning_rate", f"must be above 0, got {self.encoder_learning_rate!r}")
         below(self, 1, "validation_fraction")

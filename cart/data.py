@@ -19,6 +19,7 @@ import json
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler
 
@@ -233,10 +234,41 @@ def identifier_labels(codes_as_tokens) -> torch.Tensor:
     return torch.cat([tokens, torch.full((len(tokens), 1), TokenLayout.EOS)], dim=1)
 
 
+class HardNegatives:
+    """Hard negatives for the ranking loss (`train.rank_weight`): for a training pair, `count` items drawn
+    from the `pool` nearest its item in the embeddings its identifiers were built from (they share long
+    identifier prefixes, where beam search confuses them), never a right answer of its query. The draw
+    depends on the batch's rows alone, so a resumed run draws the same ones."""
+
+    def __init__(self, embeddings: torch.Tensor, pairs: Pairs, relevant: dict[str, set[int]], count: int,
+                 pool: int = 20, chunk: int = 4096):
+        x = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+        width = min(pool + 1, len(x))  # + the item itself
+        self.nearest = torch.cat([(x[i: i + chunk] @ x.T).topk(width, dim=1).indices
+                                  for i in range(0, len(x), chunk)]).numpy()
+        self.pairs, self.relevant, self.count, self.items = pairs, relevant, count, len(x)
+
+    def __call__(self, rows: list[int]) -> torch.Tensor:
+        """(B, count) item rows."""
+        rng = np.random.default_rng(rows)
+        out = np.empty((len(rows), self.count), dtype=np.int64)
+        for j, i in enumerate(rows):
+            right = self.relevant.get(self.pairs.texts[i].lower(), set()) | {self.pairs.items[i]}
+            candidates = [n for n in self.nearest[self.pairs.items[i]] if n not in right]
+            if not candidates:  # a tiny corpus: any wrong item
+                candidates = [n for n in range(self.items) if n not in right]
+            if not candidates:
+                raise CartError(f"train.rank_weight: every item is a right answer of {self.pairs.texts[i]!r}, "
+                                f"so there is no negative to rank against")
+            out[j] = rng.choice(candidates, self.count, replace=len(candidates) < self.count)
+        return torch.from_numpy(out)
+
+
 def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, max_tokens: int,
-               cache: LayerCache | None = None) -> dict:
+               cache: LayerCache | None = None, negatives: HardNegatives | None = None) -> dict:
     """The model inputs of some pairs (token ids, or the cached layer outputs) and their labels (the rows of
-    `labels`, each item's identifier tokens ending in EOS)."""
+    `labels`, each item's identifier tokens ending in EOS); with `negatives`, also the labels of each
+    pair's hard negatives, (B, count, L + 1)."""
     texts = [pairs.texts[i] for i in rows]
     if cache is not None:
         layers, mask = cache.batch(texts)
@@ -244,4 +276,7 @@ def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, m
     else:
         encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
         inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-    return {**inputs, "labels": labels[[pairs.items[i] for i in rows]]}
+    batch = {**inputs, "labels": labels[[pairs.items[i] for i in rows]]}
+    if negatives is not None:
+        batch["negatives"] = labels[negatives(rows)]
+    return batch

@@ -86,11 +86,14 @@ def run(cfg: Config) -> Path:
         accelerator.print(f"train: the frozen encoder's layer outputs of {len(cache.index)} texts cached "
                           f"({cache.bytes / 2**20:.0f} MiB)")
     validation = Validation(splits, cfg, run_dir, accelerator.device)
+    negatives = data.HardNegatives(item_embeddings(run_dir), train_pairs, splits.relevant, t.rank_negatives) \
+        if t.rank_weight > 0 else None
     max_tokens = cfg.model.max_query_tokens
     grouped = data.LengthGroupedBatches(data.token_lengths(train_pairs.texts, tokenizer, max_tokens), t.batch_size,
                                         cfg.seed)
     loader = DataLoader(list(range(len(train_pairs.texts))), batch_sampler=grouped,
-                        collate_fn=lambda rows: data.make_batch(rows, train_pairs, labels, tokenizer, max_tokens, cache))
+                        collate_fn=lambda rows: data.make_batch(rows, train_pairs, labels, tokenizer, max_tokens, cache,
+                                                                   negatives))
     if len(loader) == 0:
         raise CartError(f"{len(train_pairs.texts)} training pairs make no full batch of train.batch_size={t.batch_size}")
     # a frozen encoder is not optimised; the top layers it tunes have their own rate and start later
@@ -147,7 +150,7 @@ def run(cfg: Config) -> Path:
             # dropout masks depend only on (seed, step, process): a resumed run draws the same ones
             torch.manual_seed(hash((cfg.seed, trainer["epoch"], trainer["batches_done"], accelerator.process_index)))
             with accelerator.accumulate(model):
-                loss = cart_loss(model, batch, t.rdrop_weight)
+                loss = cart_loss(model, batch, t.rdrop_weight, t.rank_weight if trainer["epoch"] >= t.rank_after else 0.0)
                 accelerator.backward(loss.total)
                 optimizer.step()
                 scheduler.step()
@@ -162,7 +165,7 @@ def run(cfg: Config) -> Path:
                 pairs_per_second = seen / (time.perf_counter() - clock)
                 bar.set_postfix(loss=f"{loss.total.item():.3f}", pairs_s=f"{pairs_per_second:.0f}")
                 accelerator.log({"loss": loss.total.item(), "cross_entropy": loss.cross_entropy.item(),
-                                 "kl": loss.kl.item(), "learning_rate": scheduler.get_last_lr()[0],
+                                 "kl": loss.kl.item(), "rank": loss.rank.item(), "learning_rate": scheduler.get_last_lr()[0],
                                  "pairs_per_second": pairs_per_second}, step=trainer["step"])
             if trainer["step"] % t.save_every == 0:
                 _save_state(accelerator, run_dir, trainer, t.keep_states)
@@ -295,7 +298,8 @@ def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, di
     if len(ids.codes) != len(records):
         raise CartError(f"{run_dir / files.IDS} has {len(ids.codes)} identifiers for {len(records)} corpus items: "
                         f"rerun `cart embed` and `cart ids`")
-    read = (files.CORPUS, files.IDS) + ((files.EMBEDDINGS,) if cfg.model.geometry or cfg.retrieve.rerank else ())
+    uses_embeddings = cfg.model.geometry or cfg.retrieve.rerank or cfg.train.rank_weight > 0
+    read = (files.CORPUS, files.IDS) + ((files.EMBEDDINGS,) if uses_embeddings else ())
     inputs = {name: files.verified_input(run_dir, name)[1]["sha256"] for name in read}
     records, captions_sha = with_generated_captions(run_dir, records)
     if captions_sha:

@@ -34,7 +34,8 @@ VARIANTS = {  # name -> (config file, overrides)
     "w/o level softmax": (CONFIG, ["model.level_softmax=false"]),
     "with identifier geometry": (CONFIG, ["model.geometry=true"]),
     "rqkmeans ids": (CONFIG, ["ids.scheme=rqkmeans", "ids.codebook_size=256"]),
-    "w/o fusion, with R-Drop": (CONFIG, ["model.fusion=false", "train.rdrop_weight=1.0"]),
+    "w/o fusion + R-Drop": (CONFIG, ["model.fusion=false", "train.rdrop_weight=1.0"]),
+    "with a ranking phase": (CONFIG, ["train.rank_weight=1.0", "train.rank_after=9"]),
     # identifiers from the images (EfficientNet-Lite0 features): the cross-modal path of the design
     "image ids (efficientnet-lite0)": (CONFIG, ["embed.encoder=efficientnet-lite0", "retrieve.rerank=false"]),
 }

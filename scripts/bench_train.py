@@ -24,6 +24,7 @@ VARIANTS = {  # name -> overrides of the emoji default
     "default, the encoder run every step": ["train.cache_encoder=false"],
     "coarse fusion only": ["model.fine_fusion=false"],
     "with R-Drop": ["train.rdrop_weight=1.0"],
+    "with the ranking loss (4 negatives)": ["train.rank_weight=1.0", "train.rank_negatives=4"],
     "issue 7's default (batch 64, R-Drop, no level softmax, no cache)": [
         "train.batch_size=64", "train.rdrop_weight=1.0", "model.level_softmax=false", "train.cache_encoder=false"],
 }
@@ -33,10 +34,12 @@ def throughput(cfg, steps: int) -> dict:
     """Pairs per second over `steps` optimiser steps after 3 warm-up steps, forward + backward + update."""
     from cart import build_ids, corpus, data, train
     from cart.losses import cart_loss
+    from cart.rerank import item_embeddings
 
     records = corpus.read(cfg.run_dir)
     ids = build_ids.load(cfg.run_dir)
-    pairs = data.split_pairs(records, cfg).train
+    splits = data.split_pairs(records, cfg)
+    pairs = splits.train
     tokenizer = train.load_tokenizer(cfg)
     torch.manual_seed(cfg.seed)
     model = train.build_model(cfg, ids.layout.level_sizes, len(tokenizer)).train()
@@ -48,12 +51,14 @@ def throughput(cfg, steps: int) -> dict:
         cache = data.LayerCache(model.encoder, tokenizer, pairs.texts, max_tokens, torch.device("cpu"))
     grouped = data.LengthGroupedBatches(data.token_lengths(pairs.texts, tokenizer, max_tokens), cfg.train.batch_size,
                                         cfg.seed)
-    batches = [data.make_batch(rows, pairs, labels, tokenizer, max_tokens, cache)  # training's first batches
+    negatives = data.HardNegatives(item_embeddings(cfg.run_dir), pairs, splits.relevant, cfg.train.rank_negatives) \
+        if cfg.train.rank_weight > 0 else None
+    batches = [data.make_batch(rows, pairs, labels, tokenizer, max_tokens, cache, negatives)  # training's first batches
                for rows, _ in zip(grouped, range(steps + 3))]
     for i, batch in enumerate(batches):
         if i == 3:
             start = time.perf_counter()
-        loss = cart_loss(model, batch, cfg.train.rdrop_weight)
+        loss = cart_loss(model, batch, cfg.train.rdrop_weight, cfg.train.rank_weight)
         loss.total.backward()
         optimizer.step()
         optimizer.zero_grad()
