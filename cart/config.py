@@ -87,6 +87,9 @@ class IdsConfig:
     levels: int = 2  # M, residual codebooks of the RQ-VAE, or K-Means levels below the first for hkmeans
     codebook_size: int = 128  # V, codes per level (paper: not published)
     kmeans: Literal["auto", "full", "minibatch"] = "auto"  # auto: full K-Means up to 50,000 items, else mini-batch
+    # the last token of items whose codes collide: error: 0, 1, 2, ... in the order of how well the codes
+    # rebuild them; residual: a code of what sets each apart from its group (identifiers.residual_counter)
+    counter: Literal["error", "residual"] = "error"
     rqvae_hidden: int = 256  # encoder/decoder MLP width
     rqvae_latent: int = 64  # the quantised space
     rqvae_steps: int = 2000  # optimiser steps (batches drawn with replacement)

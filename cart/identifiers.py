@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from cart import rqvae
@@ -108,6 +109,32 @@ def collision_counter(prefix: np.ndarray, order: np.ndarray) -> tuple[np.ndarray
     return counter, size[group] > 1
 
 
+def residual_counter(prefix: np.ndarray, x: np.ndarray, codes: int, seed: int) -> np.ndarray:
+    """A last token that names what sets an item apart from the others sharing its `prefix` (N, P): each
+    such item's embedding x (N, D) minus its group's mean, quantised by one K-Means shared by every group
+    (so a code is the same direction of difference in every group: for flags, the region's), the members
+    of a group given distinct codes 1.. by an optimal assignment to the centroids. An item alone under
+    its prefix gets 0. At least as many codes as the largest group; `codes` when there are enough items."""
+    _, group, size = np.unique(prefix, axis=0, return_inverse=True, return_counts=True)
+    group = group.reshape(-1)
+    members = np.flatnonzero(size[group] > 1)
+    counter = np.zeros(len(prefix), dtype=np.int64)
+    if not len(members):
+        return counter
+    x = np.asarray(x[members], dtype=np.float64)
+    means = np.zeros((len(size), x.shape[1]))
+    np.add.at(means, group[members], x)
+    residual = (x - means[group[members]] / size[group[members], None]).astype(np.float32)
+    width = max(int(size.max()), min(codes, len(members)))
+    _, centroids = kmeans(residual, width, "auto", seed)
+    by_group = np.argsort(group[members], kind="stable")
+    for rows in np.split(by_group, np.flatnonzero(np.diff(group[members][by_group])) + 1):
+        cost = (centroids ** 2).sum(1)[None] - 2 * residual[rows] @ centroids.T  # squared distance, less |r|^2
+        chosen, code = linear_sum_assignment(cost)
+        counter[members[rows[chosen]]] = code + 1
+    return counter
+
+
 def kmeans(x: np.ndarray, clusters: int, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels (N,) and centroids (K, D): full K-Means (k-means++) for small sets, mini-batch beyond."""
     if mode == "full" or (mode == "auto" and len(x) <= FULL_KMEANS_MAX_ITEMS):
@@ -132,11 +159,17 @@ def _train_quantizer(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict):
     return model, codes.numpy().astype(np.int64), errors.numpy()
 
 
-def _with_counter(prefix: np.ndarray, sizes: list[int], order: np.ndarray, phases: dict, **extra) -> Codes:
+def _with_counter(prefix: np.ndarray, sizes: list[int], order: np.ndarray, phases: dict, cfg: IdsConfig,
+                  x, seed: int, **extra) -> Codes:
+    """The identifiers: `prefix` and the last token `ids.counter` asks for (ordered by `order`, or from the
+    embeddings x)."""
     with phase(phases, "counter"):
         counter, shared = collision_counter(prefix, order)
+        largest = int(counter.max()) + 1
+        if cfg.counter == "residual":
+            counter = residual_counter(prefix, np.asarray(x), cfg.codebook_size, seed)
     codes = np.concatenate([prefix, counter[:, None]], axis=1)
-    stats = {"collision_rate": float(shared.mean())} | extra.pop("stats", {})
+    stats = {"collision_rate": float(shared.mean()), "largest_group": largest} | extra.pop("stats", {})
     return Codes(codes, sizes + [int(counter.max()) + 1], stats=stats, **extra)
 
 
@@ -152,7 +185,7 @@ def _cart(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
              "relative_reconstruction_error": float(errors.mean() / max(residual_energy, 1e-12))}
     prefix = np.concatenate([labels[:, None], fine], axis=1)
     # within a collision group, the item the RQ-VAE reconstructs best gets 0
-    return _with_counter(prefix, [cfg.clusters] + [cfg.codebook_size] * cfg.levels, errors, phases,
+    return _with_counter(prefix, [cfg.clusters] + [cfg.codebook_size] * cfg.levels, errors, phases, cfg, x, seed,
                          centroids=centroids, quantizer=model, stats=stats)
 
 
@@ -160,7 +193,8 @@ def _rq(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
     energy = float(x.pow(2).sum(1).mean())
     model, fine, errors = _train_quantizer(x, cfg, seed, phases)
     stats = {"reconstruction_error": float(errors.mean()), "relative_reconstruction_error": float(errors.mean() / energy)}
-    return _with_counter(fine, [cfg.codebook_size] * cfg.levels, errors, phases, quantizer=model, stats=stats)
+    return _with_counter(fine, [cfg.codebook_size] * cfg.levels, errors, phases, cfg, x, seed, quantizer=model,
+                         stats=stats)
 
 
 def _rqkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
@@ -181,7 +215,7 @@ def _rqkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes
     stats = {"residual_energy": energy, "reconstruction_error": float(errors.mean()),
              "relative_reconstruction_error": float(errors.mean() / max(energy, 1e-12))}
     return _with_counter(np.stack(levels, axis=1), [cfg.clusters] + [cfg.codebook_size] * cfg.levels, errors,
-                         phases, centroids=torch.from_numpy(centroids), stats=stats)
+                         phases, cfg, data, seed, centroids=torch.from_numpy(centroids), stats=stats)
 
 
 def _hkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
@@ -207,7 +241,7 @@ def _hkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
                     distance[members] = np.linalg.norm(data[members] - sub_centroids[sub_labels], axis=1)
             levels.append(codes)
     return _with_counter(np.stack(levels, axis=1), [cfg.clusters] + [cfg.codebook_size] * cfg.levels, distance,
-                         phases, centroids=torch.from_numpy(centroids))
+                         phases, cfg, data, seed, centroids=torch.from_numpy(centroids))
 
 
 def _atomic(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:

@@ -36,6 +36,7 @@ VARIANTS = {  # name -> (config file, overrides)
     "rqkmeans ids": (CONFIG, ["ids.scheme=rqkmeans", "ids.codebook_size=256"]),
     "w/o fusion + R-Drop": (CONFIG, ["model.fusion=false", "train.rdrop_weight=1.0"]),
     "with a ranking phase": (CONFIG, ["train.rank_weight=1.0", "train.rank_after=9"]),
+    "with residual counter": (CONFIG, ["ids.counter=residual"]),
     # identifiers from the images (EfficientNet-Lite0 features): the cross-modal path of the design
     "image ids (efficientnet-lite0)": (CONFIG, ["embed.encoder=efficientnet-lite0", "retrieve.rerank=false"]),
 }

@@ -57,6 +57,20 @@ def test_collision_counter_makes_rows_unique_in_order(seed):
         assert shared[rows].all() == (len(rows) > 1)
 
 
+def test_residual_counter_names_how_an_item_differs_from_its_group_alike_in_every_group():
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(5, 16)) * 3  # the five ways a member differs from its group (say, a region)
+    centres = rng.normal(size=(8, 16)) * 10
+    grouped = (centres[:, None] + directions[None]).reshape(40, 16)  # 8 groups of 5: member j differs by j
+    x = np.concatenate([grouped, rng.normal(size=(4, 16)) * 10]) + rng.normal(size=(44, 16)) * 0.01
+    prefix = np.concatenate([np.repeat(np.arange(8), 5), np.arange(8, 12)])[:, None]  # then 4 items alone
+    counter = identifiers.residual_counter(prefix, x, codes=3, seed=0)  # fewer codes than the largest group
+    assert (counter[40:] == 0).all()
+    groups = counter[:40].reshape(8, 5)
+    assert all(sorted(g) == [1, 2, 3, 4, 5] for g in groups)  # distinct within a group
+    assert (groups == groups[0]).all()  # the same difference, the same code, whatever the group
+
+
 def random_identifiers(seed, sizes, n):
     rng = np.random.default_rng(seed)
     codes = np.unique(np.stack([rng.integers(0, s, n) for s in sizes], axis=1), axis=0)
@@ -110,10 +124,11 @@ def test_trie_survives_save_and_load(tmp_path):
     assert np.array_equal(loaded.item_of(tokens), np.arange(len(tokens)))
 
 
+@pytest.mark.parametrize("counter", ["error", "residual"])
 @pytest.mark.parametrize("scheme, length", [("cart", 4), ("rq", 3), ("rqkmeans", 4), ("hkmeans", 4), ("atomic", 1)])
-def test_every_scheme_gives_unique_fixed_length_identifiers(scheme, length):
+def test_every_scheme_gives_unique_fixed_length_identifiers(scheme, length, counter):
     x = clustered()
-    built = identifiers.build(x.clone(), IdsConfig(scheme=scheme, **SMALL), seed=0)
+    built = identifiers.build(x.clone(), IdsConfig(scheme=scheme, counter=counter, **SMALL), seed=0)
     assert built.codes.shape == (300, length)
     assert len(np.unique(built.codes, axis=0)) == 300
     assert all((built.codes[:, i] < s).all() for i, s in enumerate(built.level_sizes))

@@ -217,6 +217,29 @@ def test_rdrop_kl_is_zero_without_dropout_and_positive_with_it(fusion):
     assert off.kl.item() == 0 and torch.equal(off.total, off.cross_entropy)
 
 
+@pytest.mark.parametrize("bert", [False, True])
+def test_ranking_loss_is_a_softmax_over_whole_identifier_log_probabilities(bert):
+    # levels (4, 6): level 0 is tokens 2-5, level 1 tokens 6-11, then EOS (1)
+    model = tiny_model(True, bert=bert, frozen=bert, level_softmax=True).train()  # no dropout: passes agree
+    input_ids, mask = padded_batch()
+    labels = torch.tensor([[2, 6, 1], [3, 7, 1], [4, 8, 1]])
+    negatives = torch.tensor([[[3, 7, 1], [5, 11, 1]], [[2, 6, 1], [4, 9, 1]], [[5, 10, 1], [2, 6, 1]]])  # (B, 2, L)
+    batch = batch_of(input_ids, mask, labels) | {"negatives": negatives}
+    loss = cart_loss(model, batch, omega=0.0, rank_weight=0.5)
+    with_start = lambda rows: torch.cat([torch.zeros(len(rows), 1, dtype=torch.long), rows], dim=1)
+    scores = torch.stack([sequence_log_probs(model, input_ids, mask, with_start(rows))
+                          for rows in (labels, negatives[:, 0], negatives[:, 1])], dim=1)
+    assert torch.allclose(loss.rank, torch.nn.functional.cross_entropy(scores, torch.zeros(3, dtype=torch.long)),
+                          atol=1e-5)
+    assert torch.allclose(loss.cross_entropy, model(input_ids=input_ids, attention_mask=mask, labels=labels).loss,
+                          atol=1e-6)
+    assert torch.allclose(loss.total, loss.cross_entropy + 0.5 * loss.rank)
+    both = cart_loss(model, batch, omega=1.0, rank_weight=0.5)  # with R-Drop's second pass as well
+    assert torch.allclose(both.rank, loss.rank, atol=1e-5) and both.kl.abs().item() < 1e-6
+    off = cart_loss(model, batch, omega=0.0, rank_weight=0.0)  # the negatives are not run
+    assert off.rank.item() == 0 and torch.equal(off.total, off.cross_entropy)
+
+
 def small_trie(seed=0, n=20, sizes=(3, 4, 4, 5)):
     """A trie of n random identifiers; `trie.tokens[i]` are item i's tokens."""
     rng = np.random.default_rng(seed)

@@ -282,6 +282,23 @@ def test_length_grouped_batches_cover_each_pair_once_in_a_seeded_order():
     assert padded < 0.7 * np.mean([max(lengths[i] for i in b) for b in shuffled])
 
 
+def test_hard_negatives_are_near_the_item_and_never_a_right_answer():
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
+    pairs = data.Pairs(texts=["a", "b", "C"], items=[0, 1, 2])
+    relevant = {"a": {0, 5}, "b": {1}, "c": {2, 3, 4}}
+    negatives = data.HardNegatives(x, pairs, relevant, count=3, pool=4)
+    drawn = negatives([0, 1, 2])
+    assert drawn.shape == (3, 3)
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    for row, pair in zip(drawn.tolist(), range(3)):
+        item = pairs.items[pair]
+        nearest = set((unit[item] @ unit.T).topk(5).indices.tolist())  # the item and its 4 nearest
+        assert set(row) <= nearest - relevant[pairs.texts[pair].lower()] - {item}
+    assert torch.equal(negatives([0, 1, 2]), drawn)  # the draw depends on the batch's rows alone
+    with pytest.raises(CartError, match="every item is a right answer of 'a'"):
+        data.HardNegatives(x[:2], data.Pairs(["a"], [0]), {"a": {0, 1}}, count=1)([0])
+
+
 def test_subset_queries_join_short_training_texts_only():
     import random
 
