@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,7 @@ INPUTS = ("corpus.jsonl", "corpus.manifest.json")
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+    return re.sub("-+", "-", "".join(c if c.isalnum() else "-" for c in name.lower())).strip("-")
 
 
 def run_stage(stage: str, config: Path, overrides: list[str], log: Path) -> float:
