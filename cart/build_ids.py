@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from cart import files, identifiers
 from cart.config import Config, to_dict
 from cart.errors import CartError
-from cart.identifiers import TokenLayout
+from cart.vocab import TokenLayout
 from cart.measure import phase
 from cart.trie import PrefixTrie
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 from cart import corpus, files
 from cart.config import Config, to_dict
-from cart.embed import pick_device
+from cart.devices import pick_device
 from cart.errors import CartError
+from cart.images import load_rgb
 
 
 def run(cfg: Config) -> Path:
@@ -33,7 +33,7 @@ def run(cfg: Config) -> Path:
     lines = []
     for start in tqdm(range(0, len(records), c.batch_size), desc="caption", unit=" batch"):
         batch = records[start: start + c.batch_size]
-        images = [Image.open(r["path"]).convert("RGB") for r in batch]
+        images = [load_rgb(r["path"]) for r in batch]  # transparent pixels on white, as embedding sees them
         outputs = captioner(images=images, text=[c.prompt] * len(images), batch_size=len(images),
                             return_full_text=False,
                             generate_kwargs={"max_new_tokens": c.max_new_tokens, "num_beams": max(c.per_item, 1),

@@ -25,7 +25,7 @@ from torch.utils.data import BatchSampler
 
 from cart.config import Config
 from cart.errors import CartError
-from cart.identifiers import TokenLayout
+from cart.vocab import TokenLayout
 
 TRAINING_KINDS = ("caption", "generated")  # text kinds that are training queries; `query` is held out
 

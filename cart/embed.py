@@ -22,13 +22,8 @@ from tqdm import tqdm
 
 from cart import corpus, data, encoders, files
 from cart.config import Config, to_dict
+from cart.devices import pick_device
 from cart.errors import CartError
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run(cfg: Config) -> Path:

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision import transforms
 
 from cart.config import EmbedConfig
 from cart.data import item_document
 from cart.errors import CartError
+from cart.images import load_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,17 +37,6 @@ def load(cfg: EmbedConfig, device: torch.device):
     if cfg.encoder == "imagebind":
         return ImageBind(cfg.weights, cfg.imagebind_arch, device)
     raise CartError(f"embed.encoder={cfg.encoder} is not a model; precomputed embeddings are read by load_precomputed")
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """An RGB image; transparent pixels are composited on white (a plain convert("RGB") would expose
-    whatever colour hides under them, black for Twemoji). Opaque images are unchanged."""
-    with Image.open(path) as image:
-        if image.mode in ("RGBA", "LA", "P") and ("A" in image.mode or "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
 
 
 class EfficientNetLite0:
@@ -292,7 +281,7 @@ def kaldi_fbank(wave: torch.Tensor, rate: int, mel_bins: int, frame_ms: float = 
     low, high = mel(low_hz), mel(rate / 2)
     delta = (high - low) / (mel_bins + 1)
     left = low + delta * torch.arange(mel_bins).unsqueeze(1)  # (bins, 1)
-    centre, right = left + delta, left + 2 * delta
+    right = left + 2 * delta  # a bank rises from left to its centre (left + delta), falls to right
     bin_mel = mel(rate / fft * torch.arange(fft // 2)).unsqueeze(0)  # (1, fft/2)
     banks = torch.clamp(torch.minimum((bin_mel - left) / delta, (right - bin_mel) / delta), min=0)
     banks = F.pad(banks, (0, 1))  # the Nyquist bin gets no weight

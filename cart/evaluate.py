@@ -126,7 +126,7 @@ def _baseline(name: str, records: list[dict], cfg: Config):
         from safetensors.torch import load_file
 
         from cart import encoders
-        from cart.embed import pick_device
+        from cart.devices import pick_device
 
         path, _ = files.verified_input(cfg.run_dir, files.EMBEDDINGS)
         encoder = encoders.load(cfg.embed, pick_device(cfg.eval.device))
@@ -177,7 +177,7 @@ def _write_hits(path: Path, query_sets: dict, relevant: dict, ranked: dict, reco
 def _thumbnail(record: dict, size: int = 48) -> str:
     if record["modality"] != "image":
         return f"<div class='media'>{html.escape(record['modality'])}</div>"
-    from cart.encoders import load_rgb
+    from cart.images import load_rgb
 
     image = load_rgb(record["path"])
     image.thumbnail((size, size))

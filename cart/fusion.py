@@ -37,7 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.t5.modeling_t5 import (T5Attention, T5DenseActDense, T5DenseGatedActDense, T5LayerNorm,
                                                 T5Stack, eager_attention_forward)
 
-from cart.identifiers import TokenLayout
+from cart.vocab import TokenLayout
 
 
 def cart_config(*, text_vocab_size: int, level_sizes: list[int], fusion: bool, fine_fusion: bool = True,

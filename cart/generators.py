@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from cart import files
 from cart.config import GenerateConfig
-from cart.embed import pick_device
-from cart.encoders import load_rgb
+from cart.devices import pick_device
+from cart.images import load_rgb
 from cart.errors import CartError
 
 

@@ -25,7 +25,7 @@ from cart import corpus, files
 from cart.decoding import decode
 from cart.rerank import item_embeddings
 from cart.rerank import rerank as reorder
-from cart.embed import pick_device
+from cart.devices import pick_device
 from cart.errors import CartError
 
 

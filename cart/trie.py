@@ -23,7 +23,7 @@ import marisa_trie
 import numpy as np
 import torch
 
-from cart.identifiers import TokenLayout
+from cart.vocab import TokenLayout
 
 
 DENSE_TABLE_MAX = 1 << 23  # entries (int32) of a level's dense child table; larger levels use searchsorted

@@ -75,7 +75,7 @@ def generate(model, encoded, trie, beams: int, **constraint):
 def time_decoding(model, tokenizer, ids, queries: list[str], batch: int, beams: int, max_tokens: int) -> dict:
     """ms per query for our constraint and for GENRE's, the constraint's share, and whether they agree."""
     from cart.decoding import TrieConstraint
-    from cart.identifiers import TokenLayout
+    from cart.vocab import TokenLayout
 
     trie = ids.trie
     timed = TimedConstraint(TrieConstraint(trie))
@@ -178,7 +178,7 @@ def scale(args) -> dict:
         del x
         results[name] = row
         print(f"scale {name}: {row}", file=sys.stderr, flush=True)
-    return {"model_vocab": vocab, "sizes": results}
+    return {"model_level_sizes": widest, "sizes": results}
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from cart import build_ids, corpus, embed, files, identifiers, rqvae
 from cart.config import IdsConfig
 from cart.errors import CartError
-from cart.identifiers import TokenLayout
+from cart.vocab import TokenLayout
 from cart import trie as trie_module
 from cart.trie import PrefixTrie
 from conftest import write_jsonl
