@@ -18,11 +18,13 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler
 
+from cart import files
 from cart.config import Config
 from cart.errors import CartError
 from cart.vocab import TokenLayout
@@ -280,3 +282,17 @@ def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, m
     if negatives is not None:
         batch["negatives"] = labels[negatives(rows)]
     return batch
+
+
+def with_generated_captions(run_dir: Path, records: list[dict]) -> tuple[list[dict], str | None]:
+    """The records with `cart caption`'s captions added as texts of kind `generated` (new dicts), and the
+    sha256 of captions.jsonl; unchanged records and None when it has not run. Refuses captions of
+    another corpus."""
+    if not (Path(run_dir) / files.CAPTIONS).exists():
+        return records, None
+    path, manifest = files.verified_input(run_dir, files.CAPTIONS)
+    files.require_built_from(manifest, files.CAPTIONS, run_dir, files.CORPUS)
+    with open(path, encoding="utf-8") as f:
+        generated = {row["id"]: row["captions"] for row in map(json.loads, f)}
+    return [{**r, "texts": r["texts"] + [{"text": c, "kind": "generated"} for c in generated.get(r["id"], [])]}
+            for r in records], manifest["sha256"]

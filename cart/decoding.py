@@ -2,11 +2,12 @@
 
 `TrieConstraint` turns the prefix trie's allowed-token tables into one mask per decoding step for the
 whole batch of beams. `decode` runs beam search with it and maps every finished identifier back to its
-item, best first.
+item, best first; `decode_texts` does it for a batch of query texts (the retriever's and validation's).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -66,3 +67,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie: P
     repeated = (items.unsqueeze(2) == items.unsqueeze(1)).tril(-1).any(2)  # equal to an earlier slot
     dead = (items < 0) | repeated | ~torch.isfinite(scores) | (scores <= UNFILLED)
     return items.masked_fill(dead, -1), scores.masked_fill(dead, float("-inf"))
+
+
+def decode_texts(model, tokenizer, trie: PrefixTrie, texts: list[str], *, beams: int, top_k: int, max_tokens: int,
+                 device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """`decode` for one batch of query texts: (B, top_k) corpus rows and log-probabilities, as NumPy."""
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
+    items, scores = decode(model, encoded["input_ids"], encoded["attention_mask"], trie, beams=beams, top_k=top_k)
+    return items.numpy(), scores.numpy()

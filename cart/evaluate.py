@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cart import baselines, files, train
+from cart import baselines, data, files
 from cart.scoring import DEPTH, METRICS, first_right, metrics
 from cart.config import Config, to_dict
 from cart.errors import CartError
@@ -37,7 +37,7 @@ def run(cfg: Config) -> Path:
         raise CartError(f"retrieve.beam_width={cfg.retrieve.beam_width}: eval needs at least {DEPTH} beams for R@10")
     retriever = Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=e.device)  # checks every input
     # with generated captions: the baselines see what CART trained on
-    records, _ = train.with_generated_captions(run_dir, retriever.records)
+    records, _ = data.with_generated_captions(run_dir, retriever.records)
     query_sets = held_out_queries(records)
     if not query_sets:
         raise CartError(f"{run_dir / files.CORPUS} has no held-out queries (texts of kind `query`): nothing to evaluate")

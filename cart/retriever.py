@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cart import corpus, files
-from cart.decoding import decode
+from cart.decoding import decode_texts
 from cart.rerank import item_embeddings
 from cart.rerank import rerank as reorder
 from cart.devices import pick_device
@@ -52,12 +52,12 @@ class Retriever:
              rerank: bool | None = None) -> "Retriever":
         """The run's best model, tokenizer, identifiers and corpus; beam width, query length and rerank
         default to the values the model was trained and validated with."""
-        from cart import train
+        from cart import model_io
 
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise CartError(f"run folder not found: {run_dir}")
-        model, tokenizer, ids = train.load(run_dir)
+        model, tokenizer, ids = model_io.load(run_dir)
         manifest = json.loads(files.manifest_path(run_dir / files.MODEL_WEIGHTS).read_text(encoding="utf-8"))
         config = manifest["config"]
         beam_width = config["retrieve"]["beam_width"] if beam_width is None else beam_width
@@ -97,11 +97,9 @@ class Retriever:
                 raise CartError(f"query {i + 1} is empty")
         rows, scores = [], []
         for start in range(0, len(queries), batch_size):
-            encoded = self.tokenizer(queries[start: start + batch_size], padding=True, truncation=True,
-                                     max_length=self.max_query_tokens, return_tensors="pt").to(self.device)
-            items, item_scores = decode(self.model, encoded["input_ids"], encoded["attention_mask"], self.ids.trie,
-                                        beams=self.beam_width, top_k=self.beam_width if rerank else k)
-            items, item_scores = items.numpy(), item_scores.numpy()
+            items, item_scores = decode_texts(self.model, self.tokenizer, self.ids.trie, queries[start: start + batch_size],
+                                              beams=self.beam_width, top_k=self.beam_width if rerank else k,
+                                              max_tokens=self.max_query_tokens, device=self.device)
             if rerank:
                 encoder, embeddings, weight = self.reranker
                 items, item_scores = reorder(items, item_scores, encoder.encode_text(queries[start: start + batch_size]),

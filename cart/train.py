@@ -24,25 +24,54 @@ import os
 import random
 import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cart import build_ids, corpus, data, files, scoring
 from cart.build_ids import Identifiers
-from cart.config import MINILM_DIM, Config, to_dict
-from cart.decoding import decode
-from cart.encoders import minilm_dir, query_encoder
+from cart.config import Config, to_dict
+from cart.decoding import decode_texts
+from cart.encoders import query_encoder
 from cart.errors import CartError
-from cart.fusion import CartT5, cart_config
-from cart.identifiers import residual_means
 from cart.losses import cart_loss
+from cart.model_io import build_model, identifier_geometry, load_tokenizer
 from cart.rerank import WEIGHTS, item_embeddings, rerank
 from cart.scoring import DEPTH
+
+
+PROGRESS_FILE = "trainer.json"  # in each state folder
+
+
+@dataclass
+class Progress:
+    """Where a run stands, saved with each state (`trainer.json`) so that a resumed run carries on."""
+    settings: dict  # what a state must share with a run to resume it (`_resume_settings`)
+    step: int = 0  # optimiser steps done
+    epoch: int = 0  # epochs done
+    batches_done: int = 0  # of the current epoch
+    best_score: float = -1.0
+    best_step: int = 0  # 0: no model saved yet
+    stale: int = 0  # validations since the best one
+    rerank_weight: float | None = None  # chosen at the best step
+    history: list[dict] = field(default_factory=list)  # every validation
+
+    def record(self, score: float | None, reranked: dict | None) -> bool:
+        """Note an epoch's validation score; True when its model is to be kept (the best so far, or the
+        newest when nothing is validated)."""
+        if score is None:
+            self.best_step = self.step
+            return True
+        if score > self.best_score:
+            self.best_score, self.best_step, self.stale = score, self.step, 0
+            self.rerank_weight = reranked["weight"] if reranked else None
+            return True
+        self.stale += 1
+        return False
 
 
 def run(cfg: Config) -> Path:
@@ -111,8 +140,7 @@ def run(cfg: Config) -> Path:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     settings = _resume_settings(cfg, inputs)
-    trainer = {"settings": settings, "step": 0, "epoch": 0, "batches_done": 0, "best_score": -1.0,
-               "best_step": 0, "stale": 0, "history": []}
+    progress = Progress(settings)
     if accelerator.is_main_process:  # what a killed save left behind
         files.finish_publish(run_dir / files.MODEL)
         files.remove_stale(run_dir, f".{files.MODEL}.*")
@@ -120,14 +148,14 @@ def run(cfg: Config) -> Path:
     accelerator.wait_for_everyone()
     state = _latest_state(run_dir)
     if state is not None:
-        saved = json.loads((state / "trainer.json").read_text(encoding="utf-8"))
+        saved = json.loads((state / PROGRESS_FILE).read_text(encoding="utf-8"))
         changed = _differences(saved.get("settings", {}), settings)
         if changed:
             raise CartError(f"{state} was saved by a run with other settings or inputs ({'; '.join(changed[:3])}): "
                             f"remove {run_dir / files.STATE} to start again, or choose another run name")
         accelerator.load_state(str(state))
-        trainer = saved
-        accelerator.print(f"train: resuming from {state} (epoch {trainer['epoch']}, step {trainer['step']})")
+        progress = Progress(**saved)
+        accelerator.print(f"train: resuming from {state} (epoch {progress.epoch}, step {progress.step})")
     if t.tracker != "none":
         accelerator.init_trackers("cart", config=_flat(to_dict(cfg)),
                                   init_kwargs={"wandb": {"name": cfg.run, "dir": str(run_dir)}} if t.tracker == "wandb" else {})
@@ -136,151 +164,59 @@ def run(cfg: Config) -> Path:
     accelerator.print(f"train: {len(train_pairs.texts)} training pairs, validation pairs: {validation_sizes}; "
                       f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                       f"{accelerator.num_processes} process(es), {updates_per_epoch} steps an epoch")
-    bar = tqdm(total=total, initial=trainer["step"], desc="train", unit=" step", disable=not accelerator.is_main_process)
+    bar = tqdm(total=total, initial=progress.step, desc="train", unit=" step", disable=not accelerator.is_main_process)
     seen, clock = 0, time.perf_counter()
-    stop = trainer["stale"] >= t.patience > 0
-    while trainer["epoch"] < t.epochs and not stop:
-        loader.set_epoch(trainer["epoch"])
-        grouped.set_epoch(trainer["epoch"])  # accelerate does not reach it once it wraps it for N processes
-        batches = accelerator.skip_first_batches(loader, trainer["batches_done"]) if trainer["batches_done"] else loader
+    stop = progress.stale >= t.patience > 0
+    while progress.epoch < t.epochs and not stop:
+        loader.set_epoch(progress.epoch)
+        grouped.set_epoch(progress.epoch)  # accelerate does not reach it once it wraps it for N processes
+        batches = accelerator.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
         if cfg.model.tune_layers:  # the encoder's top layers train after the frozen warm-up
-            accelerator.unwrap_model(model).encoder.tuning = trainer["epoch"] >= t.tune_after
+            accelerator.unwrap_model(model).encoder.tuning = progress.epoch >= t.tune_after
         model.train()
         for batch in batches:
-            # dropout masks depend only on (seed, step, process): a resumed run draws the same ones
-            torch.manual_seed(hash((cfg.seed, trainer["epoch"], trainer["batches_done"], accelerator.process_index)))
+            # dropout masks depend only on (seed, epoch, batch, process): a resumed run draws the same ones
+            torch.manual_seed(hash((cfg.seed, progress.epoch, progress.batches_done, accelerator.process_index)))
             with accelerator.accumulate(model):
-                loss = cart_loss(model, batch, t.rdrop_weight, t.rank_weight if trainer["epoch"] >= t.rank_after else 0.0)
+                loss = cart_loss(model, batch, t.rdrop_weight, t.rank_weight if progress.epoch >= t.rank_after else 0.0)
                 accelerator.backward(loss.total)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            trainer["batches_done"] += 1
+            progress.batches_done += 1
             seen += len(batch["labels"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
-            trainer["step"] += 1
+            progress.step += 1
             bar.update(1)
-            if trainer["step"] % t.log_every == 0:
+            if progress.step % t.log_every == 0:
                 pairs_per_second = seen / (time.perf_counter() - clock)
                 bar.set_postfix(loss=f"{loss.total.item():.3f}", pairs_s=f"{pairs_per_second:.0f}")
                 accelerator.log({"loss": loss.total.item(), "cross_entropy": loss.cross_entropy.item(),
                                  "kl": loss.kl.item(), "rank": loss.rank.item(), "learning_rate": scheduler.get_last_lr()[0],
-                                 "pairs_per_second": pairs_per_second}, step=trainer["step"])
-            if trainer["step"] % t.save_every == 0:
-                _save_state(accelerator, run_dir, trainer, t.keep_states)
-        trainer["epoch"] += 1
-        trainer["batches_done"] = 0
-        stop = _validate(accelerator, model, tokenizer, ids, validation, cfg, trainer, inputs)
-        _save_state(accelerator, run_dir, trainer, t.keep_states)
+                                 "pairs_per_second": pairs_per_second}, step=progress.step)
+            if progress.step % t.save_every == 0:
+                _save_state(accelerator, run_dir, progress, t.keep_states)
+        progress.epoch += 1
+        progress.batches_done = 0
+        score, reranked = _validate(accelerator, model, tokenizer, ids, validation, progress)
+        if progress.record(score, reranked):
+            _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
+        stop = progress.stale >= t.patience > 0
+        _save_state(accelerator, run_dir, progress, t.keep_states)
     bar.close()
-    if trainer["best_step"] == 0:  # no validation happened (no epochs left): keep what we have
-        _save_model(accelerator, model, tokenizer, cfg, inputs, trainer)
+    if progress.best_step == 0:  # no validation happened (no epochs left): keep what we have
+        _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
     accelerator.end_training()
     out = run_dir / files.MODEL
     if accelerator.is_main_process:
-        summary = {"best_validation_score": trainer["best_score"], "best_step": trainer["best_step"],
-                   "steps": trainer["step"], "epochs": trainer["epoch"], "history": trainer["history"],
+        summary = {"best_validation_score": progress.best_score, "best_step": progress.best_step,
+                   "steps": progress.step, "epochs": progress.epoch, "history": progress.history,
                    "training_pairs": len(train_pairs.texts),
                    "validation_pairs": {name: len(p.texts) for name, p in splits.validation.items()}}
         files.write_text(run_dir / files.TRAIN_LOG, json.dumps(summary, indent=2) + "\n")
-        print(f"train: best validation score {trainer['best_score']:.3f} at step {trainer['best_step']} -> {out}")
+        print(f"train: best validation score {progress.best_score:.3f} at step {progress.best_step} -> {out}")
     return out
-
-
-def load(run_dir: Path) -> tuple[CartT5, object, Identifiers]:
-    """The trained model (eval mode), its tokenizer and the identifiers it emits; refuses a model trained
-    on other identifiers or another corpus."""
-    from transformers import AutoTokenizer
-
-    run_dir = Path(run_dir)
-    _, manifest = files.verified_input(run_dir, files.MODEL_WEIGHTS)
-    files.verify_companions(run_dir, manifest, "cart train")
-    named = {Path(name).name for name in manifest.get("companions", {})} | {manifest["file"]}
-    named.add(files.manifest_path(run_dir / files.MODEL_WEIGHTS).name)
-    extra = [p.name for p in (run_dir / files.MODEL).iterdir() if p.name not in named]
-    if extra:
-        raise CartError(f"{run_dir / files.MODEL / extra[0]} is not one of the files the model was saved with: "
-                        f"remove it, or rerun `cart train`")
-    for name in (files.IDS, files.CORPUS):
-        files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, name)
-    ids = build_ids.load(run_dir)
-    model = CartT5.from_pretrained(run_dir / files.MODEL, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / files.MODEL, local_files_only=True)
-    return model, tokenizer, ids
-
-
-def load_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
-
-    m = cfg.model
-    source = m.tokenizer or m.pretrained or "minilm"
-    folder = minilm_dir() if source == "minilm" else Path(source).expanduser()
-    if not folder.is_dir():
-        raise CartError(f"model.tokenizer: folder not found: {folder}")
-    try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CartError(f"model.tokenizer: cannot load a tokenizer from {folder}: {str(e).splitlines()[0]}") from None
-
-
-def build_model(cfg: Config, level_sizes: list[int], text_vocab_size: int,
-                geometry: torch.Tensor | None = None) -> CartT5:
-    """A CartT5 for the run's identifiers (`level_sizes`, the TokenLayout's) as `model.*` says; `geometry`
-    (V, D): the identifier geometry's starting point (`model.geometry`, see `identifier_geometry`)."""
-    m = cfg.model
-    if m.geometry and geometry is None:
-        raise ValueError("model.geometry needs the identifier geometry to start from")
-    options = dict(fine_fusion=m.fine_fusion, level_softmax=m.level_softmax, geometry_scale=m.geometry_scale,
-                   geometry_dim=geometry.shape[1] if m.geometry else 0)
-    if m.pretrained:
-        folder = Path(m.pretrained).expanduser()
-        if not (folder / "config.json").exists():
-            raise CartError(f"model.pretrained: no T5 config.json in {folder}")
-        model = CartT5.from_t5(folder, level_sizes=level_sizes, fusion=m.fusion, dropout=m.dropout, **options)
-        if m.geometry:
-            model.geometry.data.copy_(geometry)
-        return model
-    text_encoder = None
-    if m.encoder == "minilm":  # the config checked d_model and the tokenizer
-        text_encoder = json.loads((minilm_dir() / "config.json").read_text(encoding="utf-8"))
-    config = cart_config(text_vocab_size=text_vocab_size, level_sizes=level_sizes, fusion=m.fusion, **options,
-                         text_encoder=text_encoder, freeze_encoder=m.freeze_encoder, tune_layers=m.tune_layers,
-                         d_model=m.d_model, d_kv=m.d_model // m.num_heads, d_ff=m.d_ff, num_layers=m.num_layers,
-                         num_decoder_layers=m.num_decoder_layers, num_heads=m.num_heads, dropout_rate=m.dropout)
-    model = CartT5(config)
-    if m.encoder == "minilm":  # the whole pretrained encoder, as sentence-transformers loads it
-        weights = load_file(str(minilm_dir() / "model.safetensors"))
-        missing, _ = model.encoder.bert.load_state_dict({k: v for k, v in weights.items() if not k.startswith("pooler")},
-                                                        strict=False)
-        if [k for k in missing if "position_ids" not in k]:
-            raise CartError(f"MiniLM weights do not fit its BertModel: missing {missing[:3]}")
-    elif m.init_embeddings == "minilm":
-        if (m.tokenizer or "minilm") != "minilm":
-            raise CartError("model.init_embeddings=minilm needs MiniLM's tokenizer (model.tokenizer=minilm)")
-        model.get_input_embeddings().weight.data.copy_(minilm_word_embeddings(m.d_model))
-    if m.geometry:
-        model.geometry.data.copy_(geometry)
-    return model
-
-
-def identifier_geometry(run_dir: Path, ids: Identifiers) -> torch.Tensor:
-    """The identifier geometry's starting point: `identifiers.residual_means` of the run's embeddings."""
-    path, _ = files.verified_input(run_dir, files.EMBEDDINGS)  # the ids stage checked they are its own
-    x = load_file(str(path))["embeddings"].numpy()
-    return torch.from_numpy(residual_means(ids.codes, ids.layout, x))
-
-
-def minilm_word_embeddings(dim: int) -> torch.Tensor:
-    """MiniLM's word embeddings (30522 x 384), projected on their top `dim` principal directions when dim
-    differs, rescaled to T5's embedding scale (unit RMS per row on average)."""
-    weights = load_file(str(minilm_dir() / "model.safetensors"))["embeddings.word_embeddings.weight"].float()
-    if dim != MINILM_DIM:
-        centred = weights - weights.mean(0)
-        _, _, v = torch.linalg.svd(centred, full_matrices=False)
-        weights = centred @ v[:dim].T if dim <= MINILM_DIM else torch.cat(
-            [weights, torch.zeros(len(weights), dim - MINILM_DIM)], dim=1)
-    return weights / weights.pow(2).mean().sqrt()
 
 
 def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, dict[str, str]]:
@@ -301,27 +237,13 @@ def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, di
     uses_embeddings = cfg.model.geometry or cfg.retrieve.rerank or cfg.train.rank_weight > 0
     read = (files.CORPUS, files.IDS) + ((files.EMBEDDINGS,) if uses_embeddings else ())
     inputs = {name: files.verified_input(run_dir, name)[1]["sha256"] for name in read}
-    records, captions_sha = with_generated_captions(run_dir, records)
+    records, captions_sha = data.with_generated_captions(run_dir, records)
     if captions_sha:
         inputs[files.CAPTIONS] = captions_sha
     return records, ids, inputs
 
 
-def with_generated_captions(run_dir: Path, records: list[dict]) -> tuple[list[dict], str | None]:
-    """The records with `cart caption`'s captions added as texts of kind `generated` (new dicts), and the
-    sha256 of captions.jsonl; unchanged records and None when it has not run. Refuses captions of
-    another corpus."""
-    if not (Path(run_dir) / files.CAPTIONS).exists():
-        return records, None
-    path, manifest = files.verified_input(run_dir, files.CAPTIONS)
-    files.require_built_from(manifest, files.CAPTIONS, run_dir, files.CORPUS)
-    with open(path, encoding="utf-8") as f:
-        generated = {row["id"]: row["captions"] for row in map(json.loads, f)}
-    return [{**r, "texts": r["texts"] + [{"text": c, "kind": "generated"} for c in generated.get(r["id"], [])]}
-            for r in records], manifest["sha256"]
-
-
-def decode_texts(model, tokenizer, ids: Identifiers, texts: list[str], cfg: Config, device: torch.device,
+def ranked_items(model, tokenizer, ids: Identifiers, texts: list[str], cfg: Config, device: torch.device,
                  depth: int = DEPTH, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """The top `depth` items of constrained beam search (fewer with fewer beams) for each text, and their
     log-probabilities: (n, depth) each, -1 / -inf where the beams found fewer."""
@@ -330,11 +252,9 @@ def decode_texts(model, tokenizer, ids: Identifiers, texts: list[str], cfg: Conf
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of like length pad less
     for start in range(0, len(texts), batch_size):
         batch = order[start: start + batch_size]
-        encoded = tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                            max_length=cfg.model.max_query_tokens, return_tensors="pt").to(device)
-        items, item_scores = decode(model, encoded["input_ids"], encoded["attention_mask"], ids.trie,
-                                    beams=cfg.retrieve.beam_width, top_k=depth)
-        rows[batch], scores[batch] = items.numpy(), item_scores.numpy()
+        rows[batch], scores[batch] = decode_texts(model, tokenizer, ids.trie, [texts[i] for i in batch],
+                                                  beams=cfg.retrieve.beam_width, top_k=depth,
+                                                  max_tokens=cfg.model.max_query_tokens, device=device)
     return rows, scores
 
 
@@ -364,7 +284,7 @@ class Validation:
             relevant = [self.splits.relevant[t.lower()] for t in texts]
             # with rerank, the whole beam: retrieval re-ranks all its candidates
             depth = self.cfg.retrieve.beam_width if self.queries is not None else DEPTH
-            rows, scores = decode_texts(model, tokenizer, ids, texts, self.cfg, accelerator.device, depth)
+            rows, scores = ranked_items(model, tokenizer, ids, texts, self.cfg, accelerator.device, depth)
             totals[name] = scoring.totals(rows[:, :DEPTH], relevant)
             if self.queries is not None:
                 queries = torch.stack([self.queries[t] for t in texts]) if texts else torch.zeros(0, self.items.shape[1])
@@ -373,7 +293,7 @@ class Validation:
         train = self.splits.train  # how well it fits its own training queries: a sample tells enough
         sample = random.Random(self.cfg.seed).sample(range(len(train.texts)), min(len(train.texts), TRAIN_SAMPLE))
         mine = sample[accelerator.process_index::accelerator.num_processes]
-        rows, _ = decode_texts(model, tokenizer, ids, [train.texts[i] for i in mine], self.cfg, accelerator.device)
+        rows, _ = ranked_items(model, tokenizer, ids, [train.texts[i] for i in mine], self.cfg, accelerator.device)
         totals["train"] = scoring.totals(rows, [self.splits.relevant[train.texts[i].lower()] for i in mine])
         summed = {name: self._sum(accelerator, t) for name, t in totals.items()}
         figures = {name: scoring.from_totals(t) for name, t in summed.items() if name != "train"}
@@ -391,41 +311,29 @@ class Validation:
                                   reduction="sum").cpu().numpy()
 
 
-def _validate(accelerator, model, tokenizer, ids, validation: Validation, cfg: Config, trainer: dict,
-              inputs: dict) -> bool:
-    """The validation figures after an epoch; keeps the best model by the score (MRR@10 of beam search,
-    averaged over the splits) in `model/`, with the rerank weight chosen at the same epoch; returns True
-    when training should stop early."""
+def _validate(accelerator, model, tokenizer, ids, validation: Validation, progress: Progress) -> tuple[float | None, dict | None]:
+    """The validation figures after an epoch, logged, printed and added to the history: the score (MRR@10
+    of beam search averaged over the splits; None with no split) and the rerank figures at their best weight."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     figures, reranked, train_r1 = validation(accelerator, unwrapped, tokenizer, ids)
     unwrapped.train()
     score = float(np.mean([f["MRR@10"] for f in figures.values()])) if figures else None
-    trainer["history"].append({"epoch": trainer["epoch"], "step": trainer["step"], "validation": figures,
-                               "score": score, "train_r1": train_r1, **({"rerank": reranked} if reranked else {})})
+    progress.history.append({"epoch": progress.epoch, "step": progress.step, "validation": figures, "score": score,
+                             "train_r1": train_r1, **({"rerank": reranked} if reranked else {})})
     accelerator.log({"train_r1": train_r1, **({"validation_score": score} if figures else {}),
-                     **{f"{name}_{k}": v for name, f in figures.items() for k, v in f.items()}}, step=trainer["step"])
+                     **{f"{name}_{k}": v for name, f in figures.items() for k, v in f.items()}}, step=progress.step)
     shown = "; ".join(f"{name} R@1 {f['R@1']:.3f} R@10 {f['R@10']:.3f} MRR@10 {f['MRR@10']:.3f}"
                       for name, f in figures.items())
     if reranked:
         shown += f"; + rerank (weight {reranked['weight']}) " + "; ".join(
             f"{name} R@1 {f['R@1']:.3f}" for name, f in reranked.items() if name != "weight")
-    accelerator.print(f"train: epoch {trainer['epoch']} step {trainer['step']}: validation {shown or 'none'}; "
+    accelerator.print(f"train: epoch {progress.epoch} step {progress.step}: validation {shown or 'none'}; "
                       f"training-query R@1 {train_r1:.3f}")
-    if score is None:  # nothing to validate on: the last epoch's model is the model
-        trainer["best_step"] = trainer["step"]
-        _save_model(accelerator, model, tokenizer, cfg, inputs, trainer)
-        return False
-    if score > trainer["best_score"]:
-        trainer.update(best_score=score, best_step=trainer["step"], stale=0,
-                       rerank_weight=reranked["weight"] if reranked else None)
-        _save_model(accelerator, model, tokenizer, cfg, inputs, trainer)
-    else:
-        trainer["stale"] += 1
-    return trainer["stale"] >= cfg.train.patience > 0
+    return score, reranked
 
 
-def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, trainer: dict) -> None:
+def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progress: Progress) -> None:
     """Write the model, its tokenizer and its manifest (which hashes every file of the folder) under a
     temporary name, then publish them as `model/` in one step: a model always exists, old or new."""
     accelerator.wait_for_everyone()
@@ -436,25 +344,25 @@ def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, traine
         accelerator.unwrap_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         weights = Path(files.MODEL_WEIGHTS).name
-        files.write_manifest(tmp / weights, "train", to_dict(cfg), inputs, step=trainer["step"],
-                             validation_score=trainer["best_score"], rerank_weight=trainer.get("rerank_weight"),
+        files.write_manifest(tmp / weights, "train", to_dict(cfg), inputs, step=progress.step,
+                             validation_score=progress.best_score, rerank_weight=progress.rerank_weight,
                              companions=files.folder_hashes(tmp, files.MODEL, leave_out=(weights,)))
         files.publish_folder(tmp, out)
     accelerator.wait_for_everyone()
 
 
-def _save_state(accelerator, run_dir: Path, trainer: dict, keep: int) -> None:
+def _save_state(accelerator, run_dir: Path, progress: Progress, keep: int) -> None:
     """Every process saves into a temporary folder, then the first publishes it as state/step_N: a folder
     named step_N is complete."""
     states = run_dir / files.STATE
-    tmp = states / f".step_{trainer['step']}.tmp"
+    tmp = states / f".step_{progress.step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        files.write_text(tmp / "trainer.json", json.dumps(trainer, indent=2) + "\n")
-        files.publish_folder(tmp, states / f"step_{trainer['step']}")
+        files.write_text(tmp / PROGRESS_FILE, json.dumps(asdict(progress), indent=2) + "\n")
+        files.publish_folder(tmp, states / f"step_{progress.step}")
         for old in _states(run_dir)[: -max(1, keep)]:
             files.remove_folder(old)
     accelerator.wait_for_everyone()
@@ -462,7 +370,7 @@ def _save_state(accelerator, run_dir: Path, trainer: dict, keep: int) -> None:
 
 def _states(run_dir: Path) -> list[Path]:
     """Complete state folders, oldest first."""
-    folders = [p for p in (run_dir / files.STATE).glob("step_*") if (p / "trainer.json").exists()]
+    folders = [p for p in (run_dir / files.STATE).glob("step_*") if (p / PROGRESS_FILE).exists()]
     return sorted(folders, key=lambda p: int(p.name.split("_")[1]))
 
 

@@ -109,17 +109,17 @@ def queries_from(run_dir: Path, count: int, seed: int = 0) -> list[str]:
 
 
 def demo_run(args) -> dict:
-    from cart import build_ids, train
+    from cart import build_ids, model_io
     from cart.config import load_config
 
     cfg = load_config(ROOT / "configs/emoji.yaml")
     ids = build_ids.load(cfg.run_dir)
     if (cfg.run_dir / "model/model.safetensors").exists():
-        model, tokenizer, _ = train.load(cfg.run_dir)
+        model, tokenizer, _ = model_io.load(cfg.run_dir)
         source = "trained"
     else:
-        tokenizer = train.load_tokenizer(cfg)
-        model = train.build_model(cfg, ids.layout.level_sizes, len(tokenizer)).eval()
+        tokenizer = model_io.load_tokenizer(cfg)
+        model = model_io.build_model(cfg, ids.layout.level_sizes, len(tokenizer)).eval()
         source = "random weights (the demo has not trained)"
     queries = queries_from(cfg.run_dir, 256)
     beams = cfg.retrieve.beam_width
@@ -135,12 +135,12 @@ def scale(args) -> dict:
     from bench_ids import synthetic
     from safetensors.torch import load_file
 
-    from cart import build_ids, files, train
+    from cart import build_ids, files, model_io
     from cart.config import load_config
 
     emoji = load_config(ROOT / "configs/emoji.yaml")
     queries = queries_from(emoji.run_dir, 64)
-    tokenizer = train.load_tokenizer(emoji)
+    tokenizer = model_io.load_tokenizer(emoji)
     built = {}
     for name in args.sizes.split(","):
         cfg = load_config(ROOT / "configs/flickr30k.yaml", [f"output_dir={args.workdir}", f"run={name}"])
@@ -156,7 +156,7 @@ def scale(args) -> dict:
     widest = max(built.values(), key=lambda ids: ids.layout.vocab_size).layout.level_sizes
     emoji.model.level_softmax = False  # one model for every size: its levels are the widest identifiers'
     torch.manual_seed(0)
-    model = train.build_model(emoji, widest, len(tokenizer)).eval()
+    model = model_io.build_model(emoji, widest, len(tokenizer)).eval()
     results = {}
     for name, ids in built.items():
         row = {"items": len(ids.codes), "identifier_length": ids.layout.length, "collision_rate":

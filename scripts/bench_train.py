@@ -32,7 +32,7 @@ VARIANTS = {  # name -> overrides of the emoji default
 
 def throughput(cfg, steps: int) -> dict:
     """Pairs per second over `steps` optimiser steps after 3 warm-up steps, forward + backward + update."""
-    from cart import build_ids, corpus, data, train
+    from cart import build_ids, corpus, data, model_io
     from cart.losses import cart_loss
     from cart.rerank import item_embeddings
 
@@ -40,9 +40,9 @@ def throughput(cfg, steps: int) -> dict:
     ids = build_ids.load(cfg.run_dir)
     splits = data.split_pairs(records, cfg)
     pairs = splits.train
-    tokenizer = train.load_tokenizer(cfg)
+    tokenizer = model_io.load_tokenizer(cfg)
     torch.manual_seed(cfg.seed)
-    model = train.build_model(cfg, ids.layout.level_sizes, len(tokenizer)).train()
+    model = model_io.build_model(cfg, ids.layout.level_sizes, len(tokenizer)).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
     labels = data.identifier_labels(ids.tokens)
     max_tokens = cfg.model.max_query_tokens

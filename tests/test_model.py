@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cart.decoding import TrieConstraint, decode
-from cart.fusion import CartT5, FusedCrossAttention, LayerFusionEncoder, cart_config
+from cart.cart_t5 import CartT5, FusedCrossAttention, LayerFusionEncoder, cart_config
 from cart.identifiers import TokenLayout, residual_means
 from cart.losses import cart_loss
 from cart.trie import PrefixTrie

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cart import build_ids, caption, corpus, data, embed, encoders, files, train
+from cart import build_ids, caption, corpus, data, embed, encoders, files, model_io, train
 from cart.errors import CartError
 from cart.losses import cart_loss
 from conftest import ROOT, prepare_run, write_jsonl
@@ -72,7 +72,7 @@ def test_train_writes_a_loadable_model_states_and_an_honest_validation_split(rea
     for pair in validation:
         per_item[pair["id"]] = per_item.get(pair["id"], 0) + 1
     assert max(per_item.values()) <= 2
-    model, tokenizer, ids = train.load(run_dir)
+    model, tokenizer, ids = model_io.load(run_dir)
     assert not model.training and model.config.cart_fusion
     encoded = tokenizer(["red number 0", "shape 3"], return_tensors="pt", padding=True)
     from cart.decoding import decode
@@ -86,7 +86,7 @@ def test_a_model_trained_on_other_identifiers_is_refused(ready_run):
     train.run(cfg)
     build_ids.run(ready_run("ids.clusters=2"))
     with pytest.raises(CartError, match="was built from another ids.safetensors: rerun `cart train`"):
-        train.load(cfg.run_dir)
+        model_io.load(cfg.run_dir)
 
 
 def test_resume_with_another_config_is_a_clear_error(ready_run):
@@ -238,20 +238,20 @@ def test_caption_stage_writes_generated_captions_that_training_uses(ready_run, t
 
 
 def test_minilm_word_embeddings_initialise_the_encoder(ready_run):
-    full = train.minilm_word_embeddings(384)
-    projected = train.minilm_word_embeddings(32)
+    full = model_io.minilm_word_embeddings(384)
+    projected = model_io.minilm_word_embeddings(32)
     assert full.shape == (30522, 384) and projected.shape == (30522, 32)
     assert full.pow(2).mean().item() == pytest.approx(1.0, rel=1e-3)
     cfg = ready_run("model.init_embeddings=minilm")
-    model = train.build_model(cfg, level_sizes=[4, 4], text_vocab_size=30522)
+    model = model_io.build_model(cfg, level_sizes=[4, 4], text_vocab_size=30522)
     assert torch.equal(model.get_input_embeddings().weight, projected)
 
 
 def test_minilm_encoder_is_the_pretrained_model_and_trains_frozen(ready_run):
     cfg = ready_run("model.encoder=minilm", "model.d_model=384", "model.num_heads=6", "model.d_ff=64",
                     "model.num_decoder_layers=1", "model.freeze_encoder=true", "train.epochs=1")
-    model = train.build_model(cfg, level_sizes=[4, 4], text_vocab_size=30522).eval()
-    tokenizer = train.load_tokenizer(cfg)
+    model = model_io.build_model(cfg, level_sizes=[4, 4], text_vocab_size=30522).eval()
+    tokenizer = model_io.load_tokenizer(cfg)
     reference = encoders.minilm_sentence_model()  # sentence-transformers' own loading of the package
     encoded = tokenizer(["a red heart", "cat"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -260,7 +260,7 @@ def test_minilm_encoder_is_the_pretrained_model_and_trains_frozen(ready_run):
     assert torch.allclose(ours, theirs, atol=1e-5)
     before = {k: v.clone() for k, v in model.encoder.bert.state_dict().items()}
     train.run(cfg)
-    trained = train.load(cfg.run_dir)[0]
+    trained = model_io.load(cfg.run_dir)[0]
     assert all(torch.equal(before[k], v) for k, v in trained.encoder.bert.state_dict().items())
     with pytest.raises(CartError, match="model.encoder minilm needs model.d_model=384"):
         ready_run("model.encoder=minilm")
@@ -348,7 +348,7 @@ def test_what_a_killed_save_left_is_removed_on_start(ready_run):
     train.run(cfg)
     assert sorted(p.name for p in cfg.run_dir.glob(".model*")) == [os.readlink(cfg.run_dir / files.MODEL)]
     assert not (cfg.run_dir / "state/.step_3.tmp").exists()
-    train.load(cfg.run_dir)
+    model_io.load(cfg.run_dir)
 
 
 MINILM = ["model.encoder=minilm", "model.d_model=384", "model.num_heads=6", "model.d_ff=64", "model.num_decoder_layers=1",
@@ -358,8 +358,8 @@ MINILM = ["model.encoder=minilm", "model.d_model=384", "model.num_heads=6", "mod
 def test_cached_encoder_layers_give_the_same_loss_and_gradients_as_running_the_encoder(ready_run):
     cfg = ready_run(*MINILM)
     splits = data.split_pairs(corpus.read(cfg.run_dir), cfg)
-    tokenizer = train.load_tokenizer(cfg)
-    model = train.build_model(cfg, build_ids.load(cfg.run_dir).layout.level_sizes, len(tokenizer))
+    tokenizer = model_io.load_tokenizer(cfg)
+    model = model_io.build_model(cfg, build_ids.load(cfg.run_dir).layout.level_sizes, len(tokenizer))
     # as `cart train` does: the cache is made from the model as built, before any .train() or .eval()
     cache = data.LayerCache(model.encoder, tokenizer, splits.train.texts, 24, torch.device("cpu"))
     model.train()
