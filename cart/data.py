@@ -50,12 +50,17 @@ def training_texts(record: dict) -> list[str]:
     return list(dict.fromkeys(t["text"] for t in record["texts"] if t["kind"] in TRAINING_KINDS))
 
 
+def part_of(text: str, other: str) -> bool:
+    """`text` is part of `other`: its words are a proper subset of the other's (case aside), as each tag
+    of an emoji is part of the text that joins its tags. The one rule for "a text joining others"."""
+    return frozenset(text.lower().split()) < frozenset(other.lower().split())
+
+
 def item_document(record: dict) -> str:
     """An item's training text as one string: its distinct training texts joined by spaces, leaving out
-    texts contained in another one (for the emoji set: the tags, whose joined form is itself a text)."""
+    texts that are part of another one (for the emoji set: the tags, whose joined form is itself a text)."""
     texts = training_texts(record)
-    kept = [t for t in texts if not any(t != other and t in other for other in texts)]
-    return " ".join(kept)
+    return " ".join(t for t in texts if not any(part_of(t, other) for other in texts))
 
 
 def held_out_texts(records: list[dict], cfg: Config) -> list[tuple[int, str]]:
@@ -142,12 +147,11 @@ def split_pairs(records: list[dict], cfg: Config) -> Splits:
 def subset_queries(texts: list[str], count: int, largest: int, rng: random.Random,
                    avoid: set[str] = frozenset()) -> list[str]:
     """Up to `count` distinct new queries, each 2..`largest` of an item's short training texts in random
-    order, joined by spaces (tags -> "hands raising": the shape of a name). Short texts are those whose
-    words do not include all the words of another of its texts (so a text joining the others is left out).
+    order, joined by spaces (tags -> "hands raising": the shape of a name). Short texts are those no other
+    text is `part_of` (so a text joining the others is left out).
     Made from the texts given only (training texts: never validation or held-out queries); none equals a
     text given or one in `avoid` (lower-cased)."""
-    words = [frozenset(text.lower().split()) for text in texts]
-    short = [text for text, w in zip(texts, words) if not any(o < w for o in words)]
+    short = [text for text in texts if not any(part_of(other, text) for other in texts)]
     if len(short) < 2:
         return []
     made, existing = [], {text.lower() for text in texts} | set(avoid)
