@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from cart import corpus, embed, encoders, files
+from cart.encoders import imagebind
 from cart.cli import main
 from cart.errors import CartError
 from conftest import ROOT, TINY_IMAGEBIND, unit_rows, write_jsonl
@@ -102,7 +103,7 @@ def test_precomputed_through_the_stage(tiny_config, manifest, tmp_path):
 
 
 def test_imagebind_through_the_stage(tiny_config, manifest, tmp_path):
-    imagebind_model, _ = encoders._imagebind_package()
+    imagebind_model, _ = imagebind._imagebind_package()
     torch.save(imagebind_model.ImageBindModel(**TINY_IMAGEBIND).state_dict(), tmp_path / "ib.pth")
     cfg = tiny_config(f"corpus.path={manifest}", "embed.encoder=imagebind", f"embed.weights={tmp_path / 'ib.pth'}",
                       f"embed.imagebind_arch={json.dumps(TINY_IMAGEBIND)}")

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from cart import encoders
+from cart.encoders import imagebind
 from cart.config import CorpusConfig, EmbedConfig
 from cart.emoji import load_items
 from cart.errors import CartError
@@ -47,7 +48,7 @@ def test_efficientnet_features_group_emoji_of_one_kind(efficientnet, emoji_paths
 
 @pytest.fixture(scope="module")
 def tiny_imagebind(tmp_path_factory):
-    imagebind_model, _ = encoders._imagebind_package()
+    imagebind_model, _ = imagebind._imagebind_package()
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("imagebind") / "tiny_imagebind.pth"
     torch.save(imagebind_model.ImageBindModel(**TINY_IMAGEBIND).state_dict(), path)
