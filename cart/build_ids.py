@@ -41,13 +41,13 @@ class Identifiers:
 
 def run(cfg: Config) -> Path:
     """Build the identifiers of the run's embeddings; return the path of `ids.safetensors`."""
-    run_dir, c = cfg.run_dir, cfg.ids
+    run_dir, ids_cfg = cfg.run_dir, cfg.ids
     path, embed_manifest = files.verified_input(run_dir, files.EMBEDDINGS)
     files.require_built_from(embed_manifest, files.EMBEDDINGS, run_dir, files.CORPUS)  # not stale
     x = load_file(str(path))["embeddings"]
     _check(x, cfg)
     phases: dict = {}
-    codes = identifiers.build(x, c, cfg.seed, phases)
+    codes = identifiers.build(x, ids_cfg, cfg.seed, phases)
     del x
     layout = TokenLayout(codes.level_sizes)
     with phase(phases, "trie"):
@@ -65,7 +65,7 @@ def run(cfg: Config) -> Path:
             save_file({k: v.contiguous() for k, v in codes.quantizer.state_dict().items()}, str(tmp),
                       metadata={"args": json.dumps(codes.quantizer.args)})
         companions.append(files.RQVAE)
-    summary = {"scheme": c.scheme, "level_sizes": layout.level_sizes, "vocab_size": layout.vocab_size,
+    summary = {"scheme": ids_cfg.scheme, "level_sizes": layout.level_sizes, "vocab_size": layout.vocab_size,
                "special_tokens": {"pad": TokenLayout.PAD, "eos": TokenLayout.EOS},
                "level_offsets": layout.offsets.tolist(), "stats": stats, "phases": phases}
     files.write_text(run_dir / files.IDS_STATS, json.dumps(summary, indent=2) + "\n")
@@ -93,7 +93,7 @@ def load(run_dir: Path) -> Identifiers:
 
 
 def _check(x: torch.Tensor, cfg: Config) -> None:
-    c, n = cfg.ids, len(x)
+    ids_cfg, n = cfg.ids, len(x)
     where = cfg.run_dir / files.EMBEDDINGS
     if n < 2:
         raise CartError(f"{where}: {n} item(s); identifiers need at least 2")
@@ -103,10 +103,10 @@ def _check(x: torch.Tensor, cfg: Config) -> None:
     zero = (x == 0).all(dim=1)
     if zero.any():
         raise CartError(f"{where}: row {int(zero.nonzero()[0])} {_item(cfg, int(zero.nonzero()[0]))}is all zeros")
-    if c.scheme in ("cart", "rqkmeans", "hkmeans") and c.clusters > n:
-        raise CartError(f"ids.clusters={c.clusters} is more than the {n} items: lower it")
-    if c.scheme == "rqkmeans" and c.codebook_size > n:  # each level is a K-Means of all the items' residuals
-        raise CartError(f"ids.codebook_size={c.codebook_size} is more than the {n} items: lower it")
+    if ids_cfg.scheme in ("cart", "rqkmeans", "hkmeans") and ids_cfg.clusters > n:
+        raise CartError(f"ids.clusters={ids_cfg.clusters} is more than the {n} items: lower it")
+    if ids_cfg.scheme == "rqkmeans" and ids_cfg.codebook_size > n:  # each level is a K-Means of all the items' residuals
+        raise CartError(f"ids.codebook_size={ids_cfg.codebook_size} is more than the {n} items: lower it")
 
 
 def _item(cfg: Config, row: int) -> str:

@@ -22,22 +22,21 @@ from cart.images import load_rgb
 
 def run(cfg: Config) -> Path:
     """Caption every image of the run's corpus; return the path of `captions.jsonl`."""
-    c = cfg.caption
+    caption_cfg = cfg.caption
     records = [r for r in corpus.read(cfg.run_dir) if r["modality"] == "image"]
     _, corpus_manifest = files.verified_input(cfg.run_dir, files.CORPUS)
     if not records:
         raise CartError(f"{cfg.run_dir / files.CORPUS}: no image items to caption")
-    if c.per_item < 1 or c.batch_size < 1:
-        raise CartError("caption.per_item and caption.batch_size must be at least 1")
-    captioner = load_captioner(c.model, c.device)
+    captioner = load_captioner(caption_cfg.model, caption_cfg.device)
     lines = []
-    for start in tqdm(range(0, len(records), c.batch_size), desc="caption", unit=" batch"):
-        batch = records[start: start + c.batch_size]
+    for start in tqdm(range(0, len(records), caption_cfg.batch_size), desc="caption", unit=" batch"):
+        batch = records[start: start + caption_cfg.batch_size]
         images = [load_rgb(r["path"]) for r in batch]  # transparent pixels on white, as embedding sees them
-        outputs = captioner(images=images, text=[c.prompt] * len(images), batch_size=len(images),
+        outputs = captioner(images=images, text=[caption_cfg.prompt] * len(images), batch_size=len(images),
                             return_full_text=False,
-                            generate_kwargs={"max_new_tokens": c.max_new_tokens, "num_beams": max(c.per_item, 1),
-                                             "num_return_sequences": c.per_item})
+                            generate_kwargs={"max_new_tokens": caption_cfg.max_new_tokens,
+                                             "num_beams": max(caption_cfg.per_item, 1),
+                                             "num_return_sequences": caption_cfg.per_item})
         for record, generated in zip(batch, outputs):
             generated = generated if isinstance(generated, list) else [generated]
             captions = list(dict.fromkeys(g["generated_text"].strip() for g in generated))
@@ -45,7 +44,7 @@ def run(cfg: Config) -> Path:
     out = cfg.run_dir / files.CAPTIONS
     files.write_text(out, "".join(lines))
     files.write_manifest(out, "caption", to_dict(cfg), {files.CORPUS: corpus_manifest["sha256"]}, items=len(lines))
-    print(f"caption: {len(lines)} images captioned with {c.model} -> {out}")
+    print(f"caption: {len(lines)} images captioned with {caption_cfg.model} -> {out}")
     return out
 
 

@@ -1,7 +1,9 @@
 """The `cart` command: one subcommand per stage, each `--config FILE` plus `key=value` overrides.
 
-This is the only place that sets seeds, logging and precision. Errors meant for
-the user (CartError) print as one line, without a traceback.
+It seeds Python, NumPy and torch from `seed` before a stage runs; the stages that must not depend on
+what ran before reseed their own draws from the config (training's initial weights and its dropout
+per batch, the RQ-VAE, the generators). Errors meant for the user (CartError) print as one line,
+without a traceback.
 """
 
 from __future__ import annotations

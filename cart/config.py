@@ -166,6 +166,10 @@ class ModelConfig:
         below(self, 1, "dropout")
         if self.d_model % self.num_heads:
             raise InvalidValue("d_model", f"({self.d_model}) must be a multiple of model.num_heads ({self.num_heads})")
+        built_t5 = self.encoder != "minilm" and not self.pretrained  # the encoder whose embeddings init_embeddings sets
+        if built_t5 and self.init_embeddings == "minilm" and (self.tokenizer or "minilm") != "minilm":
+            raise InvalidValue("init_embeddings", "minilm needs MiniLM's tokenizer (model.tokenizer=minilm); "
+                                                  "or set model.init_embeddings=random")
         if self.encoder == "minilm" and (
                 self.d_model != MINILM_DIM or (self.tokenizer or "minilm") != "minilm"):
             raise InvalidValue("encoder", f"minilm needs model.d_model={MINILM_DIM} and MiniLM's tokenizer "

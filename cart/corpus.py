@@ -50,26 +50,27 @@ class BadItem(Exception):
 def run(cfg: Config, force: bool = False) -> Path:
     """Build `corpus.jsonl` in the run folder from `cfg.corpus`; return its path. A corpus with other content
     than the run's present one, whose later stages were built from it, is refused unless `force`."""
-    c = cfg.corpus
-    c = dataclasses.replace(c, path=os.path.expanduser(c.path), media_root=os.path.expanduser(c.media_root))
+    corpus_cfg = cfg.corpus
+    corpus_cfg = dataclasses.replace(corpus_cfg, path=os.path.expanduser(corpus_cfg.path),
+                                     media_root=os.path.expanduser(corpus_cfg.media_root))
     sources = {"emoji": _emoji, "karpathy": _karpathy, "coco": _coco, "manifest": _manifest, "folder": _folder}
-    if c.source != "emoji" and not c.path:
-        raise CartError(f"corpus.path is required for corpus.source={c.source}")
-    if c.path and not Path(c.path).exists():
-        raise CartError(f"corpus.path not found: {c.path}")
-    if c.source == "folder" and not Path(c.path).is_dir():
-        raise CartError(f"corpus.path {c.path} is a file: corpus.source=folder reads a folder of media")
-    if c.source in ("karpathy", "coco", "manifest") and Path(c.path).is_dir():
-        raise CartError(f"corpus.path {c.path} is a folder: corpus.source={c.source} reads a file "
+    if corpus_cfg.source != "emoji" and not corpus_cfg.path:
+        raise CartError(f"corpus.path is required for corpus.source={corpus_cfg.source}")
+    if corpus_cfg.path and not Path(corpus_cfg.path).exists():
+        raise CartError(f"corpus.path not found: {corpus_cfg.path}")
+    if corpus_cfg.source == "folder" and not Path(corpus_cfg.path).is_dir():
+        raise CartError(f"corpus.path {corpus_cfg.path} is a file: corpus.source=folder reads a folder of media")
+    if corpus_cfg.source in ("karpathy", "coco", "manifest") and Path(corpus_cfg.path).is_dir():
+        raise CartError(f"corpus.path {corpus_cfg.path} is a folder: corpus.source={corpus_cfg.source} reads a file "
                         f"(corpus.source=folder reads a folder of media)")
     records, skipped, seen = [], [], {}
-    for where, record in tqdm(sources[c.source](c), desc="corpus", unit=" items", leave=False):
+    for where, record in tqdm(sources[corpus_cfg.source](corpus_cfg), desc="corpus", unit=" items", leave=False):
         try:
             if isinstance(record, BadItem):
                 raise record
-            _check(record, seen, where, c.check_media)
+            _check(record, seen, where, corpus_cfg.check_media)
         except BadItem as bad:
-            if c.on_bad == "stop":
+            if corpus_cfg.on_bad == "stop":
                 raise CartError(f"{where}: {bad} (corpus.on_bad=skip leaves such items out)") from None
             skipped.append(f"{where}: {bad}")
             print(f"cart corpus: skipped {where}: {bad}", file=sys.stderr)
@@ -77,14 +78,14 @@ def run(cfg: Config, force: bool = False) -> Path:
         seen[record["id"]] = where
         records.append(record)
     if not records:
-        raise CartError(f"corpus: no usable items in {c.path or c.source}")
+        raise CartError(f"corpus: no usable items in {corpus_cfg.path or corpus_cfg.source}")
     out = cfg.run_dir / files.CORPUS
     content = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
     _refuse_replacing_a_used_corpus(cfg.run_dir, content, force)
     with files.atomic_path(out) as tmp:
         tmp.write_bytes(content)
-    inputs = {Path(c.path).name: files.sha256_file(c.path)} if Path(c.path).is_file() else {}
-    if c.source == "emoji":
+    inputs = {Path(corpus_cfg.path).name: files.sha256_file(corpus_cfg.path)} if Path(corpus_cfg.path).is_file() else {}
+    if corpus_cfg.source == "emoji":
         inputs = dict(emoji.PACKAGES)
     stats = summarize(records)
     files.write_manifest(out, "corpus", to_dict(cfg), inputs, stats=stats, skipped=skipped)
@@ -155,21 +156,21 @@ def _check(record: dict, seen: dict, where: str, check_media: bool) -> None:
             raise BadItem(f"texts[{i}]: a query needs the name of its query set (\"set\")")
 
 
-def _texts(strings: list, split: str, c: CorpusConfig) -> list[dict]:
+def _texts(strings: list, split: str, corpus_cfg: CorpusConfig) -> list[dict]:
     """Plain strings become captions, or held-out queries for items of a query split."""
     out = []
     for s in strings:
         if isinstance(s, dict):
             out.append(s)
-        elif split in c.query_splits:
+        elif split in corpus_cfg.query_splits:
             out.append({"text": s, "kind": "query", "set": split})
         else:
             out.append({"text": s, "kind": "caption"})
     return out
 
 
-def _media_root(c: CorpusConfig) -> Path:
-    return Path(c.media_root) if c.media_root else Path(c.path).parent
+def _media_root(corpus_cfg: CorpusConfig) -> Path:
+    return Path(corpus_cfg.media_root) if corpus_cfg.media_root else Path(corpus_cfg.path).parent
 
 
 def media_path(root: Path, value) -> str:
@@ -201,26 +202,26 @@ def _read_json(path: Path):
         raise CartError(f"{path} line {e.lineno}: not valid JSON: {e.msg}") from None
 
 
-def _emoji(c: CorpusConfig):
-    for i, record in enumerate(emoji.load_items(c.cache_dir)):
+def _emoji(corpus_cfg: CorpusConfig):
+    for i, record in enumerate(emoji.load_items(corpus_cfg.cache_dir)):
         yield f"emoji item {i} ({record['id']})", record
 
 
-def _karpathy(c: CorpusConfig):
-    data, root = _read_json(Path(c.path)), _media_root(c)
+def _karpathy(corpus_cfg: CorpusConfig):
+    data, root = _read_json(Path(corpus_cfg.path)), _media_root(corpus_cfg)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise CartError(f"{c.path}: expected a Karpathy-split JSON with an 'images' list")
+        raise CartError(f"{corpus_cfg.path}: expected a Karpathy-split JSON with an 'images' list")
     for i, image in enumerate(data["images"]):
-        where = f"{c.path} images[{i}]"
+        where = f"{corpus_cfg.path} images[{i}]"
         try:
-            split = image.get("split", c.split)
+            split = image.get("split", corpus_cfg.split)
             relative = str(Path(image.get("filepath", "")) / image["filename"])
             yield where, {
                 "id": str(image.get("cocoid", Path(image["filename"]).stem)),
                 "modality": "image",
                 "path": media_path(root, relative),
                 "split": split,
-                "texts": _texts([s["raw"] for s in image.get("sentences", [])], split, c),
+                "texts": _texts([s["raw"] for s in image.get("sentences", [])], split, corpus_cfg),
             }
         except (KeyError, TypeError, AttributeError) as e:
             yield where, BadItem(f"malformed entry, missing {e}")
@@ -228,22 +229,22 @@ def _karpathy(c: CorpusConfig):
             yield where, bad
 
 
-def _coco(c: CorpusConfig):
-    data, root = _read_json(Path(c.path)), _media_root(c)
+def _coco(corpus_cfg: CorpusConfig):
+    data, root = _read_json(Path(corpus_cfg.path)), _media_root(corpus_cfg)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise CartError(f"{c.path}: expected a COCO captions JSON with 'images' and 'annotations'")
+        raise CartError(f"{corpus_cfg.path}: expected a COCO captions JSON with 'images' and 'annotations'")
     captions: dict = {}
     for a in data["annotations"]:
         captions.setdefault(a.get("image_id"), []).append(a.get("caption", ""))
     for i, image in enumerate(data["images"]):
-        where = f"{c.path} images[{i}]"
+        where = f"{corpus_cfg.path} images[{i}]"
         try:
             yield where, {
                 "id": str(image["id"]),
                 "modality": "image",
                 "path": media_path(root, image["file_name"]),
-                "split": c.split,
-                "texts": _texts(captions.get(image["id"], []), c.split, c),
+                "split": corpus_cfg.split,
+                "texts": _texts(captions.get(image["id"], []), corpus_cfg.split, corpus_cfg),
             }
         except (KeyError, TypeError, AttributeError) as e:
             yield where, BadItem(f"malformed entry, missing {e}")
@@ -251,11 +252,11 @@ def _coco(c: CorpusConfig):
             yield where, bad
 
 
-def _manifest(c: CorpusConfig):
-    path, root = Path(c.path), _media_root(c)
+def _manifest(corpus_cfg: CorpusConfig):
+    path, root = Path(corpus_cfg.path), _media_root(corpus_cfg)
     lines = path.read_bytes().splitlines(keepends=True)  # a quoted CSV text keeps its line breaks
     if path.suffix.lower() == ".csv":
-        yield from _manifest_csv(path, lines, root, c)
+        yield from _manifest_csv(path, lines, root, corpus_cfg)
         return
     for number, raw in enumerate(lines, 1):
         where = f"{path} line {number}"
@@ -269,10 +270,10 @@ def _manifest(c: CorpusConfig):
         except json.JSONDecodeError as e:
             yield where, BadItem(f"not valid JSON: {e.msg}")
             continue
-        yield where, _manifest_record(row, root, c)
+        yield where, _manifest_record(row, root, corpus_cfg)
 
 
-def _manifest_csv(path: Path, lines: list[bytes], root: Path, c: CorpusConfig):
+def _manifest_csv(path: Path, lines: list[bytes], root: Path, corpus_cfg: CorpusConfig):
     """Rows of a CSV manifest, each named by the file line it starts on (a quoted text may span lines)."""
     decoded, numbers = [], []
     for number, raw in enumerate(lines, 1):
@@ -317,10 +318,10 @@ def _manifest_csv(path: Path, lines: list[bytes], root: Path, c: CorpusConfig):
             continue
         row = dict(zip(header, values))
         row["texts"] = row["texts"].split("|") if row["texts"].strip() else []
-        yield where, _manifest_record(row, root, c)
+        yield where, _manifest_record(row, root, corpus_cfg)
 
 
-def _manifest_record(row, root: Path, c: CorpusConfig):
+def _manifest_record(row, root: Path, corpus_cfg: CorpusConfig):
     if not isinstance(row, dict):
         return BadItem(f"expected a JSON object with {', '.join(MANIFEST_COLUMNS)}")
     unknown = [k for k in row if k not in MANIFEST_COLUMNS]
@@ -329,7 +330,7 @@ def _manifest_record(row, root: Path, c: CorpusConfig):
     missing = [k for k in REQUIRED_COLUMNS if k not in row]
     if missing:
         return BadItem(f"missing {' and '.join(missing)}")
-    item_id, texts, split = row["id"], row["texts"], row.get("split") or c.split
+    item_id, texts, split = row["id"], row["texts"], row.get("split") or corpus_cfg.split
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
         return BadItem(f"id should be a string or a whole number, got {item_id!r}")
     if not isinstance(texts, list):
@@ -346,13 +347,13 @@ def _manifest_record(row, root: Path, c: CorpusConfig):
         "modality": modality,
         "path": path,
         "split": split,
-        "texts": _texts([t.strip() if isinstance(t, str) else t for t in texts], split, c),
+        "texts": _texts([t.strip() if isinstance(t, str) else t for t in texts], split, corpus_cfg),
     }
 
 
-def _folder(c: CorpusConfig):
+def _folder(corpus_cfg: CorpusConfig):
     """Every media file below the folder; texts from a `<name>.txt` beside it, one per line."""
-    root = Path(c.path)
+    root = Path(corpus_cfg.path)
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()):
         where = str(path)
         texts = []
@@ -376,6 +377,6 @@ def _folder(c: CorpusConfig):
             "id": str(path.relative_to(root).with_suffix("")),
             "modality": EXTENSIONS[path.suffix.lower()],
             "path": str(path),
-            "split": c.split,
-            "texts": _texts(texts, c.split, c),
+            "split": corpus_cfg.split,
+            "texts": _texts(texts, corpus_cfg.split, corpus_cfg),
         }

@@ -66,7 +66,7 @@ def item_document(record: dict) -> str:
 def held_out_texts(records: list[dict], cfg: Config) -> list[tuple[int, str]]:
     """The (row, text) pairs of the `texts` validation split, drawn with the run's seed from the corpus's
     own captions (generated ones are always trained on: `cart embed` never sees them)."""
-    t = cfg.train
+    train_cfg = cfg.train
     pairs = [(row, text, len(texts)) for row, record in enumerate(records)
              for texts in [list(dict.fromkeys(x["text"] for x in record["texts"] if x["kind"] == "caption"))]
              for text in texts]
@@ -74,7 +74,7 @@ def held_out_texts(records: list[dict], cfg: Config) -> list[tuple[int, str]]:
     random.Random(cfg.seed).shuffle(candidates)
     chosen, per_item = set(), {}
     for i in candidates:
-        if len(chosen) >= min(t.validation_max, round(t.validation_fraction * len(pairs))):
+        if len(chosen) >= min(train_cfg.validation_max, round(train_cfg.validation_fraction * len(pairs))):
             break
         row, _, count = pairs[i]
         if per_item.get(row, 0) < count - 1:  # leave every item at least one training text
@@ -97,7 +97,7 @@ def without_texts(records: list[dict], held_out: list[tuple[int, str]]) -> list[
 
 def split_pairs(records: list[dict], cfg: Config) -> Splits:
     """Training pairs from every training text, the two validation splits, and every query's right answers."""
-    t = cfg.train
+    train_cfg = cfg.train
     relevant: dict[str, set[int]] = {}
     texts_of = [training_texts(record) for record in records]
     for row, texts in enumerate(texts_of):
@@ -118,26 +118,26 @@ def split_pairs(records: list[dict], cfg: Config) -> Splits:
     for text, row in zip(train.texts, train.items):
         by_item.setdefault(row, []).append(text)
     names = Pairs([], [])
-    if t.validation_names:
+    if train_cfg.validation_names:
         rng = random.Random(f"{cfg.seed}/names")
         rows = sorted(by_item)
         rng.shuffle(rows)
         for row in rows:
-            made = subset_queries(by_item[row], 1, t.subset_size, rng)
+            made = subset_queries(by_item[row], 1, train_cfg.subset_size, rng)
             if made and made[0].lower() not in relevant:
                 names.texts.append(made[0])
                 names.items.append(row)
-                if len(names.texts) == t.validation_names:
+                if len(names.texts) == train_cfg.validation_names:
                     break
         validation["names"] = names
     for text, row in zip(names.texts, names.items):
         relevant.setdefault(text.lower(), set()).add(row)
-    if t.subset_queries:
+    if train_cfg.subset_queries:
         rng = random.Random(f"{cfg.seed}/subsets")
         # a subset may rebuild a held-out text (the joined tags, in another order it would still differ)
         avoid = {text.lower() for pairs in validation.values() for text in pairs.texts}
         for row, texts in by_item.items():
-            for text in subset_queries(texts, t.subset_queries, t.subset_size, rng, avoid):
+            for text in subset_queries(texts, train_cfg.subset_queries, train_cfg.subset_size, rng, avoid):
                 train.texts.append(text)
                 train.items.append(row)
                 relevant.setdefault(text.lower(), set()).add(row)

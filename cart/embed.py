@@ -28,58 +28,58 @@ from cart.errors import CartError
 
 def run(cfg: Config) -> Path:
     """Write `embeddings.safetensors` for the run's corpus; return its path."""
-    run_dir, e = cfg.run_dir, cfg.embed
+    run_dir, embed_cfg = cfg.run_dir, cfg.embed
     records = corpus.read(run_dir)
     _, corpus_manifest = files.verified_input(run_dir, files.CORPUS)
     out = run_dir / files.EMBEDDINGS
     extra = {}
-    if e.encoder == "minilm-text":  # the item's own text: never the texts `cart train` validates on
+    if embed_cfg.encoder == "minilm-text":  # the item's own text: never the texts `cart train` validates on
         held_out = data.held_out_texts(records, cfg)
         records = data.without_texts(records, held_out)
         extra["validation_left_out"] = data.held_out_digest(held_out)
-    if e.encoder == "precomputed":
-        matrix = encoders.load_precomputed(e.weights, [r["id"] for r in records])
+    if embed_cfg.encoder == "precomputed":
+        matrix = encoders.load_precomputed(embed_cfg.weights, [r["id"] for r in records])
     else:
         matrix = _encode(records, cfg, corpus_manifest["sha256"], extra)
     matrix = F.normalize(matrix.float(), dim=-1).contiguous()
     if not torch.isfinite(matrix).all():
-        raise CartError(f"{e.encoder} gave non-finite embeddings; check the inputs and weights")
+        raise CartError(f"{embed_cfg.encoder} gave non-finite embeddings; check the inputs and weights")
     with files.atomic_path(out) as tmp:
         save_file({"embeddings": matrix}, str(tmp))
     files.write_manifest(
         out, "embed", to_dict(cfg), {files.CORPUS: corpus_manifest["sha256"]},
-        encoder=e.encoder, items=len(matrix), dim=matrix.shape[1], **extra,
+        encoder=embed_cfg.encoder, items=len(matrix), dim=matrix.shape[1], **extra,
     )
     shutil.rmtree(run_dir / files.EMBEDDINGS_PARTIAL, ignore_errors=True)
-    print(f"embed: {len(matrix)} x {matrix.shape[1]} ({e.encoder}) -> {out}")
+    print(f"embed: {len(matrix)} x {matrix.shape[1]} ({embed_cfg.encoder}) -> {out}")
     return out
 
 
 def _encode(records: list[dict], cfg: Config, corpus_sha: str, extra: dict) -> torch.Tensor:
-    e = cfg.embed
-    encoder = encoders.load(e, pick_device(e.device))
+    embed_cfg = cfg.embed
+    encoder = encoders.load(embed_cfg, pick_device(embed_cfg.device))
     unsupported = [r for r in records if r["modality"] not in encoder.modalities]
     if unsupported:
         r = unsupported[0]
         raise CartError(
-            f"embed.encoder={e.encoder} cannot embed {r['modality']} items "
+            f"embed.encoder={embed_cfg.encoder} cannot embed {r['modality']} items "
             f"({len(unsupported)} in the corpus, e.g. {r['id']!r}); use imagebind"
         )
     partial = cfg.run_dir / files.EMBEDDINGS_PARTIAL
     # Shards stay valid while the corpus and the model are the same (batch size and device do not matter).
-    done = _resume(partial, {"corpus": corpus_sha, "encoder": e.encoder, "weights": e.weights,
-                             "arch": e.imagebind_arch, **extra})
+    done = _resume(partial, {"corpus": corpus_sha, "encoder": embed_cfg.encoder, "weights": embed_cfg.weights,
+                             "arch": embed_cfg.imagebind_arch, **extra})
     rows = sum(len(t) for t in done)
     pending: list[torch.Tensor] = []
-    with tqdm(total=len(records), initial=rows, desc=f"embed ({e.encoder})", unit=" items") as bar:
-        for start in range(rows, len(records), e.batch_size):
-            batch = records[start: start + e.batch_size]
+    with tqdm(total=len(records), initial=rows, desc=f"embed ({embed_cfg.encoder})", unit=" items") as bar:
+        for start in range(rows, len(records), embed_cfg.batch_size):
+            batch = records[start: start + embed_cfg.batch_size]
             try:
                 pending.append(encoder.encode(batch))
             except (OSError, ValueError) as err:
                 raise CartError(f"embed: item {batch[0]['id']!r} batch failed: {err}") from None
             bar.update(len(batch))
-            if len(pending) == e.save_every:
+            if len(pending) == embed_cfg.save_every:
                 done.append(_save_shard(partial, len(done), torch.cat(pending)))
                 pending = []
     return torch.cat(done + pending)

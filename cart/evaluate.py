@@ -32,21 +32,21 @@ from cart.retriever import Retriever
 
 
 def run(cfg: Config) -> Path:
-    run_dir, e = cfg.run_dir, cfg.eval
+    run_dir, eval_cfg = cfg.run_dir, cfg.eval
     if cfg.retrieve.beam_width < DEPTH:
         raise CartError(f"retrieve.beam_width={cfg.retrieve.beam_width}: eval needs at least {DEPTH} beams for R@10")
-    retriever = Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=e.device)  # checks every input
+    retriever = Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=eval_cfg.device)  # checks every input
     # with generated captions: the baselines see what CART trained on
     records, _ = data.with_generated_captions(run_dir, retriever.records)
     query_sets = held_out_queries(records)
     if not query_sets:
         raise CartError(f"{run_dir / files.CORPUS} has no held-out queries (texts of kind `query`): nothing to evaluate")
-    relevant = relevant_items(records, query_sets, e.relevant_kinds)
+    relevant = relevant_items(records, query_sets, eval_cfg.relevant_kinds)
 
-    methods = {"CART": lambda queries: retriever.search_rows(queries, DEPTH, e.batch_size, rerank=False)}
+    methods = {"CART": lambda queries: retriever.search_rows(queries, DEPTH, eval_cfg.batch_size, rerank=False)}
     if retriever.reranker is not None:  # its own row, never in place of pure CART's
-        methods["CART + rerank"] = lambda queries: retriever.search_rows(queries, DEPTH, e.batch_size, rerank=True)
-    for name in e.baselines:
+        methods["CART + rerank"] = lambda queries: retriever.search_rows(queries, DEPTH, eval_cfg.batch_size, rerank=True)
+    for name in eval_cfg.baselines:
         baseline = _baseline(name, records, cfg)
         if baseline is not None:
             methods[baseline.name] = lambda queries, b=baseline: b.search(queries, DEPTH)
@@ -57,16 +57,16 @@ def run(cfg: Config) -> Path:
         for set_name, queries in query_sets.items():
             texts = [q for q, _ in queries]
             start = time.perf_counter()
-            rows, scores = _in_batches(search, texts, e.batch_size, f"eval {method} set {set_name}")
+            rows, scores = _in_batches(search, texts, eval_cfg.batch_size, f"eval {method} set {set_name}")
             seconds = time.perf_counter() - start
             ranked[method, set_name] = rows, scores
             results[method][set_name] = metrics(rows, relevant[set_name]) | {
                 "queries": len(texts), "queries_per_second": round(len(texts) / seconds, 1)}
-        results[method]["latency_ms_batch_1"] = _latency(search, query_sets, e.latency_queries, cfg.seed)
+        results[method]["latency_ms_batch_1"] = _latency(search, query_sets, eval_cfg.latency_queries, cfg.seed)
 
     out = run_dir / files.EVAL
-    summary = {"methods": results, "relevant_kinds": e.relevant_kinds, "beam_width": cfg.retrieve.beam_width,
-               "batch_size": e.batch_size, "device": str(retriever.device)}
+    summary = {"methods": results, "relevant_kinds": eval_cfg.relevant_kinds, "beam_width": cfg.retrieve.beam_width,
+               "batch_size": eval_cfg.batch_size, "device": str(retriever.device)}
     files.write_text(out, json.dumps(summary, indent=2) + "\n")
     _write_hits(run_dir / files.HITS, query_sets, relevant, ranked, records)
     _write_report(run_dir / files.REPORT, summary, query_sets, relevant, ranked, records, cfg)

@@ -82,11 +82,11 @@ def choose_pareto(scores: np.ndarray, cap: int) -> list[int]:
 
 def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> tuple[list[str], list[Retrieved]]:
     """(the queries used, the chosen items) for `prompt` under `generate.mode`."""
-    g = cfg.generate
-    if g.mode == "subqueries":
-        queries = list(g.subqueries) or split_prompt(prompt)
+    generate_cfg = cfg.generate
+    if generate_cfg.mode == "subqueries":
+        queries = list(generate_cfg.subqueries) or split_prompt(prompt)
     else:
-        queries = list(g.concepts) or [prompt]
+        queries = list(generate_cfg.concepts) or [prompt]
     k = retriever.beam_width
     results = retriever.search(queries, k=k)
     found: dict[int, Retrieved] = {}
@@ -97,15 +97,15 @@ def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> t
             item.covers.append(query)
             item.score = max(item.score, hit.score)
     candidates = list(found.values())
-    if g.mode == "subqueries":
+    if generate_cfg.mode == "subqueries":
         matrix = np.array([[c.scores.get(q, -np.inf) for q in queries] for c in candidates]).reshape(len(candidates), len(queries))
-        chosen = [candidates[i] for i in choose_pareto(matrix, g.images)]
+        chosen = [candidates[i] for i in choose_pareto(matrix, generate_cfg.images)]
     else:  # each query's best in turn: concept 1's top, concept 2's top, then their second best, ...
         ranked = [[found[h.row] for h in hits] for hits in results]
         chosen = []
         for depth in range(k):
             for hits in ranked:
-                if depth < len(hits) and all(c.row != hits[depth].row for c in chosen) and len(chosen) < g.images:
+                if depth < len(hits) and all(c.row != hits[depth].row for c in chosen) and len(chosen) < generate_cfg.images:
                     chosen.append(hits[depth])
     return queries, chosen
 
@@ -114,27 +114,27 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
         retriever: Retriever | None = None) -> Path:
     """Retrieve for the prompt (`generate.prompt` unless given), generate, write the image(s) and the record.
     `retriever`: one already loaded for the run (the pipeline's), else it is loaded here."""
-    g = cfg.generate
-    prompt = (prompt if prompt is not None else g.prompt).strip()
+    generate_cfg = cfg.generate
+    prompt = (prompt if prompt is not None else generate_cfg.prompt).strip()
     if not prompt:
         raise CartError("empty prompt: give the text to generate from")
     run_dir = Path(run_dir or cfg.run_dir)
-    generator = generators.load(g)  # fail on a bad model folder before decoding anything
-    retriever = retriever or Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=g.device)
+    generator = generators.load(generate_cfg)  # fail on a bad model folder before decoding anything
+    retriever = retriever or Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=generate_cfg.device)
     queries, chosen = retrieve_for_generation(retriever, prompt, cfg)
     images = [c for c in chosen if retriever.records[c.row]["modality"] == "image"]
     if not images:
         kinds = sorted({retriever.records[c.row]["modality"] for c in chosen})
         raise CartError(f"no images retrieved for {prompt!r}" + (f" (found only {', '.join(kinds)} items)" if kinds else "")
                         + ": nothing to condition the generator on")
-    out_dir = _new_folder(run_dir / "generations", g.name or _slug(prompt))
+    out_dir = _new_folder(run_dir / "generations", generate_cfg.name or _slug(prompt))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir()
-        made = generator.generate(prompt, queries if g.mode == "subqueries" else [], images, cfg.seed, tmp)
+        made = generator.generate(prompt, queries if generate_cfg.mode == "subqueries" else [], images, cfg.seed, tmp)
         outputs = [out_dir / path.name for path in made]
-        record = {"prompt": prompt, "mode": g.mode, "queries": queries, "retrieved": [asdict(c) for c in images],
-                  "generator": g.generator, "settings": generator.settings(), "seed": cfg.seed,
+        record = {"prompt": prompt, "mode": generate_cfg.mode, "queries": queries, "retrieved": [asdict(c) for c in images],
+                  "generator": generate_cfg.generator, "settings": generator.settings(), "seed": cfg.seed,
                   "outputs": [str(p) for p in outputs], "run": str(run_dir)}
         files.write_text(tmp / "record.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp, out_dir)  # over the empty folder reserved for it
@@ -142,7 +142,7 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         out_dir.rmdir()
         raise
-    print(f"generate: {len(images)} retrieved image(s) -> {g.generator}: {', '.join(str(p) for p in outputs)}")
+    print(f"generate: {len(images)} retrieved image(s) -> {generate_cfg.generator}: {', '.join(str(p) for p in outputs)}")
     print(f"generate: record -> {out_dir / 'record.json'}")
     return out_dir
 

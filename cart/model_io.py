@@ -44,8 +44,8 @@ def load(run_dir: Path) -> tuple[CartT5, object, Identifiers]:
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    m = cfg.model
-    source = m.tokenizer or m.pretrained or "minilm"
+    model_cfg = cfg.model
+    source = model_cfg.tokenizer or model_cfg.pretrained or "minilm"
     folder = minilm_dir() if source == "minilm" else Path(source).expanduser()
     if not folder.is_dir():
         raise CartError(f"model.tokenizer: folder not found: {folder}")
@@ -59,38 +59,38 @@ def build_model(cfg: Config, level_sizes: list[int], text_vocab_size: int,
                 geometry: torch.Tensor | None = None) -> CartT5:
     """A CartT5 for the run's identifiers (`level_sizes`, the TokenLayout's) as `model.*` says; `geometry`
     (V, D): the identifier geometry's starting point (`model.geometry`, see `identifier_geometry`)."""
-    m = cfg.model
-    if m.geometry and geometry is None:
+    model_cfg = cfg.model
+    if model_cfg.geometry and geometry is None:
         raise ValueError("model.geometry needs the identifier geometry to start from")
-    options = dict(fine_fusion=m.fine_fusion, level_softmax=m.level_softmax, geometry_scale=m.geometry_scale,
-                   geometry_dim=geometry.shape[1] if m.geometry else 0)
-    if m.pretrained:
-        folder = Path(m.pretrained).expanduser()
+    options = dict(fine_fusion=model_cfg.fine_fusion, level_softmax=model_cfg.level_softmax,
+                   geometry_scale=model_cfg.geometry_scale,
+                   geometry_dim=geometry.shape[1] if model_cfg.geometry else 0)
+    if model_cfg.pretrained:
+        folder = Path(model_cfg.pretrained).expanduser()
         if not (folder / "config.json").exists():
             raise CartError(f"model.pretrained: no T5 config.json in {folder}")
-        model = CartT5.from_t5(folder, level_sizes=level_sizes, fusion=m.fusion, dropout=m.dropout, **options)
-        if m.geometry:
+        model = CartT5.from_t5(folder, level_sizes=level_sizes, fusion=model_cfg.fusion, dropout=model_cfg.dropout, **options)
+        if model_cfg.geometry:
             model.geometry.data.copy_(geometry)
         return model
     text_encoder = None
-    if m.encoder == "minilm":  # the config checked d_model and the tokenizer
+    if model_cfg.encoder == "minilm":  # the config checked d_model and the tokenizer
         text_encoder = json.loads((minilm_dir() / "config.json").read_text(encoding="utf-8"))
-    config = cart_config(text_vocab_size=text_vocab_size, level_sizes=level_sizes, fusion=m.fusion, **options,
-                         text_encoder=text_encoder, freeze_encoder=m.freeze_encoder, tune_layers=m.tune_layers,
-                         d_model=m.d_model, d_kv=m.d_model // m.num_heads, d_ff=m.d_ff, num_layers=m.num_layers,
-                         num_decoder_layers=m.num_decoder_layers, num_heads=m.num_heads, dropout_rate=m.dropout)
+    config = cart_config(text_vocab_size=text_vocab_size, level_sizes=level_sizes, fusion=model_cfg.fusion, **options,
+                         text_encoder=text_encoder, freeze_encoder=model_cfg.freeze_encoder, tune_layers=model_cfg.tune_layers,
+                         d_model=model_cfg.d_model, d_kv=model_cfg.d_model // model_cfg.num_heads, d_ff=model_cfg.d_ff,
+                         num_layers=model_cfg.num_layers,
+                         num_decoder_layers=model_cfg.num_decoder_layers, num_heads=model_cfg.num_heads, dropout_rate=model_cfg.dropout)
     model = CartT5(config)
-    if m.encoder == "minilm":  # the whole pretrained encoder, as sentence-transformers loads it
+    if model_cfg.encoder == "minilm":  # the whole pretrained encoder, as sentence-transformers loads it
         weights = load_file(str(minilm_dir() / "model.safetensors"))
         missing, _ = model.encoder.bert.load_state_dict({k: v for k, v in weights.items() if not k.startswith("pooler")},
                                                         strict=False)
         if [k for k in missing if "position_ids" not in k]:
             raise CartError(f"MiniLM weights do not fit its BertModel: missing {missing[:3]}")
-    elif m.init_embeddings == "minilm":
-        if (m.tokenizer or "minilm") != "minilm":
-            raise CartError("model.init_embeddings=minilm needs MiniLM's tokenizer (model.tokenizer=minilm)")
-        model.get_input_embeddings().weight.data.copy_(minilm_word_embeddings(m.d_model))
-    if m.geometry:
+    elif model_cfg.init_embeddings == "minilm":  # the config checked the tokenizer is MiniLM's
+        model.get_input_embeddings().weight.data.copy_(minilm_word_embeddings(model_cfg.d_model))
+    if model_cfg.geometry:
         model.geometry.data.copy_(geometry)
     return model
 

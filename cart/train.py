@@ -79,28 +79,29 @@ def run(cfg: Config) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
-    run_dir, t = cfg.run_dir, cfg.train
+    run_dir, train_cfg = cfg.run_dir, cfg.train
     records, ids, inputs = read_inputs(run_dir, cfg)
     splits = data.split_pairs(records, cfg)
     train_pairs = splits.train
     tokenizer = load_tokenizer(cfg)
     labels = data.identifier_labels(ids.tokens)
 
-    if t.tracker == "wandb":
+    if train_cfg.tracker == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; `wandb sync` later
     # the encoder's tuned layers wait for train.tune_after epochs: DDP must not expect their gradients before
     unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.model.tune_layers else []
     accelerator = Accelerator(
         kwargs_handlers=unused,
-        gradient_accumulation_steps=t.gradient_accumulation,
-        mixed_precision=_precision(t.mixed_precision),
+        gradient_accumulation_steps=train_cfg.gradient_accumulation,
+        mixed_precision=_precision(train_cfg.mixed_precision),
         cpu=not torch.cuda.is_available(),
-        log_with=None if t.tracker == "none" else t.tracker,
+        log_with=None if train_cfg.tracker == "none" else train_cfg.tracker,
         project_dir=str(run_dir),
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed),
     )
-    if t.batch_size % accelerator.num_processes:
-        raise CartError(f"train.batch_size={t.batch_size} must be a multiple of the {accelerator.num_processes} processes")
+    if train_cfg.batch_size % accelerator.num_processes:
+        raise CartError(f"train.batch_size={train_cfg.batch_size} must be a multiple of the "
+                        f"{accelerator.num_processes} processes")
     if accelerator.is_main_process:
         _write_validation(run_dir / files.VALIDATION, splits.validation, records)
 
@@ -109,33 +110,36 @@ def run(cfg: Config) -> Path:
         geometry = identifier_geometry(run_dir, ids) if cfg.model.geometry else None
         model = build_model(cfg, ids.layout.level_sizes, len(tokenizer), geometry).to(accelerator.device)
     cache = None
-    if t.cache_encoder and getattr(model.encoder, "frozen", False):
+    if train_cfg.cache_encoder and getattr(model.encoder, "frozen", False):
         cache = data.LayerCache(model.encoder, tokenizer, train_pairs.texts, cfg.model.max_query_tokens,
                                 accelerator.device)
         accelerator.print(f"train: the frozen encoder's layer outputs of {len(cache.index)} texts cached "
                           f"({cache.bytes / 2**20:.0f} MiB)")
     validation = Validation(splits, cfg, run_dir, accelerator.device)
-    negatives = data.HardNegatives(item_embeddings(run_dir), train_pairs, splits.relevant, t.rank_negatives) \
-        if t.rank_weight > 0 else None
+    negatives = data.HardNegatives(item_embeddings(run_dir), train_pairs, splits.relevant, train_cfg.rank_negatives) \
+        if train_cfg.rank_weight > 0 else None
     max_tokens = cfg.model.max_query_tokens
-    grouped = data.LengthGroupedBatches(data.token_lengths(train_pairs.texts, tokenizer, max_tokens), t.batch_size,
+    grouped = data.LengthGroupedBatches(data.token_lengths(train_pairs.texts, tokenizer, max_tokens),
+                                        train_cfg.batch_size,
                                         cfg.seed)
     loader = DataLoader(list(range(len(train_pairs.texts))), batch_sampler=grouped,
                         collate_fn=lambda rows: data.make_batch(rows, train_pairs, labels, tokenizer, max_tokens, cache,
                                                                    negatives))
     if len(loader) == 0:
-        raise CartError(f"{len(train_pairs.texts)} training pairs make no full batch of train.batch_size={t.batch_size}")
+        raise CartError(f"{len(train_pairs.texts)} training pairs make no full batch of "
+                        f"train.batch_size={train_cfg.batch_size}")
     # a frozen encoder is not optimised; the top layers it tunes have their own rate and start later
     tuned = {id(p) for p in model.encoder.bert.parameters()} if cfg.model.tune_layers else set()
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in tuned],
-               "lr": t.learning_rate}]
+               "lr": train_cfg.learning_rate}]
     if tuned:
         groups.append({"params": [p for p in model.parameters() if p.requires_grad and id(p) in tuned],
-                       "lr": t.encoder_learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
-    updates_per_epoch = math.ceil(len(loader) / t.gradient_accumulation)  # the last, partial one steps too
-    total = max(1, updates_per_epoch * t.epochs)
-    schedules = [_schedule(t.warmup_steps, total), _schedule(t.warmup_steps, total, start=updates_per_epoch * t.tune_after)]
+                       "lr": train_cfg.encoder_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
+    updates_per_epoch = math.ceil(len(loader) / train_cfg.gradient_accumulation)  # the last, partial one steps too
+    total = max(1, updates_per_epoch * train_cfg.epochs)
+    schedules = [_schedule(train_cfg.warmup_steps, total),
+                 _schedule(train_cfg.warmup_steps, total, start=updates_per_epoch * train_cfg.tune_after)]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules[: len(groups)])
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
@@ -156,9 +160,9 @@ def run(cfg: Config) -> Path:
         accelerator.load_state(str(state))
         progress = Progress(**saved)
         accelerator.print(f"train: resuming from {state} (epoch {progress.epoch}, step {progress.step})")
-    if t.tracker != "none":
+    if train_cfg.tracker != "none":
         accelerator.init_trackers("cart", config=_flat(to_dict(cfg)),
-                                  init_kwargs={"wandb": {"name": cfg.run, "dir": str(run_dir)}} if t.tracker == "wandb" else {})
+                                  init_kwargs={"wandb": {"name": cfg.run, "dir": str(run_dir)}} if train_cfg.tracker == "wandb" else {})
 
     validation_sizes = ", ".join(f"{len(p.texts)} {name}" for name, p in splits.validation.items())
     accelerator.print(f"train: {len(train_pairs.texts)} training pairs, validation pairs: {validation_sizes}; "
@@ -166,19 +170,20 @@ def run(cfg: Config) -> Path:
                       f"{accelerator.num_processes} process(es), {updates_per_epoch} steps an epoch")
     bar = tqdm(total=total, initial=progress.step, desc="train", unit=" step", disable=not accelerator.is_main_process)
     seen, clock = 0, time.perf_counter()
-    stop = progress.stale >= t.patience > 0
-    while progress.epoch < t.epochs and not stop:
+    stop = progress.stale >= train_cfg.patience > 0
+    while progress.epoch < train_cfg.epochs and not stop:
         loader.set_epoch(progress.epoch)
         grouped.set_epoch(progress.epoch)  # accelerate does not reach it once it wraps it for N processes
         batches = accelerator.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
         if cfg.model.tune_layers:  # the encoder's top layers train after the frozen warm-up
-            accelerator.unwrap_model(model).encoder.tuning = progress.epoch >= t.tune_after
+            accelerator.unwrap_model(model).encoder.tuning = progress.epoch >= train_cfg.tune_after
         model.train()
         for batch in batches:
             # dropout masks depend only on (seed, epoch, batch, process): a resumed run draws the same ones
             torch.manual_seed(hash((cfg.seed, progress.epoch, progress.batches_done, accelerator.process_index)))
             with accelerator.accumulate(model):
-                loss = cart_loss(model, batch, t.rdrop_weight, t.rank_weight if progress.epoch >= t.rank_after else 0.0)
+                ranking = train_cfg.rank_weight if progress.epoch >= train_cfg.rank_after else 0.0
+                loss = cart_loss(model, batch, train_cfg.rdrop_weight, ranking)
                 accelerator.backward(loss.total)
                 optimizer.step()
                 scheduler.step()
@@ -189,21 +194,21 @@ def run(cfg: Config) -> Path:
                 continue
             progress.step += 1
             bar.update(1)
-            if progress.step % t.log_every == 0:
+            if progress.step % train_cfg.log_every == 0:
                 pairs_per_second = seen / (time.perf_counter() - clock)
                 bar.set_postfix(loss=f"{loss.total.item():.3f}", pairs_s=f"{pairs_per_second:.0f}")
                 accelerator.log({"loss": loss.total.item(), "cross_entropy": loss.cross_entropy.item(),
                                  "kl": loss.kl.item(), "rank": loss.rank.item(), "learning_rate": scheduler.get_last_lr()[0],
                                  "pairs_per_second": pairs_per_second}, step=progress.step)
-            if progress.step % t.save_every == 0:
-                _save_state(accelerator, run_dir, progress, t.keep_states)
+            if progress.step % train_cfg.save_every == 0:
+                _save_state(accelerator, run_dir, progress, train_cfg.keep_states)
         progress.epoch += 1
         progress.batches_done = 0
         score, reranked = _validate(accelerator, model, tokenizer, ids, validation, progress)
         if progress.record(score, reranked):
             _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
-        stop = progress.stale >= t.patience > 0
-        _save_state(accelerator, run_dir, progress, t.keep_states)
+        stop = progress.stale >= train_cfg.patience > 0
+        _save_state(accelerator, run_dir, progress, train_cfg.keep_states)
     bar.close()
     if progress.best_step == 0:  # no validation happened (no epochs left): keep what we have
         _save_model(accelerator, model, tokenizer, cfg, inputs, progress)

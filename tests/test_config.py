@@ -99,6 +99,12 @@ def test_out_of_range_values_are_refused_when_the_config_loads(override, message
         load_config(ROOT / "configs/emoji.yaml", [override])
 
 
+def test_cross_field_checks_run_when_the_config_loads():
+    with pytest.raises(CartError, match="model.init_embeddings minilm needs MiniLM.s tokenizer"):
+        load_config(ROOT / "configs/tiny.yaml", ["model.tokenizer=/somewhere", "model.init_embeddings=minilm"])
+    assert load_config(ROOT / "configs/tiny.yaml", ["model.tokenizer=/somewhere", "model.init_embeddings=random"])
+
+
 def test_a_folder_given_as_config(tmp_path):
     with pytest.raises(CartError, match=f"--config {tmp_path} is a folder: give a YAML file"):
         load_config(tmp_path)
