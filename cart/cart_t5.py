@@ -204,30 +204,31 @@ class FusedCrossAttention(nn.Module):
         self._memo = None  # (memory, its keys and values), see _keys_values
 
     def forward(self, hidden_states, key_value_states, attention_mask=None, **kwargs):
-        normed = self.layer_norm(hidden_states)
-        # R-Drop passes over one shared memory (a frozen encoder) come as `fold` stacked copies of the batch:
-        # their queries go side by side, so each memory's keys and values are computed once
-        fold = hidden_states.shape[0] // key_value_states.shape[0]
-        if fold > 1:
-            normed = _fold(normed, fold)
-            attention_mask = attention_mask[..., :1, :] if attention_mask is not None else None  # same for every query
-        batch, queries, d = normed.shape
-        length = key_value_states.shape[1] // (self.sources + 1)  # T, the encoder's sequence length
+        """h + dropout(gated coarse + fine), as the module docstring writes it. Several decoder passes over
+        one memory (R-Drop's two, the ranking loss's negatives) come as stacked copies of the batch; they
+        are read side by side (`_side_by_side`), so the memory's keys and values are computed once."""
+        passes = hidden_states.shape[0] // key_value_states.shape[0]
+        normed = _side_by_side(self.layer_norm(hidden_states), passes)  # (B, passes * q, d)
+        if passes > 1 and attention_mask is not None:
+            attention_mask = attention_mask[..., :1, :]  # one memory mask, the same for every query
+        batch, length = normed.shape[0], key_value_states.shape[1] // (self.sources + 1)  # T, the text's length
         coarse_mask, fine_mask = _split_mask(attention_mask, batch, length, self.sources)
         coarse_kv, fine_kv = self._keys_values(key_value_states, batch, length)
         coarse = self.coarse.o(_attend(self.coarse, _queries(self.coarse, normed), *coarse_kv, coarse_mask))
         fused = coarse * torch.sigmoid(self.gate(coarse))
         if self.sources:
-            # the S layers as S x batch rows of one attention: row b * S + i reads E_i of example b. The query
-            # and output projections are linear, so they run once, on B rows, not on B * S
-            fine_queries = _queries(self.fine, normed).repeat_interleave(self.sources, dim=0)
-            fine = _attend(self.fine, fine_queries, *fine_kv, fine_mask)  # (B * S, q, heads * d_kv)
-            weights = torch.softmax(self.alpha, dim=0).to(fine.dtype)
-            fused = fused + self.fine.o(torch.einsum("bsqe,s->bqe", fine.view(batch, self.sources, queries, -1),
-                                                     weights))
-        if fold > 1:
-            fused = _unfold(fused, fold)
-        return hidden_states + self.dropout(fused), None, None
+            fused = fused + self._fine(normed, fine_kv, fine_mask)
+        return hidden_states + self.dropout(_stacked(fused, passes)), None, None
+
+    def _fine(self, normed: torch.Tensor, keys_values, mask) -> torch.Tensor:
+        """sum_i softmax(alpha)_i CrossAttn_f(h, E_i). The S layers run as S x B rows of one attention (row
+        b * S + i reads E_i of example b); the query and output projections are linear, so they run once, on
+        the B rows."""
+        batch, queries, _ = normed.shape
+        rows = _queries(self.fine, normed).repeat_interleave(self.sources, dim=0)
+        fine = _attend(self.fine, rows, *keys_values, mask)  # (B * S, q, heads * d_kv)
+        weights = torch.softmax(self.alpha, dim=0).to(fine.dtype)
+        return self.fine.o(torch.einsum("bsqe,s->bqe", fine.view(batch, self.sources, queries, -1), weights))
 
     def _keys_values(self, memory: torch.Tensor, batch: int, length: int):
         """Keys and values of the coarse attention (over Z) and the fine one (over E1..ES as B * S rows).
@@ -262,15 +263,20 @@ def _attend(attention: T5Attention, queries, keys, values, mask) -> torch.Tensor
     return out.flatten(-2)  # (B, q, heads, d_kv) -> (B, q, heads * d_kv)
 
 
-def _fold(x: torch.Tensor, fold: int) -> torch.Tensor:
-    """(fold * B, q, d) -> (B, fold * q, d): the copies of each example side by side."""
+def _side_by_side(x: torch.Tensor, passes: int) -> torch.Tensor:
+    """(passes * B, q, d) -> (B, passes * q, d): each example's copies side by side, as queries of one memory."""
+    if passes == 1:
+        return x
     total, q, d = x.shape
-    return x.view(fold, total // fold, q, d).transpose(0, 1).reshape(total // fold, fold * q, d)
+    return x.view(passes, total // passes, q, d).transpose(0, 1).reshape(total // passes, passes * q, d)
 
 
-def _unfold(x: torch.Tensor, fold: int) -> torch.Tensor:
-    batch, folded, d = x.shape
-    return x.view(batch, fold, folded // fold, d).transpose(0, 1).reshape(fold * batch, folded // fold, d)
+def _stacked(x: torch.Tensor, passes: int) -> torch.Tensor:
+    """The inverse of `_side_by_side`."""
+    if passes == 1:
+        return x
+    batch, width, d = x.shape
+    return x.view(batch, passes, width // passes, d).transpose(0, 1).reshape(passes * batch, width // passes, d)
 
 
 def _split_mask(mask, batch: int, length: int, sources: int):
@@ -386,8 +392,10 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, labels=None, use_cache=None, passes: int = 1,
                 encoder_layers=None, **kwargs) -> Seq2SeqLMOutput:
-        """passes > 1 (R-Drop): the decoder runs on `passes` copies of the batch, stacked; `labels` must be
-        given stacked already. A frozen encoder has no dropout, so it runs once and its memory is copied.
+        """passes > 1: the decoder runs `passes` times over each example's memory, on `labels` given stacked
+        (R-Drop: the same labels twice, two dropout draws; the ranking loss: the right identifiers, then each
+        set of negatives). A frozen encoder has no dropout, so it runs once; fusion then reads the one memory
+        side by side, plain cross-attention gets it copied.
         `encoder_layers` (B, T, S, d): a frozen encoder's layer outputs, computed beforehand."""
         kwargs.pop("return_dict", None)
         kwargs.pop("past_key_values", None)
@@ -397,7 +405,7 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
                 input_ids, attention_mask = input_ids.repeat(passes, 1), attention_mask.repeat(passes, 1)
             layers = {"layers": encoder_layers} if encoder_layers is not None else {}
             encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **layers)
-            if passes > 1 and frozen and not self.config.cart_fusion:  # fusion shares one memory (_fold)
+            if passes > 1 and frozen and not self.config.cart_fusion:  # fusion shares one memory (_side_by_side)
                 encoder_outputs = FusedMemory(last_hidden_state=encoder_outputs[0].repeat(passes, 1, 1),
                                               pooled=encoder_outputs.pooled)
                 attention_mask = attention_mask.repeat(passes, 1)
