@@ -53,13 +53,14 @@ def unit_rows(matrix) -> bool:
     return bool(np.allclose(np.linalg.norm(np.asarray(matrix), axis=1), 1.0, atol=1e-5))
 
 
-def prepare_run(root: Path):
+def prepare_run(root: Path, modality: str = "image"):
     """A run ready for `cart train` under root: corpus (12 items, 3 training texts each, 2 held-out items),
-    random precomputed embeddings, ids. Returns config(*overrides) for it; config.overrides holds its own."""
+    random precomputed embeddings, ids. Returns config(*overrides) for it; config.overrides holds its own.
+    `modality`: what the items are (their files stay the same images: the embeddings are precomputed)."""
     from cart import build_ids, corpus, embed
 
     make_media(root)
-    rows = [{"id": f"item{i}", "modality": "image", "path": f"media/img{i % 6}.png",
+    rows = [{"id": f"item{i}", "modality": modality, "path": f"media/img{i % 6}.png",
              "texts": [f"{c} number {i}", f"shape {i}", f"{c} thing {i // 2}"], "split": "test" if i >= 10 else "train"}
             for i, c in enumerate(COLOURS * 2)]
     manifest = write_jsonl(root / "manifest.jsonl", rows)

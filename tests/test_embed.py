@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cart import corpus, embed, encoders, files
+from cart import corpus, embed, encoders, evaluate, files
 from cart.encoders import imagebind
 from cart.cli import main
 from cart.errors import CartError
@@ -109,7 +109,16 @@ def test_imagebind_through_the_stage(tiny_config, manifest, tmp_path):
                       f"embed.imagebind_arch={json.dumps(TINY_IMAGEBIND)}")
     corpus.run(cfg)
     embed.run(cfg)
-    assert embeddings(cfg.run_dir).shape == (6, 8) and unit_rows(embeddings(cfg.run_dir))
+    items = embeddings(cfg.run_dir)
+    assert items.shape == (6, 8) and unit_rows(items)
+    # the `dense` baseline on this run: the queries by ImageBind's text tower, ranked by cosine to the items
+    dense = evaluate._baseline("dense", corpus.read(cfg.run_dir), cfg)
+    queries = ["a red circle", "a dog barking"]
+    rows, scores = dense.search(queries, k=3)
+    tower = encoders.ImageBind(str(tmp_path / "ib.pth"), TINY_IMAGEBIND, torch.device("cpu"))
+    cosine = tower.encode_text(queries) @ items.T
+    assert rows.tolist() == cosine.topk(3).indices.tolist()
+    assert np.allclose(scores, cosine.topk(3).values.numpy(), atol=1e-5)
 
 
 def test_cli_on_bad_skip(tmp_path, manifest, media, capsys):

@@ -12,10 +12,12 @@ import pytest
 from PIL import Image
 
 import tiny_generators
-from cart import generate
+from cart import generate, generators, train
 from cart.errors import CartError
 from cart.generators import OmniGen
-from conftest import ROOT
+from cart.images import load_rgb
+from cart.retriever import Retriever
+from conftest import ROOT, prepare_run
 
 PYTHON = sys.executable
 
@@ -78,8 +80,12 @@ def test_prompt_mode_takes_the_concepts_in_turn(trained):
     record = json.loads((generate.run(cfg, prompt="anything") / "record.json").read_text())
     assert record["mode"] == "prompt" and record["queries"] == ["green thing 1", "shape 4"]
     rows = [item["row"] for item in record["retrieved"]]
+    retriever = Retriever.load(cfg.run_dir)
+    first, second = ([hit.row for hit in hits] for hits in retriever.search(record["queries"], k=retriever.beam_width))
+    assert rows[0] == first[0]  # the first concept's best, then the second's best (or its next, if the same)
+    assert rows[1] == next(row for row in second if row != rows[0])
+    assert rows[2] == next(row for row in first if row not in rows[:2])
     assert len(rows) == 4 and len(set(rows)) == 4
-    assert record["retrieved"][0]["covers"][0] == "green thing 1"
 
 
 def test_a_generation_never_overwrites_another(trained):
@@ -123,16 +129,19 @@ def test_omnigen_generates_with_the_retrieved_images_in_context(trained, tiny_om
     assert prompt == "a cat. Use these reference images. cat face: <img><|image_1|></img> reference: <img><|image_2|></img>"
 
 
-def test_sdxl_ip_adapter_generates_from_the_best_image(trained, tiny_sdxl):
+def test_sdxl_ip_adapter_generates_from_the_best_image(trained, tiny_sdxl, monkeypatch):
     model, adapter = tiny_sdxl
     cfg = trained("generate.generator=sdxl-ip-adapter", f"generate.model={model}", f"generate.ip_adapter={adapter}",
                   "generate.steps=1", "generate.height=64", "generate.width=64", "generate.name=sdxl")
+    read = []
+    monkeypatch.setattr(generators, "load_rgb", lambda path: read.append(path) or load_rgb(path))
     record = json.loads((generate.run(cfg, prompt="shape 3") / "record.json").read_text())
     assert Image.open(record["outputs"][0]).size == (64, 64)
     assert record["settings"]["ip_adapter_scale"] == 0.6
+    assert read == [record["retrieved"][0]["path"]]  # the adapter sees the best retrieved image, and only it
 
 
-def test_bad_input_is_a_clear_error(trained, tiny_omnigen, tiny_sdxl, tmp_path, monkeypatch):
+def test_bad_input_is_a_clear_error(trained, tiny_omnigen, tiny_sdxl, tmp_path):
     with pytest.raises(CartError, match="empty prompt"):
         generate.run(trained(), prompt="  ")
     broken = tmp_path / "omnigen"
@@ -146,9 +155,13 @@ def test_bad_input_is_a_clear_error(trained, tiny_omnigen, tiny_sdxl, tmp_path, 
     with pytest.raises(CartError, match="ip-adapter_sdxl.safetensors not found"):
         generate.run(trained("generate.generator=sdxl-ip-adapter", f"generate.model={model}",
                              f"generate.ip_adapter={tmp_path}"), prompt="red")
-    monkeypatch.setattr(generate.Retriever, "search", lambda self, queries, k=None: [[] for _ in queries])
-    with pytest.raises(CartError, match="no images retrieved for 'red'"):
-        generate.run(trained(), prompt="red")
+
+
+def test_a_corpus_without_images_retrieves_nothing_to_generate_from(tmp_path):
+    config = prepare_run(tmp_path, modality="audio")
+    train.run(config("train.epochs=1"))
+    with pytest.raises(CartError, match=r"no images retrieved for 'red' \(found only audio items\)"):
+        generate.run(config("train.epochs=1"), prompt="red")
 
 
 def test_cli_generate_with_subqueries(trained):
