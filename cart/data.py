@@ -50,6 +50,18 @@ def training_texts(record: dict) -> list[str]:
     return list(dict.fromkeys(t["text"] for t in record["texts"] if t["kind"] in TRAINING_KINDS))
 
 
+def items_by_text(records: list[dict], kinds) -> dict[str, set[int]]:
+    """Lower-cased text -> the rows having it as a text of one of `kinds` (`caption`, `generated`, or
+    `query:SET` for held-out set SET): the right answers of a query equal to it, for validation and eval."""
+    by_text: dict[str, set[int]] = {}
+    for row, record in enumerate(records):
+        for text in record["texts"]:
+            kind = text["kind"] if text["kind"] != "query" else f"query:{text.get('set')}"
+            if kind in kinds:
+                by_text.setdefault(text["text"].lower(), set()).add(row)
+    return by_text
+
+
 def part_of(text: str, other: str) -> bool:
     """`text` is part of `other`: its words are a proper subset of the other's (case aside), as each tag
     of an emoji is part of the text that joins its tags. The one rule for "a text joining others"."""
@@ -98,11 +110,8 @@ def without_texts(records: list[dict], held_out: list[tuple[int, str]]) -> list[
 def split_pairs(records: list[dict], cfg: Config) -> Splits:
     """Training pairs from every training text, the two validation splits, and every query's right answers."""
     train_cfg = cfg.train
-    relevant: dict[str, set[int]] = {}
+    relevant = items_by_text(records, TRAINING_KINDS)
     texts_of = [training_texts(record) for record in records]
-    for row, texts in enumerate(texts_of):
-        for text in texts:
-            relevant.setdefault(text.lower(), set()).add(row)
     if not any(texts_of):
         raise CartError(f"{cfg.run_dir}/corpus.jsonl: no training texts (kinds {', '.join(TRAINING_KINDS)}): "
                         f"every text is a held-out query; nothing to train on")

@@ -90,12 +90,7 @@ def held_out_queries(records: list[dict]) -> dict[str, list[tuple[str, int]]]:
 def relevant_items(records: list[dict], query_sets: dict, kinds: list[str]) -> dict[str, list[set[int]]]:
     """For every query, its source row plus the rows with a text of one of `kinds` (`caption`, `generated`
     or `query:SET`) equal to it, case-insensitive."""
-    by_text: dict[str, set[int]] = {}
-    for row, record in enumerate(records):
-        for text in record["texts"]:
-            kind = text["kind"] if text["kind"] != "query" else f"query:{text['set']}"
-            if kind in kinds:
-                by_text.setdefault(text["text"].lower(), set()).add(row)
+    by_text = data.items_by_text(records, kinds)
     return {name: [by_text.get(q.lower(), set()) | {row} for q, row in queries] for name, queries in query_sets.items()}
 
 
