@@ -59,6 +59,13 @@ def atomic_path(path: Path):
         tmp.unlink(missing_ok=True)
 
 
+def staging_folder(path: Path) -> Path:
+    """Where a new version of the folder `path` is written before `publish_folder` swaps it in: a hidden
+    temporary beside it (what a kill left there is the caller's to clear)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")
+
+
 def publish_folder(folder: Path, path: Path) -> None:
     """Make the complete `folder` (a temporary beside `path`) become `path` in one atomic step. `path` is a
     symlink to a hidden folder `.<name>.<n>`, so replacing it swaps one link (os.replace): a reader, or a

@@ -344,7 +344,7 @@ def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progre
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = cfg.run_dir / files.MODEL
-        tmp = out.with_name(f".{out.name}.tmp")
+        tmp = files.staging_folder(out)
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -359,15 +359,15 @@ def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progre
 def _save_state(accelerator, run_dir: Path, progress: Progress, keep: int) -> None:
     """Every process saves into a temporary folder, then the first publishes it as state/step_N: a folder
     named step_N is complete."""
-    states = run_dir / files.STATE
-    tmp = states / f".step_{progress.step}.tmp"
+    out = run_dir / files.STATE / f"step_{progress.step}"
+    tmp = files.staging_folder(out)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         files.write_text(tmp / PROGRESS_FILE, json.dumps(asdict(progress), indent=2) + "\n")
-        files.publish_folder(tmp, states / f"step_{progress.step}")
+        files.publish_folder(tmp, out)
         for old in _states(run_dir)[: -max(1, keep)]:
             files.remove_folder(old)
     accelerator.wait_for_everyone()
