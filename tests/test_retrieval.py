@@ -133,6 +133,9 @@ def test_an_items_document_drops_texts_contained_in_another():
     record = {"texts": [{"text": "a red bus", "kind": "caption"}, {"text": "bus", "kind": "generated"},
                         {"text": "a bus in town", "kind": "caption"}, {"text": "red", "kind": "query", "set": "A"}]}
     assert data.item_document(record) == "a red bus a bus in town"
+    # a word inside another word is not part of it: "card" stays beside "wildcard" (a substring test dropped it)
+    assert data.item_document({"texts": [{"text": "card", "kind": "caption"}, {"text": "wildcard", "kind": "caption"},
+                                         {"text": "Card game", "kind": "caption"}]}) == "wildcard Card game"
 
 
 def test_bm25_and_minilm_find_the_item_a_query_describes():
