@@ -102,6 +102,8 @@ class IdsConfig:
         at_least(self, 1, "clusters", "levels", "rqvae_hidden", "rqvae_latent", "rqvae_steps", "rqvae_batch_size")
         at_least(self, 2, "codebook_size")
         at_least(self, 0, "rqvae_dead_code", "commitment_weight")
+        if self.counter == "residual" and self.scheme == "atomic":
+            raise InvalidValue("counter", "residual needs codes that collide; scheme atomic has no counter")
         if not self.rqvae_lr > 0:
             raise InvalidValue("rqvae_lr", f"must be above 0, got {self.rqvae_lr!r}")
 

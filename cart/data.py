@@ -256,9 +256,10 @@ class HardNegatives:
     depends on the batch's rows alone, so a resumed run draws the same ones."""
 
     def __init__(self, embeddings: torch.Tensor, pairs: Pairs, relevant: dict[str, set[int]], count: int,
-                 pool: int = 20, chunk: int = 4096):
+                 pool: int = 20):
         x = torch.nn.functional.normalize(embeddings.float(), dim=-1)
         width = min(pool + 1, len(x))  # + the item itself
+        chunk = max(1, 2**26 // len(x))  # rows of the similarity matrix at a time: 256 MiB of float32
         self.nearest = torch.cat([(x[i: i + chunk] @ x.T).topk(width, dim=1).indices
                                   for i in range(0, len(x), chunk)]).numpy()
         self.pairs, self.relevant, self.count, self.items = pairs, relevant, count, len(x)

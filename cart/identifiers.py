@@ -73,12 +73,13 @@ def collision_counter(prefix: np.ndarray, order: np.ndarray) -> tuple[np.ndarray
     return counter, size[group] > 1
 
 
-def residual_counter(prefix: np.ndarray, x: np.ndarray, codes: int, seed: int) -> np.ndarray:
+def residual_counter(prefix: np.ndarray, x: np.ndarray, codes: int, seed: int, mode: str = "auto") -> np.ndarray:
     """A last token that names what sets an item apart from the others sharing its `prefix` (N, P): each
     such item's embedding x (N, D) minus its group's mean, quantised by one K-Means shared by every group
     (so a code is the same direction of difference in every group: for flags, the region's), the members
     of a group given distinct codes 1.. by an optimal assignment to the centroids. An item alone under
-    its prefix gets 0. At least as many codes as the largest group; `codes` when there are enough items."""
+    its prefix gets 0. At least as many codes as the largest group; `codes` when there are enough items.
+    `mode`: `kmeans`'s."""
     _, group, size = np.unique(prefix, axis=0, return_inverse=True, return_counts=True)
     group = group.reshape(-1)
     members = np.flatnonzero(size[group] > 1)
@@ -90,7 +91,7 @@ def residual_counter(prefix: np.ndarray, x: np.ndarray, codes: int, seed: int) -
     np.add.at(means, group[members], x)
     residual = (x - means[group[members]] / size[group[members], None]).astype(np.float32)
     width = max(int(size.max()), min(codes, len(members)))
-    _, centroids = kmeans(residual, width, "auto", seed)
+    _, centroids = kmeans(residual, width, mode, seed)
     by_group = np.argsort(group[members], kind="stable")
     for rows in np.split(by_group, np.flatnonzero(np.diff(group[members][by_group])) + 1):
         cost = (centroids ** 2).sum(1)[None] - 2 * residual[rows] @ centroids.T  # squared distance, less |r|^2
@@ -131,7 +132,7 @@ def _with_counter(prefix: np.ndarray, sizes: list[int], order: np.ndarray, phase
         counter, shared = collision_counter(prefix, order)
         largest = int(counter.max()) + 1
         if cfg.counter == "residual":
-            counter = residual_counter(prefix, np.asarray(x), cfg.codebook_size, seed)
+            counter = residual_counter(prefix, np.asarray(x), cfg.codebook_size, seed, cfg.kmeans)
     codes = np.concatenate([prefix, counter[:, None]], axis=1)
     stats = {"collision_rate": float(shared.mean()), "largest_group": largest} | extra.pop("stats", {})
     return Codes(codes, sizes + [int(counter.max()) + 1], stats=stats, **extra)

@@ -115,8 +115,10 @@ def run(cfg: Config) -> Path:
                                 accelerator.device)
         accelerator.print(f"train: the frozen encoder's layer outputs of {len(cache.index)} texts cached "
                           f"({cache.bytes / 2**20:.0f} MiB)")
-    validation = Validation(splits, cfg, run_dir, accelerator.device)
-    negatives = data.HardNegatives(item_embeddings(run_dir), train_pairs, splits.relevant, train_cfg.rank_negatives) \
+    # the run's item embeddings, read once: rerank's candidates and the ranking loss's negatives come from them
+    items = item_embeddings(run_dir) if cfg.retrieve.rerank or train_cfg.rank_weight > 0 else None
+    validation = Validation(splits, cfg, items, accelerator.device)
+    negatives = data.HardNegatives(items, train_pairs, splits.relevant, train_cfg.rank_negatives) \
         if train_cfg.rank_weight > 0 else None
     max_tokens = cfg.model.max_query_tokens
     grouped = data.LengthGroupedBatches(data.token_lengths(train_pairs.texts, tokenizer, max_tokens),
@@ -271,11 +273,12 @@ class Validation:
     `retrieve.rerank`, of the beam's candidates re-ranked (`cart.rerank`) at each weight of WEIGHTS; each
     process decodes its share of the queries."""
 
-    def __init__(self, splits: data.Splits, cfg: Config, run_dir: Path, device: torch.device):
+    def __init__(self, splits: data.Splits, cfg: Config, items: torch.Tensor | None, device: torch.device):
+        """items: the run's item embeddings (`rerank.item_embeddings`), needed with `retrieve.rerank`."""
         self.splits, self.cfg = splits, cfg
         self.queries = self.items = None
         if cfg.retrieve.rerank:  # the run's own embeddings, and the validation queries by the same encoder
-            self.items = item_embeddings(run_dir)
+            self.items = items
             texts = sorted({text for pairs in splits.validation.values() for text in pairs.texts})
             vectors = query_encoder(cfg.embed, device).encode_text(texts) if texts else torch.zeros(0)
             self.queries = dict(zip(texts, vectors))

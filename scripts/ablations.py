@@ -94,7 +94,7 @@ def main() -> None:
             rows.append({"variant": name, "seed": seed, "seconds": seconds, "epochs": trained["epochs"],
                          "validation": best["validation"], "train_r1": best["train_r1"],
                          "collision_rate": ids["stats"].get("collision_rate"),
-                         "largest_counter": ids["stats"].get("largest_counter"),
+                         "largest_group": ids["stats"].get("largest_group"),
                          "identifier_length": len(ids["level_sizes"]),
                          **{f"{method}|{s}_{k}": methods[method][s][k] for method in methods for s in ("A", "B")
                             for k in ("R@1", "R@10", "MRR@10")}})

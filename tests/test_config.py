@@ -103,6 +103,8 @@ def test_cross_field_checks_run_when_the_config_loads():
     with pytest.raises(CartError, match="model.init_embeddings minilm needs MiniLM.s tokenizer"):
         load_config(ROOT / "configs/tiny.yaml", ["model.tokenizer=/somewhere", "model.init_embeddings=minilm"])
     assert load_config(ROOT / "configs/tiny.yaml", ["model.tokenizer=/somewhere", "model.init_embeddings=random"])
+    with pytest.raises(CartError, match="ids.counter residual needs codes that collide"):
+        load_config(ROOT / "configs/tiny.yaml", ["ids.counter=residual", "ids.scheme=atomic"])
 
 
 def test_a_folder_given_as_config(tmp_path):

@@ -124,8 +124,8 @@ def test_trie_survives_save_and_load(tmp_path):
     assert np.array_equal(loaded.item_of(tokens), np.arange(len(tokens)))
 
 
-@pytest.mark.parametrize("counter", ["error", "residual"])
-@pytest.mark.parametrize("scheme, length", [("cart", 4), ("rq", 3), ("rqkmeans", 4), ("hkmeans", 4), ("atomic", 1)])
+@pytest.mark.parametrize("scheme, length, counter", [(*s, c) for s in [("cart", 4), ("rq", 3), ("rqkmeans", 4), ("hkmeans", 4)]
+                                                     for c in ("error", "residual")] + [("atomic", 1, "error")])
 def test_every_scheme_gives_unique_fixed_length_identifiers(scheme, length, counter):
     x = clustered()
     built = identifiers.build(x.clone(), IdsConfig(scheme=scheme, counter=counter, **SMALL), seed=0)
