@@ -71,7 +71,7 @@ class EmbedConfig:
     imagebind_arch: dict[str, Any] = field(default_factory=dict)  # ImageBindModel kwargs; empty = imagebind_huge
     batch_size: int = 32
     device: str = "auto"  # auto: cuda when present, else cpu
-    save_every: int = 20  # batches between resumable partial saves
+    save_every: int = 20  # batches a resumable shard holds (`accelerate launch` splits shards over processes)
 
     def __post_init__(self):
         at_least(self, 1, "batch_size", "save_every")
@@ -87,6 +87,9 @@ class IdsConfig:
     levels: int = 2  # M, residual codebooks of the RQ-VAE, or K-Means levels below the first for hkmeans
     codebook_size: int = 128  # V, codes per level (paper: not published)
     kmeans: Literal["auto", "full", "minibatch"] = "auto"  # auto: full K-Means up to 50,000 items, else mini-batch
+    # 0: plain K-Means; b >= 1: no code of a K-Means level takes more than b times its even share (N / codes)
+    # of the items, so no code is over-used (identifiers.balanced_labels)
+    balance: float = 0.0
     # the last token of items whose codes collide: error: 0, 1, 2, ... in the order of how well the codes
     # rebuild them; residual: a code of what sets each apart from its group (identifiers.residual_counter)
     counter: Literal["error", "residual"] = "error"
@@ -104,6 +107,8 @@ class IdsConfig:
         at_least(self, 0, "rqvae_dead_code", "commitment_weight")
         if self.counter == "residual" and self.scheme == "atomic":
             raise InvalidValue("counter", "residual needs codes that collide; scheme atomic has no counter")
+        if self.balance and not self.balance >= 1:
+            raise InvalidValue("balance", f"must be 0 (off) or at least 1 (an even share), got {self.balance!r}")
         if not self.rqvae_lr > 0:
             raise InvalidValue("rqvae_lr", f"must be above 0, got {self.rqvae_lr!r}")
 
@@ -116,9 +121,10 @@ class CaptionConfig:
     max_new_tokens: int = 30
     batch_size: int = 8
     device: str = "auto"
+    save_every: int = 16  # batches a resumable shard holds (`accelerate launch` splits shards over processes)
 
     def __post_init__(self):
-        at_least(self, 1, "per_item", "max_new_tokens", "batch_size")
+        at_least(self, 1, "per_item", "max_new_tokens", "batch_size", "save_every")
 
 
 @dataclass
@@ -229,6 +235,7 @@ class TrainConfig:
 class RetrieveConfig:
     beam_width: int = 10  # paper: not published; k of R@k can be at most this
     top_k: int = 10  # items `cart retrieve` prints per query (at most beam_width of them)
+    batch_size: int = 32  # queries `cart retrieve` and `Retriever.search` decode together (on the GPU when there is one)
     examples: list[str] = field(default_factory=list)  # queries `cart pipeline` retrieves for at the end (the demo)
     # CART + rerank: the beam's candidates re-scored by cosine(query, item) of the run's own embeddings (the query
     # by the same encoder's text side) + w * log-probability, w chosen on validation by `cart train`; needs
@@ -236,7 +243,7 @@ class RetrieveConfig:
     rerank: bool = False
 
     def __post_init__(self):
-        at_least(self, 1, "beam_width", "top_k")
+        at_least(self, 1, "beam_width", "top_k", "batch_size")
 
 
 @dataclass
@@ -249,9 +256,10 @@ class EvalConfig:
     latency_queries: int = 100  # held-out queries timed one at a time (p50/p95 latency)
     report_queries: int = 12  # sample queries per set shown with thumbnails in report.html
     device: str = "auto"
+    save_every: int = 16  # batches a resumable shard holds (`accelerate launch` splits shards over processes)
 
     def __post_init__(self):
-        at_least(self, 1, "batch_size", "latency_queries")
+        at_least(self, 1, "batch_size", "latency_queries", "save_every")
         at_least(self, 0, "report_queries")
 
 

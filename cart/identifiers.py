@@ -100,15 +100,92 @@ def residual_counter(prefix: np.ndarray, x: np.ndarray, codes: int, seed: int, m
     return counter
 
 
-def kmeans(x: np.ndarray, clusters: int, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (N,) and centroids (K, D): full K-Means (k-means++) for small sets, mini-batch beyond."""
+def kmeans(x: np.ndarray, clusters: int, mode: str, seed: int, balance: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (N,) and centroids (K, D): full K-Means (k-means++) for small sets, mini-batch beyond.
+    balance > 0: no cluster takes more than ceil(balance * N / K) items (`balanced_labels`), and the
+    centroids are the means of the items each one took."""
     if mode == "full" or (mode == "auto" and len(x) <= FULL_KMEANS_MAX_ITEMS):
         model = KMeans(n_clusters=clusters, init="k-means++", n_init=1, random_state=seed)
     else:
         model = MiniBatchKMeans(n_clusters=clusters, init="k-means++", n_init=1, random_state=seed,
                                 batch_size=4096, init_size=max(3 * clusters, 3 * 4096))
-    labels = model.fit_predict(x)
-    return labels.astype(np.int64), model.cluster_centers_.astype(np.float32)
+    labels = model.fit_predict(x).astype(np.int64)
+    centroids = model.cluster_centers_.astype(np.float32)
+    if balance:
+        labels = balanced_labels(x, centroids, np.full(clusters, int(np.ceil(balance * len(x) / clusters))))
+        centroids = member_means(x, labels, centroids)
+    return labels, centroids
+
+
+def balanced_labels(x: np.ndarray, centroids: np.ndarray, capacity: np.ndarray, choices: int = 8) -> np.ndarray:
+    """The nearest centroid of each row of x (N, D), with at most capacity[k] rows a centroid: rows propose
+    to their nearest centroids in turn and a full centroid keeps its nearest proposers (deferred
+    acceptance: no row and centroid among its `choices` nearest both prefer each other to what they hold).
+    Rows refused by their `choices` nearest try again among the centroids with room left."""
+    n, k = len(x), len(centroids)
+    if capacity.sum() < n:
+        raise ValueError(f"{k} centroids with room for {int(capacity.sum())} rows cannot take {n}")
+    choices = min(choices, k)
+    nearest = np.empty((n, choices), dtype=np.int64)
+    distance = np.empty((n, choices), dtype=np.float32)
+    squared = (centroids ** 2).sum(1)
+    for start in range(0, n, 8192):
+        chunk = x[start: start + 8192]
+        d = squared_norms(chunk)[:, None] + squared[None] - 2 * chunk @ centroids.T  # |x - c|^2
+        top = np.argpartition(d, choices - 1, axis=1)[:, :choices] if choices < k else np.tile(np.arange(k), (len(d), 1))
+        top_d = np.take_along_axis(d, top, 1)
+        order = np.argsort(top_d, axis=1, kind="stable")
+        nearest[start: start + 8192] = np.take_along_axis(top, order, 1)
+        distance[start: start + 8192] = np.take_along_axis(top_d, order, 1)
+    labels = np.full(n, -1, dtype=np.int64)
+    held = np.full(n, np.inf, dtype=np.float32)
+    tried = np.zeros(n, dtype=np.int64)
+    rows = np.arange(n)
+    while True:
+        proposing = rows[(labels < 0) & (tried < choices)]
+        if not len(proposing):
+            break
+        holders = rows[labels >= 0]
+        candidates = np.concatenate([holders, proposing])
+        target = np.concatenate([labels[holders], nearest[proposing, tried[proposing]]])
+        cost = np.concatenate([held[holders], distance[proposing, tried[proposing]]])
+        tried[proposing] += 1
+        order = np.lexsort((candidates, cost, target))  # by centroid, then distance, then row
+        target, candidates, cost = target[order], candidates[order], cost[order]
+        starts = np.flatnonzero(np.r_[True, target[1:] != target[:-1]])
+        rank = np.arange(len(target)) - np.repeat(starts, np.diff(np.r_[starts, len(target)]))
+        keep = rank < capacity[target]
+        labels[candidates] = -1
+        labels[candidates[keep]], held[candidates[keep]] = target[keep], cost[keep]
+    left = rows[labels < 0]
+    if len(left):
+        room = capacity - np.bincount(labels[labels >= 0], minlength=k)
+        open_ = np.flatnonzero(room > 0)
+        labels[left] = open_[balanced_labels(x[left], centroids[open_], room[open_], 4 * choices)]
+    return labels
+
+
+def member_means(x: np.ndarray, labels: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """The mean of each label's rows of x, (K, D) float32; `fallback`'s row for a label without rows."""
+    sums = torch.zeros(fallback.shape, dtype=torch.float64)
+    for start in range(0, len(x), 65536):  # summed in float64, a chunk at a time
+        sums.index_add_(0, torch.from_numpy(labels[start: start + 65536]),
+                        torch.from_numpy(x[start: start + 65536]).double())
+    counts = np.bincount(labels, minlength=len(fallback))
+    means = fallback.astype(np.float32).copy()
+    means[counts > 0] = (sums.numpy()[counts > 0] / counts[counts > 0, None]).astype(np.float32)
+    return means
+
+
+def subtract_codes(x: np.ndarray, codebook: np.ndarray, codes: np.ndarray) -> None:
+    """x -= codebook[codes], in place and in chunks: a second N x D copy would double peak memory."""
+    for start in range(0, len(x), 65536):
+        x[start: start + 65536] -= codebook[codes[start: start + 65536]]
+
+
+def squared_norms(x: np.ndarray) -> np.ndarray:
+    """|x_i|^2 for each row, (N,) float64, with no N x D temporary."""
+    return np.einsum("ij,ij->i", x, x, dtype=np.float64)
 
 
 def _train_quantizer(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict):
@@ -140,10 +217,9 @@ def _with_counter(prefix: np.ndarray, sizes: list[int], order: np.ndarray, phase
 
 def _cart(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
     with phase(phases, "kmeans"):
-        labels, centroids = kmeans(x.numpy(), cfg.clusters, cfg.kmeans, seed)
+        labels, centroids = kmeans(x.numpy(), cfg.clusters, cfg.kmeans, seed, cfg.balance)
+        subtract_codes(x.numpy(), centroids, labels)
         centroids = torch.from_numpy(centroids)
-        for i in range(0, len(x), 65536):  # residuals in place: a second N x D copy would double peak memory
-            x[i: i + 65536] -= centroids[labels[i: i + 65536]]
     residual_energy = float(x.pow(2).sum(1).mean())
     model, fine, errors = _train_quantizer(x, cfg, seed, phases)
     stats = {"residual_energy": residual_energy, "reconstruction_error": float(errors.mean()),
@@ -165,20 +241,22 @@ def _rq(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
 def _rqkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
     """Residual K-Means (as GRID and OneRec build semantic ids): K-Means for the first token, then one
     K-Means of V codes a level over what the levels above leave, shared by every cluster; the counter
-    orders a collision group by the distance left (the best rebuilt item gets 0)."""
+    orders a collision group by the distance left (the best rebuilt item gets 0). The residuals replace
+    x's rows in place."""
     data = x.numpy()
     with phase(phases, "kmeans"):
-        labels, centroids = kmeans(data, cfg.clusters, cfg.kmeans, seed)
-        residual = data - centroids[labels]
-        energy = float((residual ** 2).sum(1).mean())
+        labels, centroids = kmeans(data, cfg.clusters, cfg.kmeans, seed, cfg.balance)
+        subtract_codes(data, centroids, labels)
+        energy = float(squared_norms(data).mean())
         levels = [labels]
         for level in range(cfg.levels):
-            codes, codebook = kmeans(residual, cfg.codebook_size, cfg.kmeans, (seed + 1 + level) % 2**32)
-            residual -= codebook[codes]
+            codes, codebook = kmeans(data, cfg.codebook_size, cfg.kmeans, (seed + 1 + level) % 2**32, cfg.balance)
+            subtract_codes(data, codebook, codes)
             levels.append(codes)
-    errors = (residual ** 2).sum(1)
+    errors = squared_norms(data)
     stats = {"residual_energy": energy, "reconstruction_error": float(errors.mean()),
              "relative_reconstruction_error": float(errors.mean() / max(energy, 1e-12))}
+    # the counter's residual rule reads the rows less their group's mean: the same for residuals and embeddings
     return _with_counter(np.stack(levels, axis=1), [cfg.clusters] + [cfg.codebook_size] * cfg.levels, errors,
                          phases, cfg, data, seed, centroids=torch.from_numpy(centroids), stats=stats)
 
@@ -188,7 +266,7 @@ def _hkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
     A group of at most V items gives each member its own code; deeper levels then give 0."""
     data = x.numpy()
     with phase(phases, "kmeans"):
-        labels, centroids = kmeans(data, cfg.clusters, cfg.kmeans, seed)
+        labels, centroids = kmeans(data, cfg.clusters, cfg.kmeans, seed, cfg.balance)
     levels = [labels]
     distance = np.linalg.norm(data - centroids[labels], axis=1)
     with phase(phases, "sub_kmeans"):
@@ -201,7 +279,7 @@ def _hkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
                 if len(members) <= cfg.codebook_size:
                     codes[members] = np.arange(len(members))
                 else:
-                    sub_labels, sub_centroids = kmeans(data[members], cfg.codebook_size, cfg.kmeans, seed)
+                    sub_labels, sub_centroids = kmeans(data[members], cfg.codebook_size, cfg.kmeans, seed, cfg.balance)
                     codes[members] = sub_labels
                     distance[members] = np.linalg.norm(data[members] - sub_centroids[sub_labels], axis=1)
             levels.append(codes)

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 
 from cart import build_ids, corpus, embed, files, identifiers, rqvae
@@ -262,3 +263,37 @@ def test_bad_embeddings_are_clear_errors(tiny_config, tmp_path, manifest, rows, 
     files.write_manifest(path, "embed", {}, {files.CORPUS: files.sha256_file(cfg.run_dir / files.CORPUS)})
     with pytest.raises(CartError, match=message):
         build_ids.run(cfg)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 40), st.floats(1.0, 2.0), st.integers(0, 2**16))
+def test_balanced_labels_respect_capacity_and_leave_no_row_wanting(k, n, balance, seed):
+    rng = np.random.default_rng(seed)
+    x, centroids = rng.normal(size=(n, 3)).astype(np.float32), rng.normal(size=(k, 3)).astype(np.float32)
+    capacity = np.full(k, int(np.ceil(balance * n / k)))
+    labels = identifiers.balanced_labels(x, centroids, capacity)
+    counts = np.bincount(labels, minlength=k)
+    assert counts.sum() == n and (counts <= capacity).all()
+    # stable (every centroid is among a row's choices here): a row nearer to another centroid than to its
+    # own finds it full of rows nearer to it
+    d = ((x[:, None] - centroids[None]) ** 2).sum(-1)
+    for row in range(n):
+        for c in np.flatnonzero(d[row] < d[row, labels[row]] - 1e-4):
+            assert counts[c] == capacity[c] and (d[labels == c, c] <= d[row, c] + 1e-4).all()
+    if capacity.min() >= n:  # room for everyone: plain nearest centroid
+        assert np.allclose(d[np.arange(n), labels], d.min(1), atol=1e-4)
+
+
+def test_balanced_kmeans_spreads_an_overused_cluster_and_refines_centroids():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (90, 4)), rng.normal(5, 0.1, (10, 4))]).astype(np.float32)
+    plain, _ = identifiers.kmeans(x, 5, "full", 0)
+    balanced, centroids = identifiers.kmeans(x, 5, "full", 0, balance=1.0)
+    assert np.bincount(plain, minlength=5).max() > 20
+    assert np.bincount(balanced, minlength=5).max() == 20
+    assert np.allclose(centroids, np.stack([x[balanced == c].mean(0) for c in range(5)]), atol=1e-5)
+    built = identifiers.build(torch.from_numpy(x), IdsConfig(scheme="rqkmeans", clusters=5, levels=2, codebook_size=4,
+                                                              balance=1.0), seed=0)
+    largest = [np.bincount(built.codes[:, level]).max() for level in range(3)]
+    assert largest == [20, 25, 25]  # an even share of 100 items over 5 clusters, then over 4 codes
+    assert len(np.unique(built.codes, axis=0)) == 100
