@@ -4,16 +4,17 @@ Reads `corpus.jsonl` and an image-to-text model from a local folder (`caption.mo
 transformers' image-text-to-text pipeline). Writes `captions.jsonl`, one line per image item:
 `{"id": ..., "captions": [...]}`. It is a file of its own (not appended to the corpus) so the
 embeddings and identifiers built from the corpus stay valid; `cart train` reads it when present.
+Under `accelerate launch` the images are split over the processes and saved in shards
+(`captions.partial/`, see `cart/shards.py`), so a killed run resumes.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from tqdm import tqdm
-
-from cart import corpus, files
+from cart import corpus, files, shards
 from cart.config import Config, to_dict
 from cart.devices import pick_device
 from cart.errors import CartError
@@ -28,22 +29,34 @@ def run(cfg: Config) -> Path:
     if not records:
         raise CartError(f"{cfg.run_dir / files.CORPUS}: no image items to caption")
     captioner = load_captioner(caption_cfg.model, caption_cfg.device)
-    lines = []
-    for start in tqdm(range(0, len(records), caption_cfg.batch_size), desc="caption", unit=" batch"):
-        batch = records[start: start + caption_cfg.batch_size]
-        images = [load_rgb(r["path"]) for r in batch]  # transparent pixels on white, as embedding sees them
-        outputs = captioner(images=images, text=[caption_cfg.prompt] * len(images), batch_size=len(images),
-                            return_full_text=False,
-                            generate_kwargs={"max_new_tokens": caption_cfg.max_new_tokens,
-                                             "num_beams": max(caption_cfg.per_item, 1),
-                                             "num_return_sequences": caption_cfg.per_item})
-        for record, generated in zip(batch, outputs):
-            generated = generated if isinstance(generated, list) else [generated]
-            captions = list(dict.fromkeys(g["generated_text"].strip() for g in generated))
-            lines.append(json.dumps({"id": record["id"], "captions": [x for x in captions if x]}, ensure_ascii=False) + "\n")
+
+    def caption(start: int, stop: int) -> dict:
+        lines = []
+        for at in range(start, stop, caption_cfg.batch_size):
+            batch = records[at: min(at + caption_cfg.batch_size, stop)]
+            images = [load_rgb(r["path"]) for r in batch]  # transparent pixels on white, as embedding sees them
+            outputs = captioner(images=images, text=[caption_cfg.prompt] * len(images), batch_size=len(images),
+                                return_full_text=False,
+                                generate_kwargs={"max_new_tokens": caption_cfg.max_new_tokens,
+                                                 "num_beams": max(caption_cfg.per_item, 1),
+                                                 "num_return_sequences": caption_cfg.per_item})
+            for record, generated in zip(batch, outputs):
+                generated = generated if isinstance(generated, list) else [generated]
+                captions = list(dict.fromkeys(g["generated_text"].strip() for g in generated))
+                lines.append(json.dumps({"id": record["id"], "captions": [x for x in captions if x]},
+                                        ensure_ascii=False) + "\n")
+        return shards.texts_to_tensors(lines)
+
+    state = {"corpus": corpus_manifest["sha256"], "caption": to_dict(cfg)["caption"]}
+    joined = shards.map_in_shards(len(records), caption_cfg.batch_size * caption_cfg.save_every, caption,
+                                  cfg.run_dir / files.CAPTIONS_PARTIAL, state, "caption")
+    if joined is None:  # another process of `accelerate launch`: the main one writes
+        return cfg.run_dir / files.CAPTIONS
+    lines = shards.tensors_to_texts(joined)
     out = cfg.run_dir / files.CAPTIONS
     files.write_text(out, "".join(lines))
     files.write_manifest(out, "caption", to_dict(cfg), {files.CORPUS: corpus_manifest["sha256"]}, items=len(lines))
+    shutil.rmtree(cfg.run_dir / files.CAPTIONS_PARTIAL, ignore_errors=True)
     print(f"caption: {len(lines)} images captioned with {caption_cfg.model} -> {out}")
     return out
 

@@ -5,6 +5,8 @@ Reads the trained run (model, identifiers, corpus) and writes:
   throughput at `eval.batch_size`;
 - `hits.jsonl`: per query, each method's top 10 items with scores and the rank of its first right answer;
 - `report.html`: the metrics table and, for sample queries, the retrieved thumbnails marked right or wrong.
+Under `accelerate launch` each method's queries are split over the processes and saved in shards
+(`eval.partial/`, see `cart/shards.py`), so a killed run resumes; the main process scores and writes.
 
 Scoring (the emoji benchmark's rule): a query's right answers are its source item plus every item that has
 a text of `eval.relevant_kinds` equal to the query (case-insensitive). The held-out queries are only ever
@@ -18,13 +20,15 @@ import html
 import io
 import json
 import random
+import re
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+import torch
 
-from cart import baselines, data, files
+from cart import baselines, data, files, shards
 from cart.scoring import DEPTH, METRICS, first_right, metrics
 from cart.config import Config, to_dict
 from cart.errors import CartError
@@ -51,20 +55,30 @@ def run(cfg: Config) -> Path:
         if baseline is not None:
             methods[baseline.name] = lambda queries, b=baseline: b.search(queries, DEPTH)
 
+    # under `accelerate launch` the queries are split over the processes; the main one scores and writes
+    main_process = shards.processes().is_main_process
+    state = {"model": retriever.manifest["sha256"], "config": to_dict(cfg)}
     results, ranked = {}, {}
     for method, search in methods.items():
         results[method] = {}
         for set_name, queries in query_sets.items():
             texts = [q for q, _ in queries]
             start = time.perf_counter()
-            rows, scores = _in_batches(search, texts, eval_cfg.batch_size, f"eval {method} set {set_name}")
+            found = _search_in_shards(search, texts, eval_cfg.batch_size, eval_cfg.save_every,
+                                      run_dir / files.EVAL_PARTIAL / re.sub(r"\W+", "-", f"{method}-{set_name}"),
+                                      state | {"method": method, "set": set_name}, f"eval {method} set {set_name}")
             seconds = time.perf_counter() - start
-            ranked[method, set_name] = rows, scores
-            results[method][set_name] = metrics(rows, relevant[set_name]) | {
+            if found is None:
+                continue
+            ranked[method, set_name] = found
+            results[method][set_name] = metrics(found[0], relevant[set_name]) | {
                 "queries": len(texts), "queries_per_second": round(len(texts) / seconds, 1)}
-        results[method]["latency_ms_batch_1"] = _latency(search, query_sets, eval_cfg.latency_queries, cfg.seed)
+        if main_process:
+            results[method]["latency_ms_batch_1"] = _latency(search, query_sets, eval_cfg.latency_queries, cfg.seed)
 
     out = run_dir / files.EVAL
+    if not main_process:
+        return out
     summary = {"methods": results, "relevant_kinds": eval_cfg.relevant_kinds, "beam_width": cfg.retrieve.beam_width,
                "batch_size": eval_cfg.batch_size, "device": str(retriever.device)}
     files.write_text(out, json.dumps(summary, indent=2) + "\n")
@@ -72,6 +86,7 @@ def run(cfg: Config) -> Path:
     _write_report(run_dir / files.REPORT, summary, query_sets, relevant, ranked, records, cfg)
     model = retriever.manifest  # verified by Retriever.load: no second pass over the files
     files.write_manifest(out, "eval", to_dict(cfg), {**model["inputs"], files.MODEL_WEIGHTS: model["sha256"]})
+    shutil.rmtree(run_dir / files.EVAL_PARTIAL, ignore_errors=True)
     print(table(summary))
     print(f"eval: report -> {run_dir / files.REPORT}")
     return out
@@ -129,13 +144,18 @@ def _baseline(name: str, records: list[dict], cfg: Config):
     raise CartError(f"eval.baselines: unknown baseline {name!r} (known: bm25, minilm, dense)")
 
 
-def _in_batches(search, texts: list[str], batch_size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    rows, scores = [], []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit=" batch", leave=False):
-        r, s = search(texts[start: start + batch_size])
-        rows.append(r)
-        scores.append(s)
-    return np.concatenate(rows), np.concatenate(scores)
+def _search_in_shards(search, texts: list[str], batch_size: int, save_every: int, folder: Path, state: dict,
+                      desc: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """search(batch of texts) -> (rows, scores) for every text, in batches, in resumable shards (split
+    over the processes of `accelerate launch`); None on the processes other than the main one."""
+
+    def in_batches(start: int, stop: int) -> dict:
+        found = [search(texts[at: min(at + batch_size, stop)]) for at in range(start, stop, batch_size)]
+        return {"rows": torch.from_numpy(np.concatenate([r for r, _ in found])),
+                "scores": torch.from_numpy(np.concatenate([s for _, s in found]))}
+
+    joined = shards.map_in_shards(len(texts), batch_size * save_every, in_batches, folder, state, desc)
+    return None if joined is None else (joined["rows"].numpy(), joined["scores"].numpy())
 
 
 def _latency(search, query_sets: dict, count: int, seed: int) -> dict:

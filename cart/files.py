@@ -30,6 +30,7 @@ IDS_PLOT = "ids.png"
 RQVAE = "rqvae.safetensors"
 TRIE = "trie.marisa"
 CAPTIONS = "captions.jsonl"  # generated captions, extra training texts (`cart caption`)
+CAPTIONS_PARTIAL = "captions.partial"  # resumable shards while `cart caption` runs
 MODEL = "model"  # CartT5 + tokenizer (save_pretrained)
 MODEL_WEIGHTS = "model/model.safetensors"
 STATE = "state"  # resumable training states, state/step_N/
@@ -37,6 +38,7 @@ VALIDATION = "validation.jsonl"  # the validation pairs carved from the training
 TRAIN_LOG = "train.json"
 EVAL = "eval.json"  # metrics of CART and the baselines per held-out query set
 HITS = "hits.jsonl"  # per query: each method's ranked items and the rank of the first right one
+EVAL_PARTIAL = "eval.partial"  # resumable shards of each method's rankings while `cart eval` runs
 REPORT = "report.html"
 
 # Which command writes each file, for "run X first" messages.

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +51,29 @@ def tiny_config(tmp_path):
         return load_config(ROOT / "configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}", *overrides])
 
     return load
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread, as each process `launch_two_processes` starts: the thread count changes how
+    floats are summed, so byte-for-byte comparisons need the same."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def launch_two_processes(*cart_args: str, port: int) -> subprocess.CompletedProcess:
+    """`accelerate launch -m cart ...` with 2 gloo processes on the CPU of one thread each, as a multi-GPU run
+    would go."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), "-m", "cart", *cart_args]
+    return subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
 
 
 def unit_rows(matrix) -> bool:

@@ -9,7 +9,7 @@ from cart import corpus, embed, encoders, evaluate, files
 from cart.encoders import imagebind
 from cart.cli import main
 from cart.errors import CartError
-from conftest import ROOT, TINY_IMAGEBIND, unit_rows, write_jsonl
+from conftest import ROOT, TINY_IMAGEBIND, launch_two_processes, one_thread, unit_rows, write_jsonl
 
 
 def embeddings(run_dir):
@@ -57,6 +57,23 @@ def test_interrupted_embed_resumes_where_it_stopped(tiny_config, manifest, monke
     embed.run(cfg)
     assert len(calls) == 1 and [r["id"] for r in calls[0]] == ["item4", "item5"]  # only the last batch
     assert torch.allclose(embeddings(cfg.run_dir), reference, atol=1e-6)
+
+
+def test_two_gloo_processes_embed_the_same_bytes_as_one(tiny_config, manifest):
+    one = tiny_config(f"corpus.path={manifest}", "run=one")  # 6 items, batches of 2: 3 shards, 2 for process 0
+    corpus.run(one)
+    two = one.run_dir.with_name("two")
+    two.mkdir()
+    for name in (files.CORPUS, files.manifest_path(one.run_dir / files.CORPUS).name):
+        (two / name).write_bytes((one.run_dir / name).read_bytes())
+    with one_thread():
+        embed.run(one)
+    done = launch_two_processes("embed", "--config", str(ROOT / "configs/tiny.yaml"), f"output_dir={one.output_dir}",
+                                f"corpus.path={manifest}", "run=two", port=29518)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "3 shards of 2 items over 2 processes" in done.stdout
+    assert (two / files.EMBEDDINGS).read_bytes() == (one.run_dir / files.EMBEDDINGS).read_bytes()
+    assert not (two / files.EMBEDDINGS_PARTIAL).exists()
 
 
 def test_partial_work_from_another_corpus_is_discarded(tiny_config, manifest, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 the scoring rule, and the baselines."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 from cart import baselines, build_ids, data, evaluate, files, scoring, train
 from cart.errors import CartError
 from cart.retriever import Retriever
-from conftest import ROOT, prepare_run
+from conftest import ROOT, launch_two_processes, one_thread, prepare_run
 
 PYTHON = sys.executable
 
@@ -96,6 +97,27 @@ def test_eval_writes_metrics_hits_and_a_report_that_agree(trained):
     report = (cfg.run_dir / files.REPORT).read_text()
     assert "data:image/png;base64," in report and "<td class=q>CART</td>" in report
     assert json.loads(files.manifest_path(cfg.run_dir / files.EVAL).read_text())["stage"] == "eval"
+
+
+def test_two_gloo_processes_evaluate_the_same_rankings_as_one(trained):
+    """Each method's queries split over 2 processes (a shard of 2 queries each), merged in order."""
+    source = trained().run_dir
+    settings = ["eval.batch_size=1", "eval.save_every=2", "eval.latency_queries=1"]
+    for name in ("eval-one", "eval-two"):
+        shutil.copytree(source, source.with_name(name), ignore=shutil.ignore_patterns(files.EVAL, files.HITS))
+    with one_thread():
+        evaluate.run(trained(*settings, "run=eval-one"))
+    done = launch_two_processes("eval", "--config", str(ROOT / "configs/tiny.yaml"), *trained.overrides, *settings,
+                                "run=eval-two", port=29520)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "shards of 2 items over 2 processes" in done.stdout
+    one, two = (source.with_name(name) for name in ("eval-one", "eval-two"))
+    assert (two / files.HITS).read_bytes() == (one / files.HITS).read_bytes()
+    methods = json.loads((two / files.EVAL).read_text())["methods"]
+    assert {m: {k: v for k, v in sets["test"].items() if k != "queries_per_second"} for m, sets in methods.items()} == {
+        m: {k: v for k, v in sets["test"].items() if k != "queries_per_second"}
+        for m, sets in json.loads((one / files.EVAL).read_text())["methods"].items()}
+    assert not (two / files.EVAL_PARTIAL).exists()
 
 
 def test_eval_needs_ten_beams(trained):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from cart import build_ids, caption, corpus, data, embed, encoders, files, model_io, train
 from cart.errors import CartError
 from cart.losses import cart_loss
-from conftest import ROOT, prepare_run, write_jsonl
+from conftest import ROOT, prepare_run, write_jsonl, launch_two_processes, one_thread
 
 PYTHON = sys.executable
 
@@ -191,10 +191,8 @@ def test_two_gloo_processes_train_the_same_model_as_one(ready_run):
     for name in ("one", "two"):
         shutil.copytree(ready_run().run_dir, one.run_dir.with_name(name))
     train.run(one)
-    launch = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-              "-m", "cart", "train", "--config", str(ROOT / "configs/tiny.yaml"), *ready_run.overrides, *settings, "run=two"]
-    done = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    done = launch_two_processes("train", "--config", str(ROOT / "configs/tiny.yaml"), *ready_run.overrides, *settings,
+                                "run=two", port=29517)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 process(es)" in done.stdout + done.stderr
     assert same_weights(weights(one.run_dir), weights(one.run_dir.with_name("two")), atol=1e-5)
@@ -223,7 +221,8 @@ def test_caption_stage_writes_generated_captions_that_training_uses(ready_run, t
     tiny_captioner(tmp_path / "blip")
     cfg = ready_run(f"caption.model={tmp_path / 'blip'}", "caption.per_item=2", "caption.max_new_tokens=4",
                     "caption.batch_size=5", "train.epochs=1")
-    out = caption.run(cfg)
+    with one_thread():  # as each process of the two-process run below
+        out = caption.run(cfg)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [f"item{i}" for i in range(12)]
     assert all(1 <= len(r["captions"]) <= 2 and all(r["captions"]) for r in rows)
@@ -236,6 +235,16 @@ def test_caption_stage_writes_generated_captions_that_training_uses(ready_run, t
     assert summary["training_pairs"] + summary["validation_pairs"]["texts"] == sum(map(len, given.values())) + new
     with pytest.raises(CartError, match="caption.model: no model config.json in"):
         caption.run(ready_run(f"caption.model={tmp_path / 'nothing'}"))
+    # two processes, two shards of 5 images and one of 2 between them: the same file
+    two = cfg.run_dir.with_name("captions-two")
+    shutil.copytree(ready_run().run_dir, two)
+    (two / files.CAPTIONS).unlink()
+    done = launch_two_processes("caption", "--config", str(ROOT / "configs/tiny.yaml"), *ready_run.overrides,
+                                f"caption.model={tmp_path / 'blip'}", "caption.per_item=2", "caption.max_new_tokens=4",
+                                "caption.batch_size=5", "caption.save_every=1", "run=captions-two", port=29521)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "3 shards of 5 items over 2 processes" in done.stdout
+    assert (two / files.CAPTIONS).read_bytes() == out.read_bytes()
 
 
 def test_minilm_word_embeddings_initialise_the_encoder(ready_run):
