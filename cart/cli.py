@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     retrieve.add_argument("--file", help="a text file of queries, one a line ('-' for stdin)")
     retrieve.add_argument("-k", type=positive, default=None, help="items per query (default: the run's retrieve.top_k)")
     retrieve.add_argument("--beams", type=positive, default=None, help="beam width (default: the run's; at least k)")
-    retrieve.add_argument("--batch-size", type=positive, default=32, help="queries decoded together")
+    retrieve.add_argument("--batch-size", type=positive, default=None,
+                          help="queries decoded together (default: the run's retrieve.batch_size)")
     retrieve.add_argument("--json", action="store_true", help="one JSON object a query instead of a table")
     retrieve.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
                           help="re-rank the beam's candidates by embedding cosine (default: the run's retrieve.rerank)")

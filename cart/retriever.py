@@ -39,11 +39,12 @@ class Hit:
 
 class Retriever:
     def __init__(self, model, tokenizer, ids, records: list[dict], *, beam_width: int, max_query_tokens: int,
-                 device: torch.device, top_k: int = 10, manifest: dict | None = None, reranker=None):
+                 device: torch.device, top_k: int = 10, batch_size: int = 32, manifest: dict | None = None,
+                 reranker=None):
         self.model = model.to(device).eval()
         self.tokenizer, self.ids, self.records = tokenizer, ids, records
         self.beam_width, self.max_query_tokens, self.device = beam_width, max_query_tokens, device
-        self.top_k = top_k  # the run's default k
+        self.top_k, self.batch_size = top_k, batch_size  # the run's defaults
         self.manifest = manifest or {}  # the model's: its sha256, the inputs it was trained on, its config
         self.reranker = reranker  # (query encoder, item embeddings, weight) when reranking
 
@@ -68,13 +69,16 @@ class Retriever:
         reranker = _reranker(run_dir, manifest, device) if rerank else None
         return cls(model, tokenizer, ids, corpus.read(run_dir), beam_width=beam_width,
                    max_query_tokens=config["model"]["max_query_tokens"], device=device,
-                   top_k=config["retrieve"]["top_k"], manifest=manifest, reranker=reranker)
+                   top_k=config["retrieve"]["top_k"], batch_size=config["retrieve"].get("batch_size", 32),
+                   manifest=manifest, reranker=reranker)
 
-    def search(self, queries: str | list[str], k: int | None = None, batch_size: int = 32) -> list[list[Hit]]:
-        """Ranked items for each query, best first (fewer than k when the beams found fewer)."""
+    def search(self, queries: str | list[str], k: int | None = None, batch_size: int | None = None) -> list[list[Hit]]:
+        """Ranked items for each query, best first (fewer than k when the beams found fewer); k and the
+        batch size default to the run's `retrieve.top_k` and `retrieve.batch_size`."""
         if isinstance(queries, str):
             queries = [queries]
-        rows, scores = self.search_rows(queries, min(self.top_k, self.beam_width) if k is None else k, batch_size)
+        rows, scores = self.search_rows(queries, min(self.top_k, self.beam_width) if k is None else k,
+                                        self.batch_size if batch_size is None else batch_size)
         return [[Hit(self.records[r]["id"], self.records[r]["path"], float(s), int(r))
                  for r, s in zip(row, score) if r >= 0] for row, score in zip(rows, scores)]
 
