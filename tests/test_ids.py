@@ -136,6 +136,14 @@ def test_every_scheme_gives_unique_fixed_length_identifiers(scheme, length, coun
     PrefixTrie(TokenLayout(built.level_sizes).to_tokens(built.codes), TokenLayout(built.level_sizes))
 
 
+@pytest.mark.parametrize("scheme", ["cart", "rqkmeans"])
+def test_three_fine_levels_give_identifiers_of_five_tokens(scheme):
+    built = identifiers.build(clustered(), IdsConfig(scheme=scheme, **SMALL | {"levels": 3}), seed=0)
+    assert built.codes.shape == (300, 5) and built.level_sizes[:4] == [6, 8, 8, 8]
+    assert len(np.unique(built.codes, axis=0)) == 300
+    assert len(np.unique(built.codes[:, :4], axis=0)) > len(np.unique(built.codes[:, :3], axis=0))  # the third level splits
+
+
 def test_cart_identifiers_are_kmeans_then_rqvae_of_the_residual_and_deterministic():
     x = clustered()
     cfg = IdsConfig(**SMALL)
