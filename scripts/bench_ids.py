@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The synthetic cases take their identifier settings from the Flickr30K config (K 256, M 2, V 256).
+# The synthetic cases take their identifier settings from the Flickr30K config (K 1,024, M 2, V 1,024).
 CONFIGS = {"emoji": "configs/emoji.yaml", "10k": "configs/flickr30k.yaml", "100k": "configs/flickr30k.yaml",
            "1m": "configs/flickr30k.yaml"}
 SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
