@@ -5,7 +5,7 @@
    of decode time spent inside the constraint, and the same model driven by transformers'
    `prefix_allowed_tokens_fn` over a dict trie (GENRE's way), in the same run, on the same queries.
 2. Scale: identifiers for 1k, 10k, 100k and 1M synthetic clustered 1024-d items (the ids stage with
-   configs/flickr30k.yaml's settings), one model (the emoji architecture, random weights, its output
+   configs/flickr30k.yaml's settings, K at most N / 8), one model (the emoji architecture, random weights, its output
    vocabulary sized for the largest identifier set), latency per query at each size next to exact dense
    retrieval (a float32 N x 1024 matrix product and top 10).
 
@@ -136,7 +136,7 @@ def scale(args) -> dict:
     from safetensors.torch import load_file
 
     from cart import build_ids, files, model_io
-    from cart.config import load_config
+    from cart.config import load_config, to_dict
 
     emoji = load_config(ROOT / "configs/emoji.yaml")
     queries = queries_from(emoji.run_dir, 64)
@@ -144,10 +144,12 @@ def scale(args) -> dict:
     built = {}
     for name in args.sizes.split(","):
         cfg = load_config(ROOT / "configs/flickr30k.yaml", [f"output_dir={args.workdir}", f"run={name}"])
+        cfg.ids.clusters = min(cfg.ids.clusters, SIZES[name] // 8)  # at least 8 items a cluster (1k: K 125)
         path = cfg.run_dir / files.EMBEDDINGS
-        if not path.exists():
+        if not files.manifest_path(cfg.run_dir / files.CORPUS).exists():  # embeddings with the corpus files ids checks
             synthetic(path, SIZES[name])
-        if not (cfg.run_dir / files.IDS).exists():
+        ids_manifest = files.manifest_path(cfg.run_dir / files.IDS)
+        if not ids_manifest.exists() or json.loads(ids_manifest.read_text())["config"]["ids"] != to_dict(cfg)["ids"]:
             start = time.perf_counter()
             with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON
                 build_ids.run(cfg)
