@@ -126,7 +126,7 @@ def describe(summary: dict) -> str:
     usage = ", ".join(f"{lv['used']}/{lv['size']} ({lv['entropy_bits']:.1f} bits)" for lv in s["levels"])
     lines = [
         f"ids: scheme {summary['scheme']}, level sizes {summary['level_sizes']}, decoder vocab {summary['vocab_size']}",
-        f"     collision rate before the counter {s['collision_rate']:.3f}, largest group {s.get('largest_group', s['largest_counter'] + 1)}",
+        f"     collision rate before the counter {s['collision_rate']:.3f}, largest group {s['largest_group']}",
         f"     first-level groups min/median/max {group['min']}/{group['median']:.0f}/{group['max']}"
         f" ({group['empty']} empty); codes used per level: {usage}",
     ]

@@ -93,9 +93,7 @@ class IdsConfig:
     # the last token of items whose codes collide: error: 0, 1, 2, ... in the order of how well the codes
     # rebuild them; residual: a code of what sets each apart from its group (identifiers.residual_counter)
     counter: Literal["error", "residual"] = "error"
-    # encoder/decoder MLP width; narrower than the embeddings it is the bottleneck (100k x 1024-d synthetic,
-    # K 256, 2 x 256 codes: relative reconstruction error 0.755 at 256, 0.671 at 1024; README, Identifiers)
-    rqvae_hidden: int = 1024
+    rqvae_hidden: int = 1024  # encoder/decoder MLP width: at least the embeddings' (narrower, it is the bottleneck)
     rqvae_latent: int = 64  # the quantised space
     rqvae_steps: int = 2000  # optimiser steps (batches drawn with replacement)
     rqvae_batch_size: int = 1024

@@ -2,7 +2,7 @@
 
 Reads the trained run (model, identifiers, corpus) and writes:
 - `eval.json`: per method and query set, the metrics, latency per query at batch 1 (p50/p95) and
-  throughput at `eval.batch_size`;
+  throughput at `eval.batch_size` (of the main process, over the queries it searched itself);
 - `hits.jsonl`: per query, each method's top 10 items with scores and the rank of its first right answer;
 - `report.html`: the metrics table and, for sample queries, the retrieved thumbnails marked right or wrong.
 Under `accelerate launch` each method's queries are split over the processes and saved in shards
@@ -63,16 +63,15 @@ def run(cfg: Config) -> Path:
         results[method] = {}
         for set_name, queries in query_sets.items():
             texts = [q for q, _ in queries]
-            start = time.perf_counter()
             found = _search_in_shards(search, texts, eval_cfg.batch_size, eval_cfg.save_every,
                                       run_dir / files.EVAL_PARTIAL / re.sub(r"\W+", "-", f"{method}-{set_name}"),
                                       state | {"method": method, "set": set_name}, f"eval {method} set {set_name}")
-            seconds = time.perf_counter() - start
             if found is None:
                 continue
-            ranked[method, set_name] = found
-            results[method][set_name] = metrics(found[0], relevant[set_name]) | {
-                "queries": len(texts), "queries_per_second": round(len(texts) / seconds, 1)}
+            rows, scores, per_second = found
+            ranked[method, set_name] = rows, scores
+            results[method][set_name] = metrics(rows, relevant[set_name]) | {
+                "queries": len(texts), "queries_per_second": per_second}
         if main_process:
             results[method]["latency_ms_batch_1"] = _latency(search, query_sets, eval_cfg.latency_queries, cfg.seed)
 
@@ -145,17 +144,25 @@ def _baseline(name: str, records: list[dict], cfg: Config):
 
 
 def _search_in_shards(search, texts: list[str], batch_size: int, save_every: int, folder: Path, state: dict,
-                      desc: str) -> tuple[np.ndarray, np.ndarray] | None:
+                      desc: str) -> tuple[np.ndarray, np.ndarray, float | None] | None:
     """search(batch of texts) -> (rows, scores) for every text, in batches, in resumable shards (split
-    over the processes of `accelerate launch`); None on the processes other than the main one."""
+    over the processes of `accelerate launch`), and the queries a second this process searched (None
+    when every shard was read back from a killed run); None on the processes other than the main one."""
+    searched = {"queries": 0, "seconds": 0.0}  # what this process searched itself, not shards read back
 
     def in_batches(start: int, stop: int) -> dict:
+        begin = time.perf_counter()
         found = [search(texts[at: min(at + batch_size, stop)]) for at in range(start, stop, batch_size)]
+        searched["queries"] += stop - start
+        searched["seconds"] += time.perf_counter() - begin
         return {"rows": torch.from_numpy(np.concatenate([r for r, _ in found])),
                 "scores": torch.from_numpy(np.concatenate([s for _, s in found]))}
 
     joined = shards.map_in_shards(len(texts), batch_size * save_every, in_batches, folder, state, desc)
-    return None if joined is None else (joined["rows"].numpy(), joined["scores"].numpy())
+    if joined is None:
+        return None
+    per_second = round(searched["queries"] / searched["seconds"], 1) if searched["queries"] else None
+    return joined["rows"].numpy(), joined["scores"].numpy(), per_second
 
 
 def _latency(search, query_sets: dict, count: int, seed: int) -> dict:

@@ -289,7 +289,7 @@ def _hkmeans(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
 
 def _atomic(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
     n = len(x)
-    return Codes(np.arange(n, dtype=np.int64)[:, None], [n], stats={"collision_rate": 0.0})
+    return Codes(np.arange(n, dtype=np.int64)[:, None], [n], stats={"collision_rate": 0.0, "largest_group": 1})
 
 
 def code_stats(codes: Codes) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cart import corpus, files
+from cart.config import RetrieveConfig
 from cart.decoding import decode_texts
 from cart.rerank import item_embeddings
 from cart.rerank import rerank as reorder
@@ -39,7 +40,8 @@ class Hit:
 
 class Retriever:
     def __init__(self, model, tokenizer, ids, records: list[dict], *, beam_width: int, max_query_tokens: int,
-                 device: torch.device, top_k: int = 10, batch_size: int = 32, manifest: dict | None = None,
+                 device: torch.device, top_k: int = 10, batch_size: int = RetrieveConfig.batch_size,
+                 manifest: dict | None = None,
                  reranker=None):
         self.model = model.to(device).eval()
         self.tokenizer, self.ids, self.records = tokenizer, ids, records
@@ -69,7 +71,8 @@ class Retriever:
         reranker = _reranker(run_dir, manifest, device) if rerank else None
         return cls(model, tokenizer, ids, corpus.read(run_dir), beam_width=beam_width,
                    max_query_tokens=config["model"]["max_query_tokens"], device=device,
-                   top_k=config["retrieve"]["top_k"], batch_size=config["retrieve"].get("batch_size", 32),
+                   top_k=config["retrieve"]["top_k"],
+                   batch_size=config["retrieve"].get("batch_size", RetrieveConfig.batch_size),
                    manifest=manifest, reranker=reranker)
 
     def search(self, queries: str | list[str], k: int | None = None, batch_size: int | None = None) -> list[list[Hit]]:
@@ -77,16 +80,16 @@ class Retriever:
         batch size default to the run's `retrieve.top_k` and `retrieve.batch_size`."""
         if isinstance(queries, str):
             queries = [queries]
-        rows, scores = self.search_rows(queries, min(self.top_k, self.beam_width) if k is None else k,
-                                        self.batch_size if batch_size is None else batch_size)
+        rows, scores = self.search_rows(queries, min(self.top_k, self.beam_width) if k is None else k, batch_size)
         return [[Hit(self.records[r]["id"], self.records[r]["path"], float(s), int(r))
                  for r, s in zip(row, score) if r >= 0] for row, score in zip(rows, scores)]
 
-    def search_rows(self, queries: list[str], k: int, batch_size: int = 32,
+    def search_rows(self, queries: list[str], k: int, batch_size: int | None = None,
                     rerank: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(Q, k) corpus rows (-1 where the beams found fewer than k items) and their log-probabilities
-        (with rerank, the whole beam re-ordered by the rerank score, and that score). `rerank`: default the
-        retriever's."""
+        (with rerank, the whole beam re-ordered by the rerank score, and that score). `batch_size` and
+        `rerank`: default the retriever's."""
+        batch_size = self.batch_size if batch_size is None else batch_size
         rerank = self.reranker is not None if rerank is None else rerank
         if rerank and self.reranker is None:
             raise CartError("this retriever was loaded without rerank: Retriever.load(run, rerank=True)")

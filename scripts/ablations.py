@@ -38,7 +38,7 @@ VARIANTS = {  # name -> (config file, overrides)
     "w/o fusion + R-Drop": (CONFIG, ["model.fusion=false", "train.rdrop_weight=1.0"]),
     "with a ranking phase": (CONFIG, ["train.rank_weight=1.0", "train.rank_after=9"]),
     "with residual counter": (CONFIG, ["ids.counter=residual"]),
-    # issue 15: residual K-Means with balanced levels (collisions 0.230 -> 0.154, largest group 16 -> 6)
+    # issue 15: residual K-Means with balanced levels (the emoji setting with the fewest collisions)
     "balanced rqkmeans ids": (CONFIG, ["ids.scheme=rqkmeans", "ids.balance=1"]),
     # identifiers from the images (EfficientNet-Lite0 features): the cross-modal path of the design
     "image ids (efficientnet-lite0)": (CONFIG, ["embed.encoder=efficientnet-lite0", "retrieve.rerank=false"]),
