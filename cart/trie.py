@@ -8,8 +8,12 @@ token` of that level. A prefix walks down with one `searchsorted` per level,
 and a node's children are one contiguous slice of the next level's keys, so a
 step costs a few NumPy operations for the batch: no loop over beams, no scan
 over identifiers. Node ids of level l + 1 are positions in level l's keys. Levels with few nodes (the
-first ones: one root, K clusters, ...) also get a dense child table (node x token -> child or -1), so a
+first ones: one root, K clusters, ...) also get a dense child table (node x code -> child or -1), so a
 step there is one gather: at batch 1 a handful of small tensor operations would otherwise dominate.
+What may follow a prefix of length l is always a code of level l (or EOS), so the answer is a mask over
+that level's codes alone, as wide as the level, not the vocabulary, and in log space (0 or -inf, added to
+the scores: a masked fill of a bool mask costs ten times as much on a CPU); the dense levels keep it as a
+table too (STATIC's lesson: the constraint must cost next to nothing beside the model's step).
 
 The trie knows identifier tokens only; a decoder's start token is the caller's
 to strip (GENRE's lesson: forget it and every lookup comes back empty).
@@ -53,16 +57,24 @@ class PrefixTrie:
             node = np.searchsorted(keys, edge)
         if len(self.level_keys[-1]) != len(tokens):
             raise ValueError("identifiers are not unique")
-        # children[l][node, token]: the child's node id at depth l + 1, -1 for none; None where too large
+        # children[l][node, code]: the child's node id at depth l + 1, -1 for none; log_masks[l] the same as
+        # 0 or -inf; None where too large. There first_child[l][node] is where the node's children start
+        # in level l's keys (a CSR row pointer: they end where the next node's start).
         self.children: list[np.ndarray | None] = []
+        self.log_masks: list[np.ndarray | None] = []
+        self.first_child: list[np.ndarray | None] = []
         for level, keys in enumerate(self.level_keys):
-            parents = 1 if level == 0 else len(self.level_keys[level - 1])
-            if parents * self.vocab > DENSE_TABLE_MAX:
+            parents, width = 1 if level == 0 else len(self.level_keys[level - 1]), layout.level_sizes[level]
+            if parents * width > DENSE_TABLE_MAX:
                 self.children.append(None)
+                self.log_masks.append(None)
+                self.first_child.append(np.searchsorted(keys, np.arange(parents + 1) * self.vocab))
                 continue
-            table = np.full(parents * self.vocab, -1, dtype=np.int32)
-            table[keys] = np.arange(len(keys), dtype=np.int32)
-            self.children.append(table.reshape(parents, self.vocab))
+            self.first_child.append(None)
+            table = np.full((parents, width), -1, dtype=np.int32)
+            table[keys // self.vocab, keys % self.vocab - layout.offsets[level]] = np.arange(len(keys), dtype=np.int32)
+            self.children.append(table)
+            self.log_masks.append(np.where(table >= 0, np.float32(0), np.float32(-np.inf)))
         if database is None:
             keys = [_as_key(row) for row in tokens]
             database = marisa_trie.Trie(keys)
@@ -82,7 +94,9 @@ class PrefixTrie:
             valid = (tokens >= 0) & (tokens < self.vocab)
             tokens = np.where(valid, tokens, 0)
             if self.children[level] is not None:
-                position = self.children[level][node, tokens].astype(np.int64)
+                codes = tokens - self.layout.offsets[level]
+                valid &= (codes >= 0) & (codes < self.layout.level_sizes[level])
+                position = self.children[level][node, np.where(valid, codes, 0)].astype(np.int64)
                 found &= valid & (position >= 0)
             else:
                 keys = self.level_keys[level]
@@ -95,29 +109,41 @@ class PrefixTrie:
             node = np.where(found, position, 0)
         return node, found
 
-    def allowed_mask(self, prefixes, strict: bool = True) -> torch.Tensor:
-        """(B, l) token prefixes, all of one length l -> (B, vocab) bool: the tokens that may follow.
-        After a whole identifier (l == L) only EOS may follow. strict=False: a prefix not in the trie
-        (a beam that beam search had to fill with a forbidden token) may only end, with EOS."""
+    def log_mask(self, prefixes, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(B, l) token prefixes, all of one length l -> (B, V_l) float32 over level l's codes (tokens
+        `layout.level_range(l)`): 0 for a code that may follow, -inf for one that may not; and (B,) bool: the
+        rows that may only end, with EOS: every row after a whole identifier (l == L, where the mask has no
+        columns), and with strict=False a prefix not in the trie (a beam that beam search had to fill with
+        a forbidden token; its mask row is all -inf)."""
         prefixes = np.asarray(prefixes, dtype=np.int64)
         batch, depth = prefixes.shape
         if depth > self.length:
             raise ValueError(f"prefix of length {depth} is longer than the identifiers ({self.length})")
         node, found = self.nodes(prefixes, strict)  # strict: refuses a sequence that is not an identifier
         if depth == self.length:
-            mask = np.zeros((batch, self.vocab), dtype=bool)
-        elif self.children[depth] is not None:
-            mask = (self.children[depth][node] >= 0) & found[:, None]
-        else:
-            keys = self.level_keys[depth]
-            start = np.searchsorted(keys, node * self.vocab)
-            count = np.where(found, np.searchsorted(keys, (node + 1) * self.vocab) - start, 0)
-            rows = np.repeat(np.arange(batch), count)
-            # positions start[b], start[b] + 1, ..., start[b] + count[b] - 1 for every row at once
-            within = np.arange(len(rows)) - np.repeat(np.cumsum(count) - count, count)
-            mask = np.zeros((batch, self.vocab), dtype=bool)
-            mask[rows, keys[np.repeat(start, count) + within] % self.vocab] = True
-        mask[~found if depth < self.length else slice(None), TokenLayout.EOS] = True
+            return np.zeros((batch, 0), dtype=np.float32), np.ones(batch, dtype=bool)
+        if self.log_masks[depth] is not None:
+            mask = self.log_masks[depth][node]
+            mask[~found] = -np.inf
+            return mask, ~found
+        keys, first_child = self.level_keys[depth], self.first_child[depth]
+        start = first_child[node]
+        count = np.where(found, first_child[node + 1] - start, 0)
+        rows = np.repeat(np.arange(batch), count)
+        # positions start[b], start[b] + 1, ..., start[b] + count[b] - 1 for every row at once
+        within = np.arange(len(rows)) - np.repeat(np.cumsum(count) - count, count)
+        mask = np.full((batch, self.layout.level_sizes[depth]), -np.inf, dtype=np.float32)
+        mask[rows, keys[np.repeat(start, count) + within] % self.vocab - self.layout.offsets[depth]] = 0
+        return mask, ~found
+
+    def allowed_mask(self, prefixes, strict: bool = True) -> torch.Tensor:
+        """`log_mask` as one (B, vocab) bool mask over every token (EOS included)."""
+        codes, ending = self.log_mask(prefixes, strict)
+        mask = np.zeros((len(codes), self.vocab), dtype=bool)
+        depth = np.asarray(prefixes).shape[1]
+        if depth < self.length:
+            mask[:, slice(*self.layout.level_range(depth))] = codes == 0
+        mask[:, TokenLayout.EOS] = ending
         return torch.from_numpy(mask)
 
     def item_of(self, identifiers) -> np.ndarray:

@@ -106,6 +106,8 @@ def test_unknown_prefix_is_a_clear_error_and_unknown_identifier_maps_to_minus_on
     good = torch.from_numpy(tokens[:, :1])
     with pytest.raises(ValueError, match=r"prefix \[3\] is not a prefix of any identifier"):
         trie.allowed_mask(torch.cat([good, torch.tensor([[3]])]))
+    with pytest.raises(ValueError, match=r"prefix \[5\] is not"):  # a token of the second level, first
+        trie.allowed_mask(torch.tensor([[5]]))
     with pytest.raises(ValueError, match="longer than the identifiers"):
         trie.allowed_mask(torch.zeros(1, 3, dtype=torch.long))
     assert trie.item_of(layout.to_tokens(np.array([[2, 2], [1, 1]]))).tolist() == [2, -1]
