@@ -13,9 +13,11 @@ Each decoder layer's cross-attention is replaced by `FusedCrossAttention`:
                                                                           over layers; ours)
     h      = h + dropout(coarse + fine)
 
-Packing the memory into the encoder output keeps `generate` unaware of fusion: beam search expands it
-like any encoder output, and the decoder's self-attention uses transformers' KV cache as usual. The fused
-attentions keep their own keys and values of the memory during a `generate` call (`_keys_values`).
+Packing the memory into the encoder output keeps `generate` unaware of fusion, but for one thing: beam
+search keeps one memory a query (`_expand_inputs_for_generation`), and a query's beams read it side by side,
+as several training passes do; the decoder's self-attention uses transformers' KV cache as usual. The fused
+attentions keep their own keys and values of the memory during a `generate` call (`_keys_values`): projected
+once a query, not once a beam and a step.
 
 The decoder's vocabulary is the identifier tokens of the ids stage only (its own embedding and output
 layer); the encoder keeps the text vocabulary. `config.cart_fusion = False` is the paper's
@@ -204,41 +206,49 @@ class FusedCrossAttention(nn.Module):
         self._memo = None  # (memory, its keys and values), see _keys_values
 
     def forward(self, hidden_states, key_value_states, attention_mask=None, **kwargs):
-        """h + dropout(gated coarse + fine), as the module docstring writes it. Several decoder passes over
-        one memory (R-Drop's two, the ranking loss's negatives) come as stacked copies of the batch; they
-        are read side by side (`_side_by_side`), so the memory's keys and values are computed once."""
+        """h + dropout(gated coarse + fine), as the module docstring writes it. Several decoder rows may read
+        one memory (R-Drop's two passes, the ranking loss's negatives, beam search's beams): an example's
+        rows come consecutive (row b * passes + p) and are read side by side, as more queries of its memory,
+        so the memory's keys and values are computed once an example."""
         passes = hidden_states.shape[0] // key_value_states.shape[0]
-        normed = _side_by_side(self.layer_norm(hidden_states), passes)  # (B, passes * q, d)
+        normed = self.layer_norm(hidden_states).reshape(key_value_states.shape[0], -1, hidden_states.shape[-1])
         if passes > 1 and attention_mask is not None:
             attention_mask = attention_mask[..., :1, :]  # one memory mask, the same for every query
-        batch, length = normed.shape[0], key_value_states.shape[1] // (self.sources + 1)  # T, the text's length
-        coarse_mask, fine_mask = _split_mask(attention_mask, batch, length, self.sources)
-        coarse_kv, fine_kv = self._keys_values(key_value_states, batch, length)
+        length = key_value_states.shape[1] // (self.sources + 1)  # T, the text's length
+        coarse_mask, fine_mask = (None, None) if attention_mask is None else (attention_mask[..., :length],
+                                                                              attention_mask[..., length:])
+        coarse_kv, fine_kv = self._keys_values(key_value_states, length)
         coarse = self.coarse.o(_attend(self.coarse, _queries(self.coarse, normed), *coarse_kv, coarse_mask))
         fused = coarse * torch.sigmoid(self.gate(coarse))
         if self.sources:
             fused = fused + self._fine(normed, fine_kv, fine_mask)
-        return hidden_states + self.dropout(_stacked(fused, passes)), None, None
+        return hidden_states + self.dropout(fused.reshape(hidden_states.shape)), None, None
 
     def _fine(self, normed: torch.Tensor, keys_values, mask) -> torch.Tensor:
-        """sum_i softmax(alpha)_i CrossAttn_f(h, E_i). The S layers run as S x B rows of one attention (row
-        b * S + i reads E_i of example b); the query and output projections are linear, so they run once, on
-        the B rows."""
-        batch, queries, _ = normed.shape
-        rows = _queries(self.fine, normed).repeat_interleave(self.sources, dim=0)
-        fine = _attend(self.fine, rows, *keys_values, mask)  # (B * S, q, heads * d_kv)
-        weights = torch.softmax(self.alpha, dim=0).to(fine.dtype)
-        return self.fine.o(torch.einsum("bsqe,s->bqe", fine.view(batch, self.sources, queries, -1), weights))
+        """sum_i softmax(alpha)_i CrossAttn_f(h, E_i), with one attention's weights shared by the S layers:
+        one product of the queries with the keys of all S layers, a softmax within each layer's T keys, the
+        layers' weights folded into the probabilities, one product with the values, one output projection
+        (it is linear). As S x heads separate attentions of a few keys each, the calls cost more than their
+        arithmetic."""
+        keys, values = keys_values  # (B, heads, S * T, d_kv) each
+        scores = _queries(self.fine, normed) @ keys.transpose(-1, -2) * self.fine.scaling  # (B, heads, q, S * T)
+        if mask is not None:  # the attention functions' mask: True to keep (sdpa) or added (eager)
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
+                else scores + mask
+        weights = torch.softmax(self.alpha, dim=0).to(scores.dtype).unsqueeze(-1)  # (S, 1)
+        probabilities = scores.unflatten(-1, (self.sources, -1)).softmax(-1).mul(weights).flatten(-2)
+        probabilities = nn.functional.dropout(probabilities, self.fine.dropout, self.training)
+        out = probabilities @ values  # (B, heads, q, d_kv)
+        return self.fine.o(out.transpose(1, 2).flatten(-2))
 
-    def _keys_values(self, memory: torch.Tensor, batch: int, length: int):
-        """Keys and values of the coarse attention (over Z) and the fine one (over E1..ES as B * S rows).
+    def _keys_values(self, memory: torch.Tensor, length: int):
+        """Keys and values of the coarse attention (over Z) and the fine one (over E1..ES, S * T positions).
         Without gradients they are kept for the memory they came from: `generate` hands the same memory
         tensor to every decoding step, so beam search projects it once instead of once a step."""
         if not torch.is_grad_enabled() and self._memo is not None and self._memo[0] is memory:
             return self._memo[1]
-        layers = memory[:, length:].reshape(batch * self.sources, length, memory.shape[-1])
         projected = (_project(self.coarse, memory[:, :length]),
-                     _project(self.fine, layers) if self.sources else (None, None))
+                     _project(self.fine, memory[:, length:]) if self.sources else (None, None))
         self._memo = None if torch.is_grad_enabled() else (memory, projected)
         return projected
 
@@ -261,35 +271,6 @@ def _attend(attention: T5Attention, queries, keys, values, mask) -> torch.Tensor
     out, _ = interface(attention, queries, keys, values, mask, scaling=attention.scaling,
                        dropout=attention.dropout if attention.training else 0.0)
     return out.flatten(-2)  # (B, q, heads, d_kv) -> (B, q, heads * d_kv)
-
-
-def _side_by_side(x: torch.Tensor, passes: int) -> torch.Tensor:
-    """(passes * B, q, d) -> (B, passes * q, d): each example's copies side by side, as queries of one memory."""
-    if passes == 1:
-        return x
-    total, q, d = x.shape
-    return x.view(passes, total // passes, q, d).transpose(0, 1).reshape(total // passes, passes * q, d)
-
-
-def _stacked(x: torch.Tensor, passes: int) -> torch.Tensor:
-    """The inverse of `_side_by_side`."""
-    if passes == 1:
-        return x
-    batch, width, d = x.shape
-    return x.view(batch, passes, width // passes, d).transpose(0, 1).reshape(passes * batch, width // passes, d)
-
-
-def _split_mask(mask, batch: int, length: int, sources: int):
-    """A mask over the memory (.., K = (S + 1) T) -> the coarse part (.., T) and the fine parts as
-    (B * S, .., T) rows matching FusedCrossAttention's layout. None stays None."""
-    if mask is None:
-        return None, None
-    coarse = mask[..., :length]
-    if not sources:
-        return coarse, None
-    fine = mask[..., length:].unflatten(-1, (sources, length))  # (B, h, q, S, T)
-    fine = fine.expand(batch, *fine.shape[1:]).movedim(-2, 1)  # (B, S, h, q, T)
-    return coarse, fine.flatten(0, 1)
 
 
 def _with_defaults(config: T5Config) -> None:
@@ -350,16 +331,31 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
         """S, the encoder layers in the memory beside Z (fine fusion); 0 for coarse fusion or none."""
         return self.config.num_layers if self.config.cart_fine_fusion else 0
 
-    def _geometry_logits(self, pooled: torch.Tensor, rows: int) -> torch.Tensor:
+    def _geometry_logits(self, pooled: torch.Tensor, rows: int, tokens: slice = slice(None)) -> torch.Tensor:
         """scale * <q, e_t> for every identifier token t: q is the query's sentence embedding (its encoder's
         mean-pooled last layer, normalised; projected when the identifier space is another), e_t starts as
         the mean residual of the items having t at its level (`identifiers.residual_means`). With the
         level softmax an identifier's score then starts as scale * <q, x_hat> minus a constant per query,
         x_hat the item's embedding rebuilt from its tokens: a query starts near its dense answer, and the
-        decoder learns from there. (B, V), repeated for R-Drop's stacked passes."""
+        decoder learns from there. (rows, V) or (rows, the `tokens`): an example's row repeated for its
+        passes or beams."""
         q = nn.functional.normalize(self.geometry_query(pooled), dim=-1)
-        q = q.repeat(rows // len(q), 1)
-        return self.geometry_scale * q @ self.geometry.T
+        q = q.repeat_interleave(rows // len(q), dim=0)
+        return self.geometry_scale * q @ self.geometry[tokens].T
+
+    def _one_level_logits(self, hidden: torch.Tensor, pooled: torch.Tensor | None, position: int) -> torch.Tensor:
+        """The level softmax's logits (B, 1, V) of one decoding position: only its level's tokens (EOS after
+        the last level) are scored, the rest get `_restrict_to_levels`' mask value, so the output layer
+        computes a level's rows instead of the whole vocabulary (a third of it at three equal levels)."""
+        layout = TokenLayout(self.config.cart_level_sizes)
+        level = slice(*layout.level_range(position)) if position < layout.length else slice(TokenLayout.EOS,
+                                                                                            TokenLayout.EOS + 1)
+        scores = nn.functional.linear(hidden, self.lm_head.weight[level])
+        if self.config.cart_geometry_dim:
+            scores = scores + self._geometry_logits(pooled, len(hidden), level).unsqueeze(1)
+        logits = hidden.new_full((*hidden.shape[:2], layout.vocab_size), torch.finfo(scores.dtype).min)
+        logits[..., level] = scores
+        return logits
 
     def _restrict_to_levels(self, logits: torch.Tensor, start: int) -> torch.Tensor:
         """Position l may emit only level l's tokens (the last position only EOS): the softmax spends no
@@ -389,39 +385,73 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
         else:
             self.encoder.embed_tokens = embeddings
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids=None, **model_kwargs):
+        """With fusion, beam search keeps one memory (and its mask) a query instead of a copy a beam: a
+        query's beams, rows b * beams + j, read it side by side (FusedCrossAttention), so its keys and values
+        are projected once a query."""
+        if not self.config.cart_fusion or "encoder_outputs" not in model_kwargs:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        kept = {key: model_kwargs.pop(key) for key in ("encoder_outputs", "attention_mask") if key in model_kwargs}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, False, input_ids, **model_kwargs)
+        return input_ids, model_kwargs | kept
+
+    def _first_step_beams(self, decoder_input_ids, memory: torch.Tensor, start: int, cache) -> int:
+        """Beam search's first step reads each query's memory with `beams` rows that all hold the start token
+        alone (`_expand_inputs_for_generation` keeps one memory a query): they would compute the same thing
+        `beams` times. -> beams when that is so, else 1 (training, later steps, plain cross-attention)."""
+        if (cache is None or start != 0 or decoder_input_ids is None or decoder_input_ids.shape[1] != 1
+                or len(decoder_input_ids) <= len(memory) or torch.is_grad_enabled()):
+            return 1
+        beams = len(decoder_input_ids) // len(memory)
+        rows = decoder_input_ids.view(len(memory), beams)
+        return beams if bool((rows == rows[:, :1]).all()) else 1
+
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache=None, labels=None, use_cache=None, passes: int = 1,
                 encoder_layers=None, **kwargs) -> Seq2SeqLMOutput:
-        """passes > 1: the decoder runs `passes` times over each example's memory, on `labels` given stacked
-        (R-Drop: the same labels twice, two dropout draws; the ranking loss: the right identifiers, then each
-        set of negatives). A frozen encoder has no dropout, so it runs once; fusion then reads the one memory
-        side by side, plain cross-attention gets it copied.
+        """passes > 1: the decoder runs `passes` times over each example's memory, on `labels` (B * passes, L),
+        example b's passes in rows b * passes + p (R-Drop: the same labels twice, two dropout draws; the ranking
+        loss: the right identifiers, then each negative). A frozen encoder has no dropout, so it runs once;
+        fusion then reads the one memory side by side, plain cross-attention gets it copied.
         `encoder_layers` (B, T, S, d): a frozen encoder's layer outputs, computed beforehand."""
         kwargs.pop("return_dict", None)
         kwargs.pop("past_key_values", None)
         if encoder_outputs is None:
             frozen = getattr(self.encoder, "frozen", False)
             if passes > 1 and not frozen:
-                input_ids, attention_mask = input_ids.repeat(passes, 1), attention_mask.repeat(passes, 1)
+                input_ids = input_ids.repeat_interleave(passes, dim=0)
+                attention_mask = attention_mask.repeat_interleave(passes, dim=0)
             layers = {"layers": encoder_layers} if encoder_layers is not None else {}
             encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **layers)
-            if passes > 1 and frozen and not self.config.cart_fusion:  # fusion shares one memory (_side_by_side)
-                encoder_outputs = FusedMemory(last_hidden_state=encoder_outputs[0].repeat(passes, 1, 1),
+            if passes > 1 and frozen and not self.config.cart_fusion:  # fusion reads one memory side by side
+                encoder_outputs = FusedMemory(last_hidden_state=encoder_outputs[0].repeat_interleave(passes, 0),
                                               pooled=encoder_outputs.pooled)
-                attention_mask = attention_mask.repeat(passes, 1)
+                attention_mask = attention_mask.repeat_interleave(passes, 0)
         memory = encoder_outputs[0]  # (B, (S + 1) T, d) with fusion, else (B, T, d)
         memory_mask = attention_mask.repeat(1, self.sources + 1) if attention_mask is not None else None
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = self._shift_right(labels)
         start = cache.get_seq_length() if cache is not None else 0  # the first position decoded now
+        beams = self._first_step_beams(decoder_input_ids, memory, start, cache)
+        if beams > 1:  # one row a query, then its output and cache copied to the query's beams
+            decoder_input_ids = decoder_input_ids[::beams]
+            decoder_attention_mask = None if decoder_attention_mask is None else decoder_attention_mask[::beams]
         decoded = self.decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
                                encoder_hidden_states=memory, encoder_attention_mask=memory_mask,
                                cache=cache, use_cache=use_cache, **kwargs)
-        logits = self.lm_head(decoded.last_hidden_state)  # (B, L, decoder vocab)
-        if self.config.cart_geometry_dim:
-            logits = logits + self._geometry_logits(encoder_outputs.pooled, len(logits)).unsqueeze(1)
-        if self.config.cart_level_softmax:
-            logits = self._restrict_to_levels(logits, start)
+        hidden = decoded.last_hidden_state
+        if beams > 1:
+            hidden = hidden.repeat_interleave(beams, dim=0)
+            decoded.cache.batch_repeat_interleave(beams)
+        if self.config.cart_level_softmax and hidden.shape[1] == 1:  # a decoding step
+            logits = self._one_level_logits(hidden, getattr(encoder_outputs, "pooled", None), start)
+        else:
+            logits = self.lm_head(hidden)  # (B, L, decoder vocab)
+            if self.config.cart_geometry_dim:
+                logits = logits + self._geometry_logits(encoder_outputs.pooled, len(logits)).unsqueeze(1)
+            if self.config.cart_level_softmax:
+                logits = self._restrict_to_levels(logits, start)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)

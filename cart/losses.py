@@ -32,29 +32,30 @@ def cart_loss(model, batch: dict, omega: float, rank_weight: float = 0.0) -> Los
     labels, negatives = batch["labels"], batch.get("negatives") if rank_weight > 0 else None
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "negatives")}
     copies = 2 if omega > 0 else 1
-    stacked = [labels] * copies + (list(negatives.unbind(1)) if negatives is not None else [])
-    logits = model(**inputs, labels=torch.cat(stacked), passes=len(stacked)).logits  # (passes * B, L, V)
-    size = len(labels)
-    cross_entropy = F.cross_entropy(logits[: copies * size].flatten(0, 1).float(),
-                                    labels.repeat(copies, 1).flatten(), ignore_index=-100)
+    targets = torch.stack([labels] * copies, dim=1)  # (B, passes, L): an example's passes side by side
+    if negatives is not None:
+        targets = torch.cat([targets, negatives], dim=1)
+    size, passes = targets.shape[:2]
+    logits = model(**inputs, labels=targets.flatten(0, 1), passes=passes).logits.unflatten(0, (size, passes))
+    cross_entropy = F.cross_entropy(logits[:, :copies].flatten(0, 2).float(), targets[:, :copies].flatten(),
+                                    ignore_index=-100)
     kl = rank = torch.zeros_like(cross_entropy)
     if copies == 2:
-        first, second = logits[: 2 * size].float().log_softmax(-1).chunk(2)  # (B, L, V) each
+        first, second = logits[:, :2].float().log_softmax(-1).unbind(1)  # (B, L, V) each
         keep = (labels != -100).unsqueeze(-1)
         # symmetric KL, summed over the vocabulary, averaged over the target tokens
         kl = (F.kl_div(first, second, log_target=True, reduction="none")
               + F.kl_div(second, first, log_target=True, reduction="none")).mul(keep).sum() / (2 * keep.sum())
     if negatives is not None:
         # each identifier's log-probability; the right one (the first pass) against its query's negatives
-        rows = [logits[:size]] + list(logits[copies * size:].chunk(len(stacked) - copies))
-        scores = torch.stack([sequence_log_prob(part, target) for part, target in zip(rows, [labels] + stacked[copies:])],
-                             dim=1)  # (B, 1 + k)
+        scored = torch.cat([logits[:, :1], logits[:, copies:]], dim=1)  # (B, 1 + k, L, V)
+        scores = sequence_log_prob(scored, torch.cat([labels.unsqueeze(1), negatives], dim=1))  # (B, 1 + k)
         rank = F.cross_entropy(scores, torch.zeros(size, dtype=torch.long, device=scores.device))
     return Loss(cross_entropy + omega * kl + rank_weight * rank, cross_entropy, kl, rank)
 
 
 def sequence_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, L, V) logits and (B, L) labels -> (B,) the summed log-probability of each row's labels."""
+    """(..., L, V) logits and (..., L) labels -> (...) the summed log-probability of each row's labels."""
     keep = labels != -100
     picked = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked.mul(keep).sum(1)
+    return picked.mul(keep).sum(-1)

@@ -108,17 +108,20 @@ def test_forward_and_cached_beam_search_give_the_same_scores(fusion, attn, bert)
     assert torch.equal(uncached, out.sequences)
 
 
-def test_beam_search_projects_the_memory_once_and_training_every_forward():
+def test_beam_search_projects_the_memory_once_a_query_and_training_every_forward():
     model = tiny_model(True)
     input_ids, mask = padded_batch()
-    calls = []
+    calls, rows = [], []
     for block in model.decoder.block:
         for attention in (block.layer[1].coarse, block.layer[1].fine):
-            attention.k.register_forward_hook(lambda *_: calls.append(1))
+            attention.k.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    model.decoder.block[0].layer[0].SelfAttention.q.register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
     with torch.no_grad():
         model.generate(input_ids=input_ids, attention_mask=mask, num_beams=4, max_new_tokens=4, do_sample=False,
                        suppress_tokens=[0, 1])
-    assert len(calls) == 2 * 2  # 2 layers x (coarse, fine), once for the 4 steps
+    # 2 layers x (coarse, fine), once for the 4 steps, on the 3 queries' memories, not on a copy a beam
+    assert calls == [3, 3] * 2
+    assert rows == [3, 12, 12, 12]  # the first step's 4 beams of a query are one start token: decoded once
     calls.clear()
     model.train()
     for _ in range(2):
@@ -295,9 +298,12 @@ def test_coarse_fusion_alone_reads_z_only_and_agrees_in_forward_and_beam_search(
     assert torch.allclose(expected, out.sequences_scores, atol=1e-4)
 
 
-def test_level_softmax_spends_each_position_on_its_own_level():
+@pytest.mark.parametrize("geometry", [0, 16])
+def test_level_softmax_spends_each_position_on_its_own_level(geometry):
     trie = small_trie()
-    model = tiny_model(True, levels=trie.layout.level_sizes, level_softmax=True, dropout=0.1)
+    model = tiny_model(True, levels=trie.layout.level_sizes, level_softmax=True, dropout=0.1, geometry_dim=geometry)
+    if geometry:
+        model.geometry.data.normal_()
     input_ids, mask = padded_batch()
     labels = torch.from_numpy(trie.layout.to_tokens(np.array([[0, 1, 2, 3], [2, 3, 0, 4], [1, 0, 3, 2]])))
     labels = torch.cat([labels, torch.ones(3, 1, dtype=torch.long)], dim=1)  # + EOS
@@ -313,7 +319,8 @@ def test_level_softmax_spends_each_position_on_its_own_level():
     model.eval()
     items, scores = decode(model, input_ids, mask, trie, beams=6, top_k=3)
     assert (items >= 0).all()
-    # a returned score is the identifier's log-probability under the level-normalised softmax
+    # a returned score is the identifier's log-probability under the level-normalised softmax (decoding
+    # scores each step's level alone and skips the EOS step, whose log-probability is 0)
     identifiers = torch.from_numpy(trie.tokens[items.flatten().numpy()])
     sequences = torch.cat([torch.zeros(9, 1, dtype=torch.long), identifiers, torch.ones(9, 1, dtype=torch.long)], 1)
     with torch.no_grad():
