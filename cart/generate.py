@@ -100,13 +100,17 @@ def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> t
     if generate_cfg.mode == "subqueries":
         matrix = np.array([[c.scores.get(q, -np.inf) for q in queries] for c in candidates]).reshape(len(candidates), len(queries))
         chosen = [candidates[i] for i in choose_pareto(matrix, generate_cfg.images)]
-    else:  # each query's best in turn: concept 1's top, concept 2's top, then their second best, ...
-        ranked = [[found[h.row] for h in hits] for hits in results]
-        chosen = []
-        for depth in range(k):
-            for hits in ranked:
-                if depth < len(hits) and all(c.row != hits[depth].row for c in chosen) and len(chosen) < generate_cfg.images:
-                    chosen.append(hits[depth])
+    else:  # the queries in turn, each taking its best item not chosen yet: concept 1's, concept 2's, ...
+        ranked = [iter([found[h.row] for h in hits]) for hits in results]
+        chosen, taken = [], set()
+        while len(chosen) < generate_cfg.images and ranked:
+            for hits in list(ranked):
+                item = next((c for c in hits if c.row not in taken), None)
+                if item is None:  # this query's beam is used up
+                    ranked.remove(hits)
+                elif len(chosen) < generate_cfg.images:
+                    chosen.append(item)
+                    taken.add(item.row)
     return queries, chosen
 
 
