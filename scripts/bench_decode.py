@@ -1,13 +1,14 @@
 """Benchmark constrained decoding, printing JSON.
 
 1. On the demo run (`make demo` first; a random model of the same config when it has not trained):
-   latency per query at batch 1 and 32 with our trie constraint (one tensor mask per step), the share
-   of decode time spent inside the constraint, and the same model driven by transformers'
-   `prefix_allowed_tokens_fn` over a dict trie (GENRE's way), in the same run, on the same queries.
+   latency per query of `decoding.decode_texts` (the retriever's beam search, top 10 of 10 beams) at
+   batch 1 and 32 with our trie constraint (one tensor mask per step), the share of decode time spent
+   inside the constraint, and the same with transformers' `PrefixConstrainedLogitsProcessor` over a dict
+   trie (GENRE's way), in the same run, on the same queries.
 2. Scale: identifiers for 1k, 10k, 100k and 1M synthetic clustered 1024-d items (the ids stage with
-   configs/flickr30k.yaml's settings, K at most N / 8), one model (the emoji architecture, random weights, its output
-   vocabulary sized for the largest identifier set), latency per query at each size next to exact dense
-   retrieval (a float32 N x 1024 matrix product and top 10).
+   configs/flickr30k.yaml's settings, K at most N / 8, M = 3 at 1M as the README advises), a model of the
+   emoji architecture (random weights) with each size's identifier vocabulary, latency per query at each
+   size next to exact dense retrieval (a float32 N x 1024 matrix product and top 10) on as many queries.
 
 Queries are training texts of the emoji corpus: timing needs text, not held-out queries.
 
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LogitsProcessorList
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"1k": 1_000, "10k": 10_000, "100k": 100_000, "1m": 1_000_000}
@@ -66,38 +66,33 @@ def genre_allowed(root: dict, eos: int):
     return allowed
 
 
-def generate(model, encoded, trie, beams: int, **constraint):
-    return model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], num_beams=beams,
-                          num_return_sequences=1, max_new_tokens=trie.length + 1, length_penalty=0.0,
-                          early_stopping=True, do_sample=False, **constraint)
-
-
 def time_decoding(model, tokenizer, ids, queries: list[str], batch: int, beams: int, max_tokens: int) -> dict:
-    """ms per query for our constraint and for GENRE's, the constraint's share, and whether they agree."""
-    from cart.decoding import TrieConstraint
+    """ms per query of `decoding.decode_texts` (what the retriever runs, top 10 of 10 beams) with our
+    constraint and with GENRE's, the constraint's share of the time, and whether their top-1 agree."""
+    from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+    from cart.decoding import TrieConstraint, decode_texts
     from cart.vocab import TokenLayout
 
-    trie = ids.trie
-    timed = TimedConstraint(TrieConstraint(trie))
-    genre = genre_allowed(dict_trie(ids.tokens), TokenLayout.EOS)
+    timed = TimedConstraint(TrieConstraint(ids.trie))
+    genre = PrefixConstrainedLogitsProcessor(genre_allowed(dict_trie(ids.tokens), TokenLayout.EOS), beams)
     out: dict = {}
-    sequences = {}
-    for name, constraint in (("cart", {"logits_processor": LogitsProcessorList([timed])}),
-                             ("genre", {"prefix_allowed_tokens_fn": genre})):
+    top1 = {}
+    for name, constraint in (("cart", timed), ("genre", genre)):
         total, results = 0.0, []
         timed.seconds = 0.0
         for start in range(0, len(queries), batch):
-            encoded = tokenizer(queries[start: start + batch], padding=True, truncation=True, max_length=max_tokens,
-                                return_tensors="pt")
             begin = time.perf_counter()
-            with torch.no_grad():
-                results.append(generate(model, encoded, trie, beams, **constraint)[:, 1: trie.length + 1])
+            items, _ = decode_texts(model, tokenizer, ids.trie, queries[start: start + batch], beams=beams,
+                                    top_k=beams, max_tokens=max_tokens, device=torch.device("cpu"),
+                                    constraint=constraint)
             total += time.perf_counter() - begin
+            results.append(items[:, 0])
         out[f"{name}_ms_per_query"] = round(1000 * total / len(queries), 2)
         if name == "cart":
             out["constraint_share"] = round(timed.seconds / total, 4)
-        sequences[name] = torch.cat([r.reshape(-1, trie.length) for r in results])
-    out["same_top1"] = round(float((sequences["cart"] == sequences["genre"]).all(1).float().mean()), 4)
+        top1[name] = np.concatenate(results)
+    out["same_top1"] = round(float((top1["cart"] == top1["genre"]).mean()), 4)
     return out
 
 
@@ -139,12 +134,14 @@ def scale(args) -> dict:
     from cart.config import load_config, to_dict
 
     emoji = load_config(ROOT / "configs/emoji.yaml")
-    queries = queries_from(emoji.run_dir, 64)
+    queries = queries_from(emoji.run_dir, 128)
     tokenizer = model_io.load_tokenizer(emoji)
     built = {}
     for name in args.sizes.split(","):
         cfg = load_config(ROOT / "configs/flickr30k.yaml", [f"output_dir={args.workdir}", f"run={name}"])
         cfg.ids.clusters = min(cfg.ids.clusters, SIZES[name] // 8)  # at least 8 items a cluster (1k: K 125)
+        if SIZES[name] >= 1_000_000:
+            cfg.ids.levels = 3  # the README's advice for 1M items (Identifiers: 3.3% collide at M = 2, 0.4% at 3)
         path = cfg.run_dir / files.EMBEDDINGS
         if not files.manifest_path(cfg.run_dir / files.CORPUS).exists():  # embeddings with the corpus files ids checks
             synthetic(path, SIZES[name])
@@ -155,32 +152,30 @@ def scale(args) -> dict:
                 build_ids.run(cfg)
             print(f"ids {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         built[name] = build_ids.load(cfg.run_dir)
-    widest = max(built.values(), key=lambda ids: ids.layout.vocab_size).layout.level_sizes
-    emoji.model.level_softmax = False  # one model for every size: its levels are the widest identifiers'
-    torch.manual_seed(0)
-    model = model_io.build_model(emoji, widest, len(tokenizer)).eval()
     results = {}
     for name, ids in built.items():
-        row = {"items": len(ids.codes), "identifier_length": ids.layout.length, "collision_rate":
-               ids.stats.get("collision_rate")}
-        for batch in (1, 32):
-            count = 32 if batch == 1 else 64
+        torch.manual_seed(0)  # the emoji architecture (level softmax on) with this size's identifier vocabulary
+        model = model_io.build_model(emoji, ids.layout.level_sizes, len(tokenizer)).eval()
+        row = {"items": len(ids.codes), "level_sizes": ids.layout.level_sizes,
+               "collision_rate": ids.stats.get("collision_rate")}
+        x = load_file(str(Path(args.workdir) / name / files.EMBEDDINGS))["embeddings"]
+        q = torch.nn.functional.normalize(torch.randn(len(queries), x.shape[1],
+                                                      generator=torch.Generator().manual_seed(0)), dim=1)
+        for batch, count in ((1, 32), (32, 128)):
             timing = time_decoding(model, tokenizer, ids, queries[:count], batch, emoji.retrieve.beam_width,
                                    emoji.model.max_query_tokens)
             row[f"cart_ms_per_query_batch_{batch}"] = timing["cart_ms_per_query"]
             row[f"constraint_share_batch_{batch}"] = timing["constraint_share"]
-        x = load_file(str(Path(args.workdir) / name / files.EMBEDDINGS))["embeddings"]
-        q = torch.nn.functional.normalize(torch.randn(64, x.shape[1], generator=torch.Generator().manual_seed(0)), dim=1)
-        for batch in (1, 32):
-            count = 16 if batch == 1 else 64
+            row[f"genre_ms_per_query_batch_{batch}"] = timing["genre_ms_per_query"]
             start = time.perf_counter()
-            for i in range(0, count, batch):
+            for i in range(0, count, batch):  # exact dense retrieval: the scores of every item, the top 10
                 (q[i: i + batch] @ x.T).topk(10, dim=1)
             row[f"dense_ms_per_query_batch_{batch}"] = round(1000 * (time.perf_counter() - start) / count, 2)
         del x
+        row["dense_over_cart_batch_32"] = round(row["dense_ms_per_query_batch_32"] / row["cart_ms_per_query_batch_32"], 2)
         results[name] = row
         print(f"scale {name}: {row}", file=sys.stderr, flush=True)
-    return {"model_level_sizes": widest, "sizes": results}
+    return {"sizes": results}
 
 
 def main() -> None:
