@@ -6,13 +6,14 @@
    inside the constraint, and the same with transformers' `PrefixConstrainedLogitsProcessor` over a dict
    trie (GENRE's way), in the same run, on the same queries.
 2. Scale: identifiers for 1k, 10k, 100k and 1M synthetic clustered 1024-d items (the ids stage with
-   configs/flickr30k.yaml's settings, K at most N / 8, M = 3 at 1M as the README advises), a model of the
+   configs/flickr30k.yaml's settings, K at most N / 8, M = 4 at 1M as the README advises), a model of the
    emoji architecture (random weights) with each size's identifier vocabulary, latency per query at each
    size next to exact dense retrieval (a float32 N x 1024 matrix product and top 10) on as many queries.
 
 Queries are training texts of the emoji corpus: timing needs text, not held-out queries.
 
     .venv/bin/python scripts/bench_decode.py [--sizes 1k,10k,100k,1m] [--skip-scale] [--workdir /tmp/cart-bench-decode]
+        [--set ids.levels=4 ...]
 """
 
 from __future__ import annotations
@@ -138,10 +139,12 @@ def scale(args) -> dict:
     tokenizer = model_io.load_tokenizer(emoji)
     built = {}
     for name in args.sizes.split(","):
-        cfg = load_config(ROOT / "configs/flickr30k.yaml", [f"output_dir={args.workdir}", f"run={name}"])
+        cfg = load_config(ROOT / "configs/flickr30k.yaml", [f"output_dir={args.workdir}", f"run={name}", *args.set])
         cfg.ids.clusters = min(cfg.ids.clusters, SIZES[name] // 8)  # at least 8 items a cluster (1k: K 125)
-        if SIZES[name] >= 1_000_000:
-            cfg.ids.levels = 3  # the README's advice for 1M items (Identifiers: 3.3% collide at M = 2, 0.4% at 3)
+        if SIZES[name] >= 1_000_000 and not any(o.startswith("ids.levels=") for o in args.set):
+            # the README's advice for 1M items (Identifiers: at M = 2 3.3% collide, at 3 0.4% in groups of up to
+            # 10, at 4 0.13% in groups of up to 6)
+            cfg.ids.levels = 4
         path = cfg.run_dir / files.EMBEDDINGS
         if not files.manifest_path(cfg.run_dir / files.CORPUS).exists():  # embeddings with the corpus files ids checks
             synthetic(path, SIZES[name])
@@ -183,6 +186,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1k,10k,100k,1m")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--workdir", default="/tmp/cart-bench-decode")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides of the scale part's identifiers (e.g. ids.levels=4)")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {"threads": torch.get_num_threads(), "demo": demo_run(args)}
