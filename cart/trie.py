@@ -138,11 +138,11 @@ class PrefixTrie:
 
     def allowed_mask(self, prefixes, strict: bool = True) -> torch.Tensor:
         """`log_mask` as one (B, vocab) bool mask over every token (EOS included)."""
-        codes, ending = self.log_mask(prefixes, strict)
-        mask = np.zeros((len(codes), self.vocab), dtype=bool)
+        level_mask, ending = self.log_mask(prefixes, strict)
+        mask = np.zeros((len(level_mask), self.vocab), dtype=bool)
         depth = np.asarray(prefixes).shape[1]
         if depth < self.length:
-            mask[:, slice(*self.layout.level_range(depth))] = codes == 0
+            mask[:, slice(*self.layout.level_range(depth))] = level_mask == 0
         mask[:, TokenLayout.EOS] = ending
         return torch.from_numpy(mask)
 
