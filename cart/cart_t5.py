@@ -309,6 +309,7 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
             self.geometry_scale = nn.Parameter(torch.tensor(float(config.cart_geometry_scale)))
             self.geometry_query = (nn.Identity() if config.cart_geometry_dim == config.d_model
                                    else nn.Linear(config.d_model, config.cart_geometry_dim, bias=False))
+        self.layout = TokenLayout(config.cart_level_sizes)  # the identifier tokens' levels (the level softmax)
         self._level_tokens = None  # see _restrict_to_levels
         self.post_init()
         self._init_cart_layers()
@@ -347,7 +348,7 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
         """The level softmax's logits (B, 1, V) of one decoding position: only its level's tokens (EOS after
         the last level) are scored, the rest get `_restrict_to_levels`' mask value, so the output layer
         computes a level's rows instead of the whole vocabulary (a third of it at three equal levels)."""
-        layout = TokenLayout(self.config.cart_level_sizes)
+        layout = self.layout
         level = slice(*layout.level_range(position)) if position < layout.length else slice(TokenLayout.EOS,
                                                                                             TokenLayout.EOS + 1)
         scores = nn.functional.linear(hidden, self.lm_head.weight[level])
@@ -364,7 +365,7 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
         if self._level_tokens is None or self._level_tokens.device != logits.device:
             # level_tokens[l, t]: token t is of identifier level l (the last row: EOS alone). Built from the
             # config, not kept as a buffer: from_pretrained does not fill buffers that are not saved
-            layout = TokenLayout(self.config.cart_level_sizes)
+            layout = self.layout
             level_tokens = torch.zeros(layout.length + 1, layout.vocab_size, dtype=torch.bool)
             for level in range(layout.length):
                 level_tokens[level, slice(*layout.level_range(level))] = True

@@ -235,7 +235,7 @@ class TrainConfig:
 class RetrieveConfig:
     beam_width: int = 10  # paper: not published; k of R@k can be at most this
     top_k: int = 10  # items `cart retrieve` prints per query (at most beam_width of them)
-    batch_size: int = 32  # queries `cart retrieve` and `Retriever.search` decode together (on the GPU when there is one)
+    batch_size: int = 32  # queries `cart retrieve` and `Retriever.search` decode together (on the GPU if any)
     examples: list[str] = field(default_factory=list)  # queries `cart pipeline` retrieves for at the end (the demo)
     # CART + rerank: the beam's candidates re-scored by cosine(query, item) of the run's own embeddings (the query
     # by the same encoder's text side) + w * log-probability, w chosen on validation by `cart train`; needs

@@ -132,7 +132,8 @@ def balanced_labels(x: np.ndarray, centroids: np.ndarray, capacity: np.ndarray, 
     for start in range(0, n, 8192):
         chunk = x[start: start + 8192]
         d = squared_norms(chunk)[:, None] + squared[None] - 2 * chunk @ centroids.T  # |x - c|^2
-        top = np.argpartition(d, choices - 1, axis=1)[:, :choices] if choices < k else np.tile(np.arange(k), (len(d), 1))
+        top = (np.argpartition(d, choices - 1, axis=1)[:, :choices] if choices < k
+               else np.tile(np.arange(k), (len(d), 1)))
         top_d = np.take_along_axis(d, top, 1)
         order = np.argsort(top_d, axis=1, kind="stable")
         nearest[start: start + 8192] = np.take_along_axis(top, order, 1)

@@ -41,8 +41,7 @@ class Hit:
 class Retriever:
     def __init__(self, model, tokenizer, ids, records: list[dict], *, beam_width: int, max_query_tokens: int,
                  device: torch.device, top_k: int = 10, batch_size: int = RetrieveConfig.batch_size,
-                 manifest: dict | None = None,
-                 reranker=None):
+                 manifest: dict | None = None, reranker=None):
         self.model = model.to(device).eval()
         self.tokenizer, self.ids, self.records = tokenizer, ids, records
         self.beam_width, self.max_query_tokens, self.device = beam_width, max_query_tokens, device

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"1k": 1_000, "10k": 10_000, "100k": 100_000, "1m": 1_000_000}
 
 
 class TimedConstraint:
@@ -67,16 +66,18 @@ def genre_allowed(root: dict, eos: int):
     return allowed
 
 
-def time_decoding(model, tokenizer, ids, queries: list[str], batch: int, beams: int, max_tokens: int) -> dict:
+def time_decoding(model, tokenizer, ids, genre_root: dict, queries: list[str], batch: int, beams: int,
+                  max_tokens: int) -> dict:
     """ms per query of `decoding.decode_texts` (what the retriever runs, top 10 of 10 beams) with our
-    constraint and with GENRE's, the constraint's share of the time, and whether their top-1 agree."""
+    constraint and with GENRE's (over `genre_root`, the identifiers' `dict_trie`), the constraint's share of
+    the time, and whether their top-1 agree."""
     from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
     from cart.decoding import TrieConstraint, decode_texts
     from cart.vocab import TokenLayout
 
     timed = TimedConstraint(TrieConstraint(ids.trie))
-    genre = PrefixConstrainedLogitsProcessor(genre_allowed(dict_trie(ids.tokens), TokenLayout.EOS), beams)
+    genre = PrefixConstrainedLogitsProcessor(genre_allowed(genre_root, TokenLayout.EOS), beams)
     out: dict = {}
     top1 = {}
     for name, constraint in (("cart", timed), ("genre", genre)):
@@ -120,15 +121,16 @@ def demo_run(args) -> dict:
     queries = queries_from(cfg.run_dir, 256)
     beams = cfg.retrieve.beam_width
     result = {"model": source, "items": len(ids.codes), "beams": beams}
+    genre_root = dict_trie(ids.tokens)
     for batch, count in ((1, 64), (32, 256)):
-        result[f"batch_{batch}"] = time_decoding(model, tokenizer, ids, queries[:count], batch, beams,
+        result[f"batch_{batch}"] = time_decoding(model, tokenizer, ids, genre_root, queries[:count], batch, beams,
                                                  cfg.model.max_query_tokens)
         print(f"demo batch {batch}: {result[f'batch_{batch}']}", file=sys.stderr, flush=True)
     return result
 
 
 def scale(args) -> dict:
-    from bench_ids import synthetic
+    from bench_ids import SIZES, synthetic
     from safetensors.torch import load_file
 
     from cart import build_ids, files, model_io
@@ -159,13 +161,14 @@ def scale(args) -> dict:
     for name, ids in built.items():
         torch.manual_seed(0)  # the emoji architecture (level softmax on) with this size's identifier vocabulary
         model = model_io.build_model(emoji, ids.layout.level_sizes, len(tokenizer)).eval()
+        genre_root = dict_trie(ids.tokens)  # once a size: a million dicts take a while
         row = {"items": len(ids.codes), "level_sizes": ids.layout.level_sizes,
                "collision_rate": ids.stats.get("collision_rate")}
         x = load_file(str(Path(args.workdir) / name / files.EMBEDDINGS))["embeddings"]
         q = torch.nn.functional.normalize(torch.randn(len(queries), x.shape[1],
                                                       generator=torch.Generator().manual_seed(0)), dim=1)
         for batch, count in ((1, 32), (32, 128)):
-            timing = time_decoding(model, tokenizer, ids, queries[:count], batch, emoji.retrieve.beam_width,
+            timing = time_decoding(model, tokenizer, ids, genre_root, queries[:count], batch, emoji.retrieve.beam_width,
                                    emoji.model.max_query_tokens)
             row[f"cart_ms_per_query_batch_{batch}"] = timing["cart_ms_per_query"]
             row[f"constraint_share_batch_{batch}"] = timing["constraint_share"]
@@ -175,7 +178,8 @@ def scale(args) -> dict:
                 (q[i: i + batch] @ x.T).topk(10, dim=1)
             row[f"dense_ms_per_query_batch_{batch}"] = round(1000 * (time.perf_counter() - start) / count, 2)
         del x
-        row["dense_over_cart_batch_32"] = round(row["dense_ms_per_query_batch_32"] / row["cart_ms_per_query_batch_32"], 2)
+        row["dense_over_cart_batch_32"] = round(row["dense_ms_per_query_batch_32"]
+                                                / row["cart_ms_per_query_batch_32"], 2)
         results[name] = row
         print(f"scale {name}: {row}", file=sys.stderr, flush=True)
     return {"sizes": results}
@@ -189,6 +193,11 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides of the scale part's identifiers (e.g. ids.levels=4)")
     args = parser.parse_args()
+    from bench_ids import SIZES
+
+    unknown = set(args.sizes.split(",")) - SIZES.keys()
+    if unknown and not args.skip_scale:
+        parser.error(f"--sizes: unknown {', '.join(sorted(unknown))} (known: {', '.join(SIZES)})")
     torch.manual_seed(0)
     results = {"threads": torch.get_num_threads(), "demo": demo_run(args)}
     if not args.skip_scale:

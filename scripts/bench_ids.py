@@ -23,9 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The synthetic cases take their identifier settings from the Flickr30K config (K 1,024, M 2, V 1,024).
-CONFIGS = {"emoji": "configs/emoji.yaml", "10k": "configs/flickr30k.yaml", "100k": "configs/flickr30k.yaml",
-           "1m": "configs/flickr30k.yaml"}
-SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
+SIZES = {"1k": 1_000, "10k": 10_000, "100k": 100_000, "1m": 1_000_000}  # the synthetic cases
+CONFIGS = {"emoji": "configs/emoji.yaml"} | {case: "configs/flickr30k.yaml" for case in SIZES}
 
 
 def synthetic(path: Path, n: int, dim: int = 1024, table: int = 1000, seed: int = 0) -> None:

@@ -71,9 +71,10 @@ def launch_two_processes(*cart_args: str, port: int) -> subprocess.CompletedProc
     """`accelerate launch -m cart ...` with 2 gloo processes on the CPU of one thread each, as a multi-GPU run
     would go."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              str(port), "-m", "cart", *cart_args]
-    return subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+              "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "cart", *cart_args]
+    return subprocess.run(launch, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "true"})
 
 
 def unit_rows(matrix) -> bool:

@@ -143,7 +143,8 @@ def test_three_fine_levels_give_identifiers_of_five_tokens(scheme):
     built = identifiers.build(clustered(), IdsConfig(scheme=scheme, **SMALL | {"levels": 3}), seed=0)
     assert built.codes.shape == (300, 5) and built.level_sizes[:4] == [6, 8, 8, 8]
     assert len(np.unique(built.codes, axis=0)) == 300
-    assert len(np.unique(built.codes[:, :4], axis=0)) > len(np.unique(built.codes[:, :3], axis=0))  # the third level splits
+    # the third fine level splits groups the first two leave
+    assert len(np.unique(built.codes[:, :4], axis=0)) > len(np.unique(built.codes[:, :3], axis=0))
 
 
 def test_cart_identifiers_are_kmeans_then_rqvae_of_the_residual_and_deterministic():

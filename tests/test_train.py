@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from cart import build_ids, caption, corpus, data, embed, encoders, files, model_io, train
 from cart.errors import CartError
 from cart.losses import cart_loss
-from conftest import ROOT, prepare_run, write_jsonl, launch_two_processes, one_thread
+from conftest import ROOT, launch_two_processes, one_thread, prepare_run, write_jsonl
 
 PYTHON = sys.executable
 
