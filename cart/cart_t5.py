@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration, T5PreTrainedModel
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -344,19 +345,46 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
         q = q.repeat_interleave(rows // len(q), dim=0)
         return self.geometry_scale * q @ self.geometry[tokens].T
 
-    def _one_level_logits(self, hidden: torch.Tensor, pooled: torch.Tensor | None, position: int) -> torch.Tensor:
-        """The level softmax's logits (B, 1, V) of one decoding position: only its level's tokens (EOS after
-        the last level) are scored, the rest get `_restrict_to_levels`' mask value, so the output layer
-        computes a level's rows instead of the whole vocabulary (a third of it at three equal levels)."""
+    def _level_scores(self, hidden: torch.Tensor, pooled: torch.Tensor | None, position: int) -> torch.Tensor:
+        """The level softmax's logits of one decoding position over its level's tokens alone (EOS after the
+        last level): hidden (rows, d) -> (rows, V_l). The output layer computes the level's rows only, not
+        the whole vocabulary (a third of it at three equal levels)."""
         layout = self.layout
         level = slice(*layout.level_range(position)) if position < layout.length else slice(TokenLayout.EOS,
                                                                                             TokenLayout.EOS + 1)
         scores = nn.functional.linear(hidden, self.lm_head.weight[level])
         if self.config.cart_geometry_dim:
-            scores = scores + self._geometry_logits(pooled, len(hidden), level).unsqueeze(1)
-        logits = hidden.new_full((*hidden.shape[:2], layout.vocab_size), torch.finfo(scores.dtype).min)
-        logits[..., level] = scores
+            scores = scores + self._geometry_logits(pooled, len(hidden), level)
+        return scores
+
+    def _one_level_logits(self, hidden: torch.Tensor, pooled: torch.Tensor | None, position: int) -> torch.Tensor:
+        """`_level_scores` of one decoding position (B, 1, d) spread over the whole vocabulary (B, 1, V), the
+        other tokens at `_restrict_to_levels`' mask value: what `generate` expects."""
+        layout = self.layout
+        level = slice(*layout.level_range(position)) if position < layout.length else slice(TokenLayout.EOS,
+                                                                                            TokenLayout.EOS + 1)
+        logits = hidden.new_full((*hidden.shape[:2], layout.vocab_size), torch.finfo(hidden.dtype).min)
+        logits[:, 0, level] = self._level_scores(hidden[:, 0], pooled, position)
         return logits
+
+    def level_log_probs(self, tokens: torch.Tensor, memory: FusedMemory, attention_mask: torch.Tensor | None,
+                        cache: EncoderDecoderCache) -> torch.Tensor:
+        """One decoding step of a level-softmax model, for a beam search of our own (`decoding.decode`):
+        tokens (rows, 1), each row's latest token (the start token first), `cache` holding the rows' earlier
+        steps -> (rows, V_l) log-probabilities over the codes of level l, l the cache's length. With fusion a
+        query's rows are consecutive, as many for each query, and read its one memory side by side; without
+        it, memory and mask come a row each."""
+        if not self.config.cart_level_softmax:
+            raise ValueError("level_log_probs needs a model trained with the level softmax")
+        position = cache.get_seq_length()
+        hidden = self.decoder(input_ids=tokens, encoder_hidden_states=memory.last_hidden_state,
+                              encoder_attention_mask=self._memory_mask(attention_mask), cache=cache,
+                              use_cache=True).last_hidden_state
+        return self._level_scores(hidden[:, -1], memory.pooled, position).log_softmax(-1)
+
+    def _memory_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The text's mask repeated over the memory's S + 1 parts (one without fine fusion)."""
+        return attention_mask.repeat(1, self.sources + 1) if attention_mask is not None else None
 
     def _restrict_to_levels(self, logits: torch.Tensor, start: int) -> torch.Tensor:
         """Position l may emit only level l's tokens (the last position only EOS): the softmax spends no
@@ -430,7 +458,7 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
                                               pooled=encoder_outputs.pooled)
                 attention_mask = attention_mask.repeat_interleave(passes, 0)
         memory = encoder_outputs[0]  # (B, (S + 1) T, d) with fusion, else (B, T, d)
-        memory_mask = attention_mask.repeat(1, self.sources + 1) if attention_mask is not None else None
+        memory_mask = self._memory_mask(attention_mask)
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = self._shift_right(labels)
         start = cache.get_seq_length() if cache is not None else 0  # the first position decoded now

@@ -58,8 +58,10 @@ class PrefixTrie:
         if len(self.level_keys[-1]) != len(tokens):
             raise ValueError("identifiers are not unique")
         # children[l][node, code]: the child's node id at depth l + 1, -1 for none; log_masks[l] the same as
-        # 0 or -inf; None where too large. There first_child[l][node] is where the node's children start
-        # in level l's keys (a CSR row pointer: they end where the next node's start).
+        # 0 or -inf; None where too large. Their last row stands for "no node" (-1, a beam that left the
+        # trie): no child, every code -inf, so a missing node needs no test of its own. Where the tables
+        # are too large, first_child[l][node] is where the node's children start in level l's keys (a CSR
+        # row pointer: they end where the next node's start).
         self.children: list[np.ndarray | None] = []
         self.log_masks: list[np.ndarray | None] = []
         self.first_child: list[np.ndarray | None] = []
@@ -71,7 +73,7 @@ class PrefixTrie:
                 self.first_child.append(np.searchsorted(keys, np.arange(parents + 1) * self.vocab))
                 continue
             self.first_child.append(None)
-            table = np.full((parents, width), -1, dtype=np.int32)
+            table = np.full((parents + 1, width), -1, dtype=np.int32)
             table[keys // self.vocab, keys % self.vocab - layout.offsets[level]] = np.arange(len(keys), dtype=np.int32)
             self.children.append(table)
             self.log_masks.append(np.where(table >= 0, np.float32(0), np.float32(-np.inf)))
@@ -82,32 +84,31 @@ class PrefixTrie:
             item_of_key[[database[k] for k in keys]] = np.arange(len(tokens))
         self.database, self.item_of_key = database, item_of_key
 
-    def nodes(self, prefixes, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """(B, l) token prefixes -> (B,) node ids at depth l and (B,) bool: the prefix is in the trie.
-        strict: a prefix not in the trie is an error naming it. (NumPy inside: for the few beams of a
-        decoding step, a NumPy operation costs a microsecond where a torch one costs several.)"""
+    def nodes(self, prefixes, strict: bool = True) -> np.ndarray:
+        """(B, l) token prefixes -> (B,) node ids at depth l, -1 for a prefix not in the trie (strict: an
+        error naming it). (NumPy inside: for the few beams of a decoding step, a NumPy operation costs a
+        microsecond where a torch one costs several.)"""
         prefixes = np.asarray(prefixes, dtype=np.int64)
         node = np.zeros(len(prefixes), dtype=np.int64)
-        found = np.ones(len(prefixes), dtype=bool)
-        for level in range(prefixes.shape[1]):
-            tokens = prefixes[:, level]
-            valid = (tokens >= 0) & (tokens < self.vocab)
-            tokens = np.where(valid, tokens, 0)
-            if self.children[level] is not None:
-                codes = tokens - self.layout.offsets[level]
-                valid &= (codes >= 0) & (codes < self.layout.level_sizes[level])
-                position = self.children[level][node, np.where(valid, codes, 0)].astype(np.int64)
-                found &= valid & (position >= 0)
-            else:
-                keys = self.level_keys[level]
-                edge = node * self.vocab + tokens
-                position = np.minimum(np.searchsorted(keys, edge), len(keys) - 1)
-                found &= valid & (keys[position] == edge)
-            if strict and not found.all():
-                bad = prefixes[int(np.flatnonzero(~found)[0])].tolist()
+        for depth in range(prefixes.shape[1]):
+            codes = prefixes[:, depth] - self.layout.offsets[depth]
+            in_level = (codes >= 0) & (codes < self.layout.level_sizes[depth])
+            node = np.where(in_level, self.child(node, depth, np.where(in_level, codes, 0)), -1)
+            if strict and (node < 0).any():
+                bad = prefixes[int(np.flatnonzero(node < 0)[0])].tolist()
                 raise ValueError(f"prefix {bad} is not a prefix of any identifier")
-            node = np.where(found, position, 0)
-        return node, found
+        return node
+
+    def child(self, node: np.ndarray, depth: int, codes: np.ndarray) -> np.ndarray:
+        """One step down: (B,) nodes at `depth` (-1: none) and the (B,) codes of level `depth` that follow
+        them -> (B,) child nodes at depth + 1, -1 where there is none. Beam search carries its beams' nodes
+        this way, one lookup a beam and a step, instead of walking every prefix from the root."""
+        if self.children[depth] is not None:
+            return self.children[depth][node, codes]  # node -1: the table's last row, no child
+        keys = self.level_keys[depth]
+        edge = np.asarray(node, dtype=np.int64) * self.vocab + codes + self.layout.offsets[depth]
+        position = np.minimum(np.searchsorted(keys, edge), len(keys) - 1)  # node -1: a negative edge, not found
+        return np.where(keys[position] == edge, position, -1)
 
     def log_mask(self, prefixes, strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(B, l) token prefixes, all of one length l -> (B, V_l) float32 over level l's codes (tokens
@@ -119,22 +120,25 @@ class PrefixTrie:
         batch, depth = prefixes.shape
         if depth > self.length:
             raise ValueError(f"prefix of length {depth} is longer than the identifiers ({self.length})")
-        node, found = self.nodes(prefixes, strict)  # strict: refuses a sequence that is not an identifier
+        node = self.nodes(prefixes, strict)  # strict: refuses a sequence that is not an identifier
         if depth == self.length:
             return np.zeros((batch, 0), dtype=np.float32), np.ones(batch, dtype=bool)
+        return self.level_mask(node, depth), node < 0
+
+    def level_mask(self, node: np.ndarray, depth: int) -> np.ndarray:
+        """(B,) nodes at `depth` < L (-1: none) -> (B, V_depth) float32 over the level's codes: 0 for a code
+        that may follow the node, -inf for one that may not (every code for no node)."""
         if self.log_masks[depth] is not None:
-            mask = self.log_masks[depth][node]
-            mask[~found] = -np.inf
-            return mask, ~found
+            return self.log_masks[depth][node]  # node -1: the table's last row, all -inf
         keys, first_child = self.level_keys[depth], self.first_child[depth]
         start = first_child[node]
-        count = np.where(found, first_child[node + 1] - start, 0)
-        rows = np.repeat(np.arange(batch), count)
+        count = np.maximum(first_child[node + 1] - start, 0)  # node -1: first_child[0] - first_child[-1] < 0
+        rows = np.repeat(np.arange(len(node)), count)
         # positions start[b], start[b] + 1, ..., start[b] + count[b] - 1 for every row at once
         within = np.arange(len(rows)) - np.repeat(np.cumsum(count) - count, count)
-        mask = np.full((batch, self.layout.level_sizes[depth]), -np.inf, dtype=np.float32)
+        mask = np.full((len(node), self.layout.level_sizes[depth]), -np.inf, dtype=np.float32)
         mask[rows, keys[np.repeat(start, count) + within] % self.vocab - self.layout.offsets[depth]] = 0
-        return mask, ~found
+        return mask
 
     def allowed_mask(self, prefixes, strict: bool = True) -> torch.Tensor:
         """`log_mask` as one (B, vocab) bool mask over every token (EOS included)."""

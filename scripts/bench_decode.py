@@ -1,10 +1,10 @@
 """Benchmark constrained decoding, printing JSON.
 
 1. On the demo run (`make demo` first; a random model of the same config when it has not trained):
-   latency per query of `decoding.decode_texts` (the retriever's beam search, top 10 of 10 beams) at
-   batch 1 and 32 with our trie constraint (one tensor mask per step), the share of decode time spent
-   inside the constraint, and the same with transformers' `PrefixConstrainedLogitsProcessor` over a dict
-   trie (GENRE's way), in the same run, on the same queries.
+   latency per query of `decoding.decode_texts` (the retriever's beam search, top 10 of 10 beams: our own
+   for a level-softmax model) at batch 1 and 32 and the share of decode time spent in the trie, next to
+   transformers' `generate` with our `TrieConstraint` (its share too) and with transformers'
+   `PrefixConstrainedLogitsProcessor` over a dict trie (GENRE's way), in the same run, on the same queries.
 2. Scale: identifiers for 1k, 10k, 100k and 1M synthetic clustered 1024-d items (the ids stage with
    configs/flickr30k.yaml's settings, K at most N / 8, M = 4 at 1M as the README advises), a model of the
    emoji architecture (random weights) with each size's identifier vocabulary, latency per query at each
@@ -30,6 +30,28 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class TimedTrie:
+    """A PrefixTrie that adds up the time of what our beam search asks it each step (the constraint)."""
+
+    def __init__(self, trie):
+        self.trie, self.seconds = trie, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.trie, name)
+
+    def _timed(self, method, *args):
+        start = time.perf_counter()
+        out = method(*args)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def level_mask(self, *args):
+        return self._timed(self.trie.level_mask, *args)
+
+    def child(self, *args):
+        return self._timed(self.trie.child, *args)
 
 
 class TimedConstraint:
@@ -68,33 +90,36 @@ def genre_allowed(root: dict, eos: int):
 
 def time_decoding(model, tokenizer, ids, genre_root: dict, queries: list[str], batch: int, beams: int,
                   max_tokens: int) -> dict:
-    """ms per query of `decoding.decode_texts` (what the retriever runs, top 10 of 10 beams) with our
-    constraint and with GENRE's (over `genre_root`, the identifiers' `dict_trie`), the constraint's share of
-    the time, and whether their top-1 agree."""
+    """ms per query of `decoding.decode_texts` (what the retriever runs, top 10 of 10 beams: our beam search
+    for a level-softmax model) and of transformers' `generate` with our `TrieConstraint` and with GENRE's
+    (over `genre_root`, the identifiers' `dict_trie`); the share of the time each spends in the constraint
+    (ours: the trie's `level_mask` and `child`; generate's: the logits processor), and whether the top-1 agree."""
     from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
     from cart.decoding import TrieConstraint, decode_texts
     from cart.vocab import TokenLayout
 
+    timed_trie = TimedTrie(ids.trie)
     timed = TimedConstraint(TrieConstraint(ids.trie))
     genre = PrefixConstrainedLogitsProcessor(genre_allowed(genre_root, TokenLayout.EOS), beams)
     out: dict = {}
     top1 = {}
-    for name, constraint in (("cart", timed), ("genre", genre)):
+    for name, trie, constraint in (("cart", timed_trie, None), ("generate", ids.trie, timed),
+                                   ("genre", ids.trie, genre)):
         total, results = 0.0, []
-        timed.seconds = 0.0
+        timed_trie.seconds = timed.seconds = 0.0
         for start in range(0, len(queries), batch):
             begin = time.perf_counter()
-            items, _ = decode_texts(model, tokenizer, ids.trie, queries[start: start + batch], beams=beams,
+            items, _ = decode_texts(model, tokenizer, trie, queries[start: start + batch], beams=beams,
                                     top_k=beams, max_tokens=max_tokens, device=torch.device("cpu"),
                                     constraint=constraint)
             total += time.perf_counter() - begin
             results.append(items[:, 0])
         out[f"{name}_ms_per_query"] = round(1000 * total / len(queries), 2)
-        if name == "cart":
-            out["constraint_share"] = round(timed.seconds / total, 4)
+        if name != "genre":
+            out[f"{name}_constraint_share"] = round((timed_trie if name == "cart" else timed).seconds / total, 4)
         top1[name] = np.concatenate(results)
-    out["same_top1"] = round(float((top1["cart"] == top1["genre"]).mean()), 4)
+    out["same_top1"] = round(float(np.mean([(top1["cart"] == top1[name]).mean() for name in ("generate", "genre")])), 4)
     return out
 
 
@@ -171,7 +196,9 @@ def scale(args) -> dict:
             timing = time_decoding(model, tokenizer, ids, genre_root, queries[:count], batch, emoji.retrieve.beam_width,
                                    emoji.model.max_query_tokens)
             row[f"cart_ms_per_query_batch_{batch}"] = timing["cart_ms_per_query"]
-            row[f"constraint_share_batch_{batch}"] = timing["constraint_share"]
+            row[f"constraint_share_batch_{batch}"] = timing["cart_constraint_share"]
+            row[f"generate_ms_per_query_batch_{batch}"] = timing["generate_ms_per_query"]
+            row[f"generate_constraint_share_batch_{batch}"] = timing["generate_constraint_share"]
             row[f"genre_ms_per_query_batch_{batch}"] = timing["genre_ms_per_query"]
             start = time.perf_counter()
             for i in range(0, count, batch):  # exact dense retrieval: the scores of every item, the top 10

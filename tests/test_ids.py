@@ -99,6 +99,32 @@ def test_allowed_tokens_equal_brute_force_for_every_prefix(seed, sizes, n, dense
     assert np.array_equal(trie.item_of(tokens), np.arange(len(tokens)))
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_walking_one_code_at_a_time_finds_the_nodes_and_masks_of_whole_prefixes(dense, monkeypatch):
+    if not dense:
+        monkeypatch.setattr(trie_module, "DENSE_TABLE_MAX", 0)
+    sizes = [6, 50, 50, 4]
+    layout = TokenLayout(sizes)
+    codes = random_identifiers(4, sizes, 500)
+    trie = PrefixTrie(layout.to_tokens(codes), layout)
+    offsets = np.asarray(layout.offsets[: layout.length])
+    rng = np.random.default_rng(0)
+    paths = np.zeros((len(codes), 0), dtype=np.int64)  # the codes taken so far
+    node = np.zeros(len(codes), dtype=np.int64)
+    for depth in range(layout.length):
+        expected, ending = trie.log_mask(paths + offsets[:depth], strict=False)
+        assert np.array_equal(trie.level_mask(node, depth), expected) and np.array_equal(node < 0, ending)
+        # beam search's view: most rows follow a real identifier, some take a random code, which mostly
+        # leaves the trie (-1 from then on: no child, a mask of -inf only)
+        stray = rng.random(len(codes)) < 0.2
+        step = np.where(stray, rng.integers(0, sizes[depth], len(codes)), codes[:, depth])
+        paths = np.concatenate([paths, step[:, None]], 1)
+        node = trie.child(node, depth, step)
+        assert np.array_equal(node, trie.nodes(paths + offsets[: depth + 1], strict=False))
+    real = trie.item_of(paths + offsets) >= 0  # a stray code may still have led to another identifier
+    assert 0 < real.mean() < 1 and np.array_equal(node >= 0, real)
+
+
 def test_unknown_prefix_is_a_clear_error_and_unknown_identifier_maps_to_minus_one():
     layout = TokenLayout([3, 3])
     tokens = layout.to_tokens(np.array([[0, 0], [0, 1], [2, 2]]))

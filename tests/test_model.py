@@ -328,6 +328,26 @@ def test_level_softmax_spends_each_position_on_its_own_level(geometry):
     assert torch.allclose(expected.view(3, 3), scores, atol=1e-4)
 
 
+@pytest.mark.parametrize("fusion, bert", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("beams, top_k", [(1, 1), (6, 3), (24, 24)])  # 24 beams: more than the 20 identifiers
+def test_our_level_beam_search_finds_what_generate_finds(fusion, bert, beams, top_k):
+    trie = small_trie()
+    torch.manual_seed(0)
+    model = tiny_model(fusion, bert=bert, levels=trie.layout.level_sizes, level_softmax=True,
+                       geometry_dim=16 if bert else 0)
+    if bert:
+        model.geometry.data.normal_()
+    input_ids, mask = padded_batch()
+    items, scores = decode(model, input_ids, mask, trie, beams=beams, top_k=top_k)  # ours: level softmax
+    expected_items, expected_scores = decode(model, input_ids, mask, trie, beams=beams, top_k=top_k,
+                                             constraint=TrieConstraint(trie))  # transformers' generate
+    assert torch.equal(items, expected_items)
+    assert torch.equal(torch.isinf(scores), torch.isinf(expected_scores))
+    assert torch.allclose(scores[items >= 0], expected_scores[items >= 0], rtol=1e-5, atol=1e-5)
+    if beams == 24:
+        assert ((items >= 0).sum(1) == 20).all()  # every identifier, the rest empty
+
+
 def test_cached_layer_outputs_give_the_same_loss_as_the_encoder():
     model = tiny_model(True, bert=True, frozen=True).train()
     input_ids, mask = padded_batch()
