@@ -59,11 +59,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie: P
            beams: int, top_k: int, constraint: LogitsProcessor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search constrained to the trie -> items (B, top_k) and their log-probabilities (B, top_k);
     item -1 with score -inf where fewer than top_k valid identifiers were found. `constraint`: another
-    logits processor in place of `TrieConstraint(trie)` (the decoding benchmark's)."""
+    logits processor in place of `TrieConstraint(trie)`, run through `generate` (the decoding benchmark's)."""
     if top_k > beams:
         raise ValueError(f"top_k={top_k} is larger than the beam width {beams}: raise the beam width")
     if constraint is None and getattr(model.config, "cart_level_softmax", False):
-        items, scores = level_beam_search(model, input_ids, attention_mask, trie, beams=beams)
+        items, scores = _level_beam_search(model, input_ids, attention_mask, trie, beams=beams)
     else:
         items, scores = _generate(model, input_ids, attention_mask, trie, beams=beams, top_k=top_k,
                                   constraint=constraint)
@@ -78,11 +78,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie: P
 
 
 @torch.no_grad()
-def level_beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie: PrefixTrie, *,
+def _level_beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie: PrefixTrie, *,
                       beams: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search of a level-softmax model (`CartT5.level_log_probs`) over the trie's identifiers ->
-    items (B, k) and their log-probabilities (B, k), best first, k = min(beams, identifiers); a beam with
-    no valid continuation left scores -inf (and its item is -1 or a repeat)."""
+    items (B, k) and their log-probabilities (B, k), best first, k = min(beams, beams x level sizes); a
+    beam that had to take a forbidden code (fewer valid continuations than beams) scores -inf, item -1."""
     memory = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
     queries, device = len(input_ids), input_ids.device
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -101,6 +101,7 @@ def level_beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         width = log_probs.shape[1]
         total = (log_probs + scores.view(-1, 1)).view(queries, -1)  # (B, beams so far x V_l)
         scores, index = total.topk(min(beams, total.shape[1]), dim=1)  # sorted, best first
+        # each new beam's parent row (rows b * beams so far + j) and the code it adds
         rows = (torch.arange(queries, device=device).unsqueeze(1) * paths.shape[1] + index // width).flatten()
         code = index % width
         token = code + trie.layout.offsets[depth]

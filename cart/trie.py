@@ -15,6 +15,10 @@ that level's codes alone, as wide as the level, not the vocabulary, and in log s
 the scores: a masked fill of a bool mask costs ten times as much on a CPU); the dense levels keep it as a
 table too (STATIC's lesson: the constraint must cost next to nothing beside the model's step).
 
+Our beam search does not walk from the root at all: each beam keeps its node, and `child` steps a batch
+of nodes down one code (a lookup a beam); node -1, a beam that left the trie, needs no test of its own
+(the dense tables' last row: no child, every code -inf).
+
 The trie knows identifier tokens only; a decoder's start token is the caller's
 to strip (GENRE's lesson: forget it and every lookup comes back empty).
 """

@@ -8,7 +8,8 @@
 2. Scale: identifiers for 1k, 10k, 100k and 1M synthetic clustered 1024-d items (the ids stage with
    configs/flickr30k.yaml's settings, K at most N / 8, M = 4 at 1M as the README advises), a model of the
    emoji architecture (random weights) with each size's identifier vocabulary, latency per query at each
-   size next to exact dense retrieval (a float32 N x 1024 matrix product and top 10) on as many queries.
+   size next to exact dense retrieval (a float32 N x 1024 matrix product and top 10) on as many queries;
+   then batch 1 again with the sizes taking turns (3 rounds of 32 queries), per query and per decoding step.
 
 Queries are training texts of the emoji corpus: timing needs text, not held-out queries.
 
@@ -182,10 +183,10 @@ def scale(args) -> dict:
                 build_ids.run(cfg)
             print(f"ids {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         built[name] = build_ids.load(cfg.run_dir)
-    results = {}
+    results, models = {}, {}
     for name, ids in built.items():
         torch.manual_seed(0)  # the emoji architecture (level softmax on) with this size's identifier vocabulary
-        model = model_io.build_model(emoji, ids.layout.level_sizes, len(tokenizer)).eval()
+        model = models[name] = model_io.build_model(emoji, ids.layout.level_sizes, len(tokenizer)).eval()
         genre_root = dict_trie(ids.tokens)  # once a size: a million dicts take a while
         row = {"items": len(ids.codes), "level_sizes": ids.layout.level_sizes,
                "collision_rate": ids.stats.get("collision_rate")}
@@ -209,7 +210,30 @@ def scale(args) -> dict:
                                                 / row["cart_ms_per_query_batch_32"], 2)
         results[name] = row
         print(f"scale {name}: {row}", file=sys.stderr, flush=True)
-    return {"sizes": results}
+    out = {"sizes": results}
+    if len(built) > 1:
+        out["batch_1_alternated"] = alternated(models, built, tokenizer, queries[:32], emoji)
+        print(f"batch 1, sizes alternated: {out['batch_1_alternated']}", file=sys.stderr, flush=True)
+    return out
+
+
+def alternated(models: dict, built: dict, tokenizer, queries: list[str], emoji, rounds: int = 3) -> dict:
+    """Batch-1 latency of every size, the sizes taking turns in rounds (one size's run alone swings with
+    the machine's load): ms a query and ms a decoding step (a step a level), a list of rounds each."""
+    from cart.decoding import decode_texts
+
+    out = {name: {"levels": ids.layout.length, "ms_per_query": [], "ms_per_step": []} for name, ids in built.items()}
+    for _ in range(rounds):
+        for name, ids in built.items():
+            start = time.perf_counter()
+            for query in queries:
+                decode_texts(models[name], tokenizer, ids.trie, [query], beams=emoji.retrieve.beam_width,
+                             top_k=emoji.retrieve.beam_width, max_tokens=emoji.model.max_query_tokens,
+                             device=torch.device("cpu"))
+            ms = 1000 * (time.perf_counter() - start) / len(queries)
+            out[name]["ms_per_query"].append(round(ms, 2))
+            out[name]["ms_per_step"].append(round(ms / ids.layout.length, 2))
+    return out
 
 
 def main() -> None:
