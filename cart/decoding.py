@@ -22,6 +22,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from cart.cart_t5 import FusedMemory
+from cart.losses import sequence_log_prob
 from cart.trie import PrefixTrie
 from cart.vocab import TokenLayout
 
@@ -147,3 +148,24 @@ def decode_texts(model, tokenizer, trie: PrefixTrie, texts: list[str], *, beams:
     items, scores = decode(model, encoded["input_ids"], encoded["attention_mask"], trie, beams=beams, top_k=top_k,
                            constraint=constraint)
     return items.numpy(), scores.numpy()
+
+
+@torch.no_grad()
+def score_identifiers(model, tokenizer, texts: list[str], tokens: np.ndarray, *, max_tokens: int,
+                      device: torch.device, chunk: int = 256) -> np.ndarray:
+    """The log-probability of every identifier under every query text, by teacher forcing: (Q, C) for Q
+    texts and `tokens` (C, L), the identifiers' decoder tokens. The same number beam search reports for an
+    identifier it finds (EOS included: with the level softmax its log-probability is 0), for any identifier,
+    found or not."""
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
+    labels = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
+    labels = torch.cat([labels, torch.full((len(labels), 1), TokenLayout.EOS, device=device)], dim=1)  # (C, L + 1)
+    scores = []
+    for start in range(0, len(labels), chunk):  # a query's candidates run as passes over its one memory
+        part = labels[start: start + chunk]
+        targets = part.repeat(len(texts), 1)  # rows q * C' + c
+        logits = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], labels=targets,
+                       passes=len(part)).logits
+        scores.append(sequence_log_prob(logits, targets).view(len(texts), len(part)))
+    return torch.cat(scores, dim=1).float().cpu().numpy() if scores else np.zeros((len(texts), 0), np.float32)
+

@@ -23,7 +23,7 @@ import torch
 
 from cart import corpus, files
 from cart.config import RetrieveConfig
-from cart.decoding import decode_texts
+from cart.decoding import decode_texts, score_identifiers
 from cart.rerank import item_embeddings
 from cart.rerank import rerank as reorder
 from cart.devices import pick_device
@@ -116,6 +116,17 @@ class Retriever:
             return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
         return np.concatenate(rows), np.concatenate(scores)
 
+
+    def score_rows(self, queries: list[str], rows) -> np.ndarray:
+        """(Q, C) how well each of the corpus rows `rows` answers each query, beam search or not: with
+        rerank the cosine of the query's and the item's embeddings, else the log-probability of the
+        item's identifier under the model (what beam search reports when it finds it)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.reranker is not None:
+            encoder, embeddings, _ = self.reranker
+            return (encoder.encode_text(queries).float() @ embeddings[torch.from_numpy(rows)].float().T).numpy()
+        return score_identifiers(self.model, self.tokenizer, queries, self.ids.tokens[rows],
+                                 max_tokens=self.max_query_tokens, device=self.device)
 
     def reads(self, query: str) -> bool:
         """False when the tokenizer knows nothing in `query` (every token unknown, e.g. a script or emoji

@@ -220,6 +220,17 @@ def test_beam_width_one_is_greedy_search_with_the_models_own_score(trained):
     assert len(done.stdout.splitlines()) == 2
 
 
+def test_scoring_any_item_gives_what_beam_search_reports_for_the_items_it_finds(trained):
+    retriever = Retriever.load(trained().run_dir, rerank=False)
+    queries = ["red number 0", "shape 3"]
+    rows, scores = retriever.search_rows(queries, k=5)
+    every = retriever.score_rows(queries, np.arange(len(retriever.records)))  # (2, 12): found or not
+    assert every.shape == (2, 12) and np.isfinite(every).all()
+    for q in range(2):
+        assert np.allclose(every[q, rows[q]], scores[q], atol=1e-4)
+    assert np.allclose(retriever.score_rows(queries[:1], [3, 3, 0]), every[:1, [3, 3, 0]], atol=1e-5)
+
+
 def test_api_refuses_zero_k_beams_and_batch_size(trained):
     run_dir = trained().run_dir
     retriever = Retriever.load(run_dir)
