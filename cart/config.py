@@ -271,6 +271,11 @@ class GenerateConfig:
     # set over the sub-queries (given in `subqueries`, or split from the prompt), Cross-modal RAG
     mode: Literal["prompt", "subqueries"] = "prompt"
     subqueries: list[str] = field(default_factory=list)
+    # subqueries: which items make the set. hybrid (Cross-modal RAG's Algorithm 1): items whose captions contain
+    # a sub-query, Pareto-optimal over those matches, the dense score breaking ties; generative: the Pareto
+    # front over the sub-queries' beam scores, the sub-queries taking turns
+    selection: Literal["hybrid", "generative"] = "hybrid"
+    pareto_beta: float = 0.015  # hybrid: the dense score's weight (the paper's), lowered where n sub-queries need
     concepts: list[str] = field(default_factory=list)
     images: int = 3  # at most this many retrieved images condition the generator
     name: str = ""  # output folder under <run>/generations/; default: from the prompt
@@ -292,8 +297,11 @@ class GenerateConfig:
         at_least(self, 1, "images", "steps")
         at_least(self, 8, "height", "width")
         at_least(self, 16, "thumbnail")
-        at_least(self, 0, "guidance", "image_guidance", "ip_adapter_scale")
+        at_least(self, 0, "guidance", "image_guidance", "ip_adapter_scale", "pareto_beta")
         folder_name(self, "name")
+        for key in ("subqueries", "concepts"):
+            if any(not str(text).strip() for text in getattr(self, key)):
+                raise InvalidValue(key, f"must not hold an empty text, got {getattr(self, key)!r}")
 
 
 @dataclass

@@ -3,11 +3,19 @@
 Two ways to retrieve (`generate.mode`):
 - `prompt` (ImageRAG): the top images for the whole prompt, or for each concept description in
   `generate.concepts` (taken in turn, best first, no image twice), up to `generate.images`;
-- `subqueries` (Cross-modal RAG, Zhu et al.): the prompt's sub-queries (given, or split by `split_prompt`)
-  are each decoded by beam search; every item in any sub-query's beams gets one score per sub-query (its
-  identifier's log-probability there, -inf where that sub-query's beams did not reach it), and the chosen
-  set is the Pareto-optimal items (none beaten on every sub-query by another), at most `generate.images`,
-  each annotated with the sub-queries whose beams found it.
+- `subqueries` (Cross-modal RAG, Zhu et al.): the prompt's sub-queries (given, or split by `split_prompt`).
+  `generate.selection: hybrid`, the paper's: an item's sparse score for sub-query i is 1 when its captions
+  (corpus and generated, never its held-out query texts) contain every content word of the sub-query; its
+  dense score is the model's log-probability of its identifier for each sub-query (with rerank the cosine
+  of the embeddings), their mean scaled to [0, 1] over the candidates. Of the items matching at least one
+  sub-query, the Pareto-optimal ones (no other matches every sub-query they match and more; among items
+  matching the same sub-queries, the best dense score) are found as the paper's Algorithm 1 finds them, and
+  cut to `generate.images` by coverage: each next image the one adding the most sub-queries not covered yet.
+  `generative`: each sub-query is decoded by beam search, every item in any sub-query's beams gets one
+  score per sub-query (its log-probability there, -inf where that sub-query's beams did not reach it), and
+  the chosen set is the Pareto-optimal items (none beaten on every sub-query by another), at most
+  `generate.images`, each annotated with the sub-queries whose beams found it. Hybrid falls back to it when
+  no caption contains any sub-query.
 
 The generator (`cart.generators`) receives the prompt and the chosen images. Writes, under
 `checkpoints/<run>/generations/<name>/`: the generated image(s) and `record.json` (prompt, sub-queries,
@@ -28,12 +36,17 @@ from pathlib import Path
 
 import numpy as np
 
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
 from cart import files, generators
 from cart.config import Config
 from cart.errors import CartError
 from cart.retriever import Retriever
 
 SPLIT = re.compile(r"\s*(?:[,;]|\band\b|\bwith\b)\s*", flags=re.IGNORECASE)
+WORD = re.compile(r"[a-z0-9]+")
+CAPTION_KINDS = ("caption", "generated")  # an item's held-out query texts never count as its captions
+MAX_HYBRID_SUBQUERIES = 8
 
 
 @dataclass
@@ -41,9 +54,12 @@ class Retrieved:
     id: str
     path: str
     row: int
-    score: float  # best log-probability over the queries that found it
-    scores: dict[str, float] = field(default_factory=dict)  # query -> log-probability (found there only)
-    covers: list[str] = field(default_factory=list)  # the queries (sub-queries, concepts) whose beams found it
+    score: float  # its best score over the queries
+    # query -> the retriever's score (log-probability, or with rerank the rerank score); beam search: found
+    # there only; hybrid: every sub-query, the dense score (log-probability, or with rerank the cosine)
+    scores: dict[str, float] = field(default_factory=dict)
+    # the queries (sub-queries, concepts) whose beams found it; hybrid: the sub-queries its captions contain
+    covers: list[str] = field(default_factory=list)
 
 
 def split_prompt(prompt: str) -> list[str]:
@@ -80,11 +96,96 @@ def choose_pareto(scores: np.ndarray, cap: int) -> list[int]:
     return chosen
 
 
-def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> tuple[list[str], list[Retrieved]]:
-    """(the queries used, the chosen items) for `prompt` under `generate.mode`."""
+def content_words(text: str) -> frozenset[str]:
+    """The lower-case words of `text` that are not English stop words (scikit-learn's list)."""
+    return frozenset(w for w in WORD.findall(text.lower()) if w not in ENGLISH_STOP_WORDS)
+
+
+def caption_matches(records: list[dict], queries: list[str]) -> np.ndarray:
+    """(N, n) bool, Cross-modal RAG's sparse scores: item i's captions contain every content word of query j
+    (a query of stop words alone matches nothing)."""
+    wanted = [content_words(q) for q in queries]
+    matches = np.zeros((len(records), len(queries)), dtype=bool)
+    for i, record in enumerate(records):
+        words = frozenset().union(*(content_words(t["text"]) for t in record["texts"] if t["kind"] in CAPTION_KINDS))
+        matches[i] = [bool(w) and w <= words for w in wanted]
+    return matches
+
+
+def simplex_grid(n: int) -> tuple[np.ndarray, int]:
+    """Every weighting of n sub-queries in steps of 1/m with no weight 0: (G, n) integer parts (alpha * m)
+    and m. m is as fine as n needs for each Pareto-optimal match pattern to win a weighting alone: a
+    pattern of k sub-queries wins where its k weights hold all but n - k steps, evenly, each more than the
+    n - k steps elsewhere, so m = max over k of k (n - k + 1) + n - k (5 for 2-3 sub-queries, 11 for 5)."""
+    m = max(k * (n - k + 1) + n - k for k in range(1, n + 1))
+    combinations = list(itertools.combinations(range(1, m), n - 1))
+    cuts = np.array(combinations, dtype=np.int64).reshape(len(combinations), n - 1)
+    edges = np.concatenate([np.zeros((len(cuts), 1), np.int64), cuts, np.full((len(cuts), 1), m)], axis=1)
+    return np.diff(edges, axis=1), m
+
+
+def beta_bound(n: int) -> float:
+    """The dense weight below which the dense term (beta * n * S, S in [0, 1]) never outweighs one step of
+    the grid (1 / m): a match pattern another contains and exceeds then never wins a weighting."""
+    return 1.0 / (n * simplex_grid(n)[1])
+
+
+def hybrid_pareto(matches: np.ndarray, dense: np.ndarray, beta: float) -> list[int]:
+    """Cross-modal RAG's Algorithm 1 over candidates that match at least one sub-query: for each weighting
+    alpha of the grid the candidate maximising sum_i alpha_i s_i + beta * n * S, S the `dense` score in
+    [0, 1]; the winners in order of first win. `matches` (C, n) bool, `dense` (C,)."""
+    parts, m = simplex_grid(matches.shape[1])
+    totals = parts @ matches.T.astype(np.int64) + (beta * matches.shape[1] * m) * dense  # in steps of 1 / m
+    return list(dict.fromkeys(totals.argmax(1).tolist()))
+
+
+def by_coverage(candidates: list[int], matches: np.ndarray, dense: np.ndarray) -> list[int]:
+    """`candidates` reordered so that each next one adds the most sub-queries not covered yet (then the
+    best dense score): cutting the list keeps as many sub-queries covered as the cut allows."""
+    left, covered, order = list(candidates), np.zeros(matches.shape[1], dtype=bool), []
+    while left:
+        best = max(left, key=lambda c: (int((matches[c] & ~covered).sum()), dense[c]))
+        order.append(best)
+        left.remove(best)
+        covered |= matches[best]
+    return order
+
+
+def _hybrid(retriever: Retriever, queries: list[str], cap: int, beta: float) -> tuple[list[Retrieved], dict] | None:
+    """Cross-modal RAG's hybrid selection (module docstring), or None when no caption contains any sub-query."""
+    if len(queries) > MAX_HYBRID_SUBQUERIES:  # the grid grows as C(m - 1, n - 1): 245,157 weightings at 8
+        raise CartError(f"generate.selection=hybrid takes at most {MAX_HYBRID_SUBQUERIES} sub-queries, got "
+                        f"{len(queries)}: give fewer, or generate.selection=generative")
+    matches = caption_matches(retriever.records, queries)
+    rows = np.flatnonzero(matches.any(1))
+    if not len(rows):
+        return None
+    bound = beta_bound(len(queries))
+    if beta >= bound:
+        print(f"generate: pareto_beta {beta} is not below the bound {bound:.4g} for {len(queries)} sub-queries: "
+              f"using {0.99 * bound:.4g}")
+        beta = 0.99 * bound
+    dense = retriever.score_rows(queries, rows)  # (n, C)
+    mean = dense.mean(0)
+    scaled = (mean - mean.min()) / (mean.max() - mean.min()) if mean.max() > mean.min() else np.zeros_like(mean)
+    front = hybrid_pareto(matches[rows], scaled, beta)
+    chosen = [Retrieved(retriever.records[rows[c]]["id"], retriever.records[rows[c]]["path"], int(rows[c]),
+                        float(dense[:, c].max()), {q: float(dense[j, c]) for j, q in enumerate(queries)},
+                        [q for j, q in enumerate(queries) if matches[rows[c], j]])
+              for c in by_coverage(front, matches[rows], scaled)[:cap]]
+    return chosen, {"selection": "hybrid", "candidates": len(rows), "pareto_optimal": len(front), "beta": beta}
+
+
+def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> tuple[list[str], list[Retrieved], dict]:
+    """(the queries used, the chosen items, how they were chosen) for `prompt` under `generate.mode`."""
     generate_cfg = cfg.generate
     if generate_cfg.mode == "subqueries":
         queries = list(generate_cfg.subqueries) or split_prompt(prompt)
+        if generate_cfg.selection == "hybrid":
+            hybrid = _hybrid(retriever, queries, generate_cfg.images, generate_cfg.pareto_beta)
+            if hybrid is not None:
+                return queries, *hybrid
+            print("generate: no caption contains any sub-query: the generative selection instead")
     else:
         queries = list(generate_cfg.concepts) or [prompt]
     k = retriever.beam_width
@@ -100,18 +201,19 @@ def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> t
     if generate_cfg.mode == "subqueries":
         matrix = np.array([[c.scores.get(q, -np.inf) for q in queries] for c in candidates]).reshape(len(candidates), len(queries))
         chosen = [candidates[i] for i in choose_pareto(matrix, generate_cfg.images)]
-    else:  # the queries in turn, each taking its best item not chosen yet: concept 1's, concept 2's, ...
-        ranked = [iter([found[h.row] for h in hits]) for hits in results]
-        chosen, taken = [], set()
-        while len(chosen) < generate_cfg.images and ranked:
-            for hits in list(ranked):
-                item = next((c for c in hits if c.row not in taken), None)
-                if item is None:  # this query's beam is used up
-                    ranked.remove(hits)
-                elif len(chosen) < generate_cfg.images:
-                    chosen.append(item)
-                    taken.add(item.row)
-    return queries, chosen
+        return queries, chosen, {"selection": "generative", "candidates": len(candidates)}
+    # the queries in turn, each taking its best item not chosen yet: concept 1's, concept 2's, ...
+    ranked = [iter([found[h.row] for h in hits]) for hits in results]
+    chosen, taken = [], set()
+    while len(chosen) < generate_cfg.images and ranked:
+        for hits in list(ranked):
+            item = next((c for c in hits if c.row not in taken), None)
+            if item is None:  # this query's beam is used up
+                ranked.remove(hits)
+            elif len(chosen) < generate_cfg.images:
+                chosen.append(item)
+                taken.add(item.row)
+    return queries, chosen, {"selection": "in turn", "candidates": len(candidates)}
 
 
 def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
@@ -125,7 +227,7 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
     run_dir = Path(run_dir or cfg.run_dir)
     generator = generators.load(generate_cfg)  # fail on a bad model folder before decoding anything
     retriever = retriever or Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=generate_cfg.device)
-    queries, chosen = retrieve_for_generation(retriever, prompt, cfg)
+    queries, chosen, selection = retrieve_for_generation(retriever, prompt, cfg)
     images = [c for c in chosen if retriever.records[c.row]["modality"] == "image"]
     if not images:
         kinds = sorted({retriever.records[c.row]["modality"] for c in chosen})
@@ -137,7 +239,8 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
         tmp.mkdir()
         made = generator.generate(prompt, queries if generate_cfg.mode == "subqueries" else [], images, cfg.seed, tmp)
         outputs = [out_dir / path.name for path in made]
-        record = {"prompt": prompt, "mode": generate_cfg.mode, "queries": queries, "retrieved": [asdict(c) for c in images],
+        record = {"prompt": prompt, "mode": generate_cfg.mode, "queries": queries, "selection": selection,
+                  "retrieved": [asdict(c) for c in images],
                   "generator": generate_cfg.generator, "settings": generator.settings(), "seed": cfg.seed,
                   "outputs": [str(p) for p in outputs], "run": str(run_dir)}
         files.write_text(tmp / "record.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")

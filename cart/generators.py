@@ -56,6 +56,10 @@ def _device_dtype(g: GenerateConfig, cuda_dtype: torch.dtype) -> tuple[torch.dev
     return device, cuda_dtype if device.type == "cuda" else torch.float32
 
 
+def _ordinal(k: int) -> str:
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+
+
 def _write_images(images: list[Image.Image], out_dir: Path, stem: str) -> list[Path]:
     paths = []
     for i, image in enumerate(images):
@@ -74,34 +78,41 @@ class Preview:
         return {"thumbnail": self.g.thumbnail}
 
     def generate(self, prompt: str, subqueries: list[str], images, seed: int, out_dir: Path) -> list[Path]:
-        size, pad = self.g.thumbnail, 12
+        """The board: the prompt, a column per retrieved image (thumbnail, id, best score) and, with
+        sub-queries, their matrix: a row per sub-query, "[x]" where the image covers it (its captions
+        contain it, or its beams found it), and the image's score for it."""
+        size, pad, line = self.g.thumbnail, 12, 14
         font = ImageFont.load_default(size=14)
         small = ImageFont.load_default(size=11)
-        lines_under = max(1, max(len(r.covers) for r in images)) + 2
-        width = pad + len(images) * (size + pad)
-        height = 3 * pad + 24 + size + lines_under * 14 + (14 * (len(subqueries) + 1) if subqueries else 0)
+        label = min(180, max(len(q) for q in subqueries) * 7 + pad) if subqueries else 0  # the rows' names
+        rows = len(subqueries) if subqueries else max(1, max(len(r.covers) for r in images))
+        width = pad + label + len(images) * (size + pad)
+        height = 3 * pad + 24 + size + (rows + 2) * line
         board = Image.new("RGB", (max(width, 480), height), "white")
         draw = ImageDraw.Draw(board)
         draw.text((pad, pad), f"prompt: {prompt}", fill="black", font=font)
         top = pad + 24
+        matrix_top = top + size + 4 + 2 * line
+        for j, query in enumerate(subqueries):
+            draw.text((pad, matrix_top + j * line), query[: label // 6], fill="black", font=small)
         for i, item in enumerate(images):
-            left = pad + i * (size + pad)
+            left = pad + label + i * (size + pad)
             thumb = ImageOps.contain(load_rgb(item.path), (size, size))  # up or down to fit
             board.paste(thumb, (left + (size - thumb.width) // 2, top + (size - thumb.height) // 2))
             draw.rectangle([left - 1, top - 1, left + size, top + size], outline="#999")
-            y = top + size + 4
-            for line in [item.id, f"log p {item.score:.2f}"] + [f"covers: {q}" for q in item.covers]:
-                draw.text((left, y), line[: size // 6], fill="black" if not line.startswith("covers") else "#2a2",
+            for n, text in enumerate([item.id, f"score {item.score:.2f}"]):
+                draw.text((left, top + size + 4 + n * line), text[: size // 6], fill="black", font=small)
+            cells = ([(f"{'[x]' if q in item.covers else '[ ]'} {item.scores[q]:.2f}" if q in item.scores
+                       else f"{'[x]' if q in item.covers else '[ ]'}", q in item.covers) for q in subqueries]
+                     if subqueries else [(f"covers: {q}", True) for q in item.covers])
+            for n, (text, covered) in enumerate(cells):
+                draw.text((left, matrix_top + n * line), text[: size // 6], fill="#2a2" if covered else "#888",
                           font=small)
-                y += 14
-        if subqueries:
-            y = top + size + 4 + lines_under * 14 + pad
-            draw.text((pad, y), "sub-queries: " + " | ".join(subqueries), fill="black", font=small)
         return _write_images([board], out_dir, "board")
 
 
 class OmniGen:
-    """OmniGen with the retrieved images in context: "<prompt>. <covers>: <img><|image_1|></img> ..."."""
+    """OmniGen with the retrieved images in context, each told what to take from it (`in_context_prompt`)."""
 
     def __init__(self, g: GenerateConfig):
         from diffusers import OmniGenPipeline
@@ -120,9 +131,11 @@ class OmniGen:
 
     @staticmethod
     def in_context_prompt(prompt: str, images) -> str:
-        references = " ".join(f"{', '.join(item.covers) or 'reference'}: <img><|image_{k}|></img>"
-                              for k, item in enumerate(images, 1))
-        return f"{prompt}. Use these reference images. {references}"
+        """Cross-modal RAG's subquery-aware prompt: the prompt, then per image "<image k> Use only [what it
+        covers] in [the k-th retrieved image]" (the whole image where it covers nothing named)."""
+        references = " ".join(f"<img><|image_{k}|></img> Use only {', '.join(item.covers) or 'what fits the prompt'} "
+                              f"in the {_ordinal(k)} retrieved image." for k, item in enumerate(images, 1))
+        return f"{prompt}. {references}"
 
     def generate(self, prompt: str, subqueries: list[str], images, seed: int, out_dir: Path) -> list[Path]:
         g = self.g

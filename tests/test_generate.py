@@ -2,6 +2,7 @@
 OmniGen and SDXL + IP-Adapter built tiny and run for one step through the real loading path, bad input."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -60,19 +61,81 @@ def test_chosen_images_are_on_the_front_cover_every_subquery_first_and_respect_t
             assert set(reachable) <= covered  # every sub-query some front item reaches gets one
 
 
-def test_preview_board_and_record_in_subquery_mode(trained):
-    cfg = trained("generate.mode=subqueries", "generate.subqueries=[red number 0, shape 3]", "generate.images=3")
+def test_content_words_and_caption_matches_read_captions_only():
+    assert generate.content_words("A cat, with the Rocket 3!") == {"cat", "rocket", "3"}
+    records = [{"texts": [{"text": "a red cat", "kind": "caption"}, {"text": "rocket", "kind": "generated"}]},
+               {"texts": [{"text": "red rocket", "kind": "query"}]},  # a held-out query text: not a caption
+               {"texts": [{"text": "the cats", "kind": "caption"}]}]
+    matches = generate.caption_matches(records, ["red cat", "a rocket", "the", "cat rocket"])
+    assert matches.tolist() == [[True, True, False, True], [False, False, False, False], [False, False, False, False]]
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+def test_the_grid_covers_the_simplex_without_zero_weights(n):
+    parts, m = generate.simplex_grid(n)
+    assert (parts >= 1).all() and (parts.sum(1) == m).all() and len(np.unique(parts, axis=0)) == len(parts)
+    assert len(parts) == math.comb(m - 1, n - 1)
+    assert generate.beta_bound(n) == 1 / (n * m) and generate.beta_bound(3) > 0.015  # the paper's beta fits 3
+
+
+def brute_force_hybrid(matches, dense):
+    """The definition: the candidates whose match pattern no other contains and exceeds, and of those
+    sharing a pattern the best dense score (the first of equals)."""
+    chosen = set()
+    for i, s in enumerate(matches):
+        if any((t >= s).all() and (t > s).any() for t in matches):
+            continue
+        same = [j for j, t in enumerate(matches) if (t == s).all()]
+        if i == max(same, key=lambda j: (dense[j], -j)):
+            chosen.add(i)
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_hybrid_selection_finds_exactly_the_pareto_optimal_candidates(seed):
+    rng = np.random.default_rng(seed)
+    n, count = int(rng.integers(1, 6)), int(rng.integers(1, 25))
+    matches = rng.random((count, n)) < rng.uniform(0.2, 0.8)
+    matches[~matches.any(1), rng.integers(0, n)] = True  # candidates match at least one sub-query
+    dense = rng.integers(0, 4, count) / 3.0  # in [0, 1], ties included
+    beta = 0.99 * generate.beta_bound(n)  # the largest the guarantee allows
+    front = generate.hybrid_pareto(matches, dense, beta)
+    assert len(front) == len(set(front)) and set(front) == brute_force_hybrid(matches, dense)
+    order = generate.by_coverage(front, matches, dense)
+    assert sorted(order) == sorted(front)
+    for cap in range(1, len(order) + 1):  # each cut covers as many sub-queries as any choice of its first pick
+        covered = matches[order[:cap]].any(0).sum()
+        assert covered >= min(matches[front].any(0).sum(), max(matches[c].sum() for c in front))
+
+
+@pytest.mark.parametrize("selection", ["hybrid", "generative"])
+def test_preview_board_and_record_in_subquery_mode(trained, selection):
+    cfg = trained("generate.mode=subqueries", "generate.subqueries=[red number 0, shape 3]", "generate.images=3",
+                  f"generate.selection={selection}", f"generate.name={selection}")
     out = generate.run(cfg, prompt="red number 0 with shape 3")
     record = json.loads((out / "record.json").read_text())
     assert record["queries"] == ["red number 0", "shape 3"] and record["generator"] == "preview"
-    assert 1 <= len(record["retrieved"]) <= 3
+    assert record["selection"]["selection"] == selection and 1 <= len(record["retrieved"]) <= 3
     ids = {f"item{i}" for i in range(12)}
     for item in record["retrieved"]:
         assert item["id"] in ids and item["covers"] and set(item["covers"]) <= {"red number 0", "shape 3"}
         assert item["score"] == max(item["scores"].values())
     assert {q for item in record["retrieved"] for q in item["covers"]} == {"red number 0", "shape 3"}
+    if selection == "hybrid":  # the captions decide: item0's "red number 0"; "shape" and "3" are in item3's
+        # and item6's captions ("shape 3", "red thing 3"), the better dense score of the two is kept
+        assert [item["id"] for item in record["retrieved"]][0] == "item0"
+        assert record["retrieved"][1]["id"] in {"item3", "item6"}
+        assert record["retrieved"][0]["covers"] == ["red number 0"] and len(record["retrieved"][0]["scores"]) == 2
+        assert record["selection"]["pareto_optimal"] == 2 and record["selection"]["beta"] == 0.015
     board = Image.open(record["outputs"][0])
     assert board.width >= 480 and board.getextrema() != ((255, 255), (255, 255), (255, 255))
+
+
+def test_hybrid_falls_back_to_the_beams_when_no_caption_contains_a_subquery(trained, capsys):
+    cfg = trained("generate.mode=subqueries", "generate.subqueries=[zebra, unicorn]", "generate.name=fallback")
+    record = json.loads((generate.run(cfg, prompt="zebra and unicorn") / "record.json").read_text())
+    assert record["selection"]["selection"] == "generative" and record["retrieved"]
+    assert "no caption contains any sub-query" in capsys.readouterr().out
 
 
 def test_prompt_mode_takes_the_concepts_in_turn(trained):
@@ -126,7 +189,8 @@ def test_omnigen_generates_with_the_retrieved_images_in_context(trained, tiny_om
     assert record["settings"]["steps"] == 1 and record["settings"]["dtype"] == "float32" and len(record["retrieved"]) == 2
     prompt = OmniGen.in_context_prompt("a cat", [generate.Retrieved("a", "p", 0, 0.0, covers=["cat face"]),
                                                  generate.Retrieved("b", "p", 1, 0.0)])
-    assert prompt == "a cat. Use these reference images. cat face: <img><|image_1|></img> reference: <img><|image_2|></img>"
+    assert prompt == ("a cat. <img><|image_1|></img> Use only cat face in the 1st retrieved image. "
+                      "<img><|image_2|></img> Use only what fits the prompt in the 2nd retrieved image.")
 
 
 def test_sdxl_ip_adapter_generates_from_the_best_image(trained, tiny_sdxl, monkeypatch):
@@ -144,6 +208,10 @@ def test_sdxl_ip_adapter_generates_from_the_best_image(trained, tiny_sdxl, monke
 def test_bad_input_is_a_clear_error(trained, tiny_omnigen, tiny_sdxl, tmp_path):
     with pytest.raises(CartError, match="empty prompt"):
         generate.run(trained(), prompt="  ")
+    with pytest.raises(CartError, match="generate.subqueries must not hold an empty text"):
+        trained("generate.mode=subqueries", "generate.subqueries=[shape 1, ' ']")
+    with pytest.raises(CartError, match="hybrid takes at most 8 sub-queries, got 9: give fewer"):
+        generate.run(trained("generate.mode=subqueries"), prompt=", ".join(f"shape {i}" for i in range(9)))
     broken = tmp_path / "omnigen"
     shutil.copytree(tiny_omnigen, broken)
     shutil.rmtree(broken / "vae")
