@@ -276,6 +276,13 @@ class GenerateConfig:
     # front over the sub-queries' beam scores, the sub-queries taking turns
     selection: Literal["hybrid", "generative"] = "hybrid"
     pareto_beta: float = 0.015  # hybrid: the dense score's weight (the paper's), lowered where n sub-queries need
+    # subqueries, none given: a local instruction-tuned LLM folder writes them from `subquery_prompt` ({prompt}
+    # the prompt); "" splits the prompt by rule
+    subquery_model: str = ""
+    subquery_prompt: str = ("Split this image description into short sub-queries, one visual element each (an "
+                            "object with its attributes, a scene, a style). Answer with a JSON list of strings "
+                            "only.\nDescription: {prompt}")
+    max_new_tokens: int = 128  # of a language model's answer
     concepts: list[str] = field(default_factory=list)
     images: int = 3  # at most this many retrieved images condition the generator
     name: str = ""  # output folder under <run>/generations/; default: from the prompt
@@ -294,7 +301,9 @@ class GenerateConfig:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 (SDXL) / bf16 (OmniGen) on CUDA
 
     def __post_init__(self):
-        at_least(self, 1, "images", "steps")
+        at_least(self, 1, "images", "steps", "max_new_tokens")
+        if "{prompt}" not in self.subquery_prompt:
+            raise InvalidValue("subquery_prompt", f"must contain {{prompt}}, got {self.subquery_prompt!r}")
         at_least(self, 8, "height", "width")
         at_least(self, 16, "thumbnail")
         at_least(self, 0, "guidance", "image_guidance", "ip_adapter_scale", "pareto_beta")

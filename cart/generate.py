@@ -38,7 +38,7 @@ import numpy as np
 
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from cart import files, generators
+from cart import files, generators, llm
 from cart.config import Config
 from cart.errors import CartError
 from cart.retriever import Retriever
@@ -176,15 +176,33 @@ def _hybrid(retriever: Retriever, queries: list[str], cap: int, beta: float) -> 
     return chosen, {"selection": "hybrid", "candidates": len(rows), "pareto_optimal": len(front), "beta": beta}
 
 
+def subqueries_for(prompt: str, cfg: Config) -> tuple[list[str], dict]:
+    """The sub-queries (`generate.subqueries`; else written by `generate.subquery_model`; else `split_prompt`)
+    and where they came from, for the record. A model whose answers list nothing falls back to the rule."""
+    g = cfg.generate
+    if g.subqueries:
+        return list(g.subqueries), {"subqueries_from": "given"}
+    if not g.subquery_model:
+        return split_prompt(prompt), {"subqueries_from": "split rule"}
+    model = llm.TextModel(g.subquery_model, "generate.subquery_model", g.device, g.max_new_tokens)
+    queries, answers = llm.ask_for_list(model, g.subquery_prompt.replace("{prompt}", prompt), MAX_HYBRID_SUBQUERIES,
+                                        cfg.seed)
+    if queries:
+        return queries, {"subqueries_from": model.folder, "answers": answers}
+    print(f"generate: {len(answers)} answers of the sub-query model listed nothing: the prompt split by rule instead")
+    return split_prompt(prompt), {"subqueries_from": "split rule (the model's answers listed nothing)",
+                                  "answers": answers}
+
+
 def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> tuple[list[str], list[Retrieved], dict]:
     """(the queries used, the chosen items, how they were chosen) for `prompt` under `generate.mode`."""
     generate_cfg = cfg.generate
     if generate_cfg.mode == "subqueries":
-        queries = list(generate_cfg.subqueries) or split_prompt(prompt)
+        queries, written = subqueries_for(prompt, cfg)
         if generate_cfg.selection == "hybrid":
             hybrid = _hybrid(retriever, queries, generate_cfg.images, generate_cfg.pareto_beta)
             if hybrid is not None:
-                return queries, *hybrid
+                return queries, hybrid[0], hybrid[1] | written
             print("generate: no caption contains any sub-query: the generative selection instead")
     else:
         queries = list(generate_cfg.concepts) or [prompt]
@@ -201,7 +219,7 @@ def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> t
     if generate_cfg.mode == "subqueries":
         matrix = np.array([[c.scores.get(q, -np.inf) for q in queries] for c in candidates]).reshape(len(candidates), len(queries))
         chosen = [candidates[i] for i in choose_pareto(matrix, generate_cfg.images)]
-        return queries, chosen, {"selection": "generative", "candidates": len(candidates)}
+        return queries, chosen, {"selection": "generative", "candidates": len(candidates)} | written
     # the queries in turn, each taking its best item not chosen yet: concept 1's, concept 2's, ...
     ranked = [iter([found[h.row] for h in hits]) for hits in results]
     chosen, taken = [], set()

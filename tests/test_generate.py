@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import tiny_generators
-from cart import generate, generators, train
+from cart import generate, generators, llm, train
 from cart.errors import CartError
 from cart.generators import OmniGen
 from cart.images import load_rgb
@@ -136,6 +136,58 @@ def test_hybrid_falls_back_to_the_beams_when_no_caption_contains_a_subquery(trai
     record = json.loads((generate.run(cfg, prompt="zebra and unicorn") / "record.json").read_text())
     assert record["selection"]["selection"] == "generative" and record["retrieved"]
     assert "no caption contains any sub-query" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ('["a red cat", "a rocket"]', ["a red cat", "a rocket"]),
+    ('```json\n["cat face", "moon"]\n```', ["cat face", "moon"]),
+    ('Sure! Here are the sub-queries:\n1. a red cat\n2) "a rocket"\n- stars.', ["a red cat", "a rocket", "stars"]),
+    ('{"subqueries": ["cat", "cat", "moon"]}', ["cat", "moon"]),
+    ('Answer: [{"text": "cat"}, {"concept": "moon", "why": "x"}] hope this helps', ["cat", "moon"]),
+    ('["unterminated, "list', []), ("I cannot help with that.", []), ('{"answer": "none"}', []),
+    ("", []), ("[1, 2]", []), ("\n  \n", []),
+    (json.dumps([str(i) for i in range(20)]), [str(i) for i in range(8)]),
+])
+def test_model_answers_are_read_leniently(answer, expected):
+    assert llm.parse_list(answer, limit=8) == expected
+
+
+class Answers:
+    """A stand-in language model that gives the answers a test sets, one a call."""
+
+    def __init__(self, *answers):
+        self.answers, self.temperatures = list(answers), []
+
+    def __call__(self, prompt, temperature=0.0, seed=0):
+        self.temperatures.append(temperature)
+        return self.answers.pop(0)
+
+
+def test_an_unreadable_answer_is_asked_again_hotter_then_left_to_the_rule():
+    model = Answers("I cannot help", '["cat face", "rocket"]')
+    assert llm.ask_for_list(model, "p", 8) == (["cat face", "rocket"], ["I cannot help", '["cat face", "rocket"]'])
+    assert model.temperatures == [0.0, 0.7]
+    model = Answers("", "[]", "  ")
+    assert llm.ask_for_list(model, "p", 8) == ([], ["", "[]", "  "]) and model.temperatures == list(llm.TEMPERATURES)
+
+
+def test_a_local_language_model_writes_the_subqueries(trained, tmp_path, monkeypatch):
+    folder = tiny_generators.language_model(tmp_path / "llm")
+    cfg = trained("generate.mode=subqueries", f"generate.subquery_model={folder}", "generate.name=llm",
+                  "generate.max_new_tokens=8")
+    model = llm.TextModel(str(folder), "generate.subquery_model", max_new_tokens=8)
+    assert model.chat and isinstance(model("Split: a red cat"), str)  # the real loading and generation path
+    monkeypatch.setattr(llm.TextModel, "__call__", lambda self, prompt, temperature=0.0, seed=0:
+                        '["red number 0", "shape 3"]' if "red number 0 and shape 3" in prompt else "")
+    record = json.loads((generate.run(cfg, prompt="red number 0 and shape 3") / "record.json").read_text())
+    assert record["queries"] == ["red number 0", "shape 3"] and record["selection"]["subqueries_from"] == str(folder)
+    record = json.loads((generate.run(cfg, prompt="red number 1, shape 4") / "record.json").read_text())
+    assert record["queries"] == ["red number 1", "shape 4"] and len(record["selection"]["answers"]) == 3
+    assert record["selection"]["subqueries_from"].startswith("split rule")
+    with pytest.raises(CartError, match=r"generate.subquery_model: .* has no config.json"):
+        generate.run(trained("generate.mode=subqueries", f"generate.subquery_model={tmp_path}"), prompt="red")
+    with pytest.raises(CartError, match="generate.subquery_prompt must contain {prompt}"):
+        trained("generate.subquery_prompt=Split it")
 
 
 def test_prompt_mode_takes_the_concepts_in_turn(trained):

@@ -35,6 +35,25 @@ def omnigen(folder: Path) -> Path:
     return folder
 
 
+def language_model(folder: Path) -> Path:
+    """An instruction-tuned causal LM's folder as a user would have it: a 1-layer Llama with the
+    character-level tokenizer above and a chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for ch in ["▁", *string.ascii_letters, *string.digits, *string.punctuation]:
+        vocab.setdefault(ch, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _clip_tokenizer_files(folder: Path) -> Path:
     """A byte-level CLIP BPE vocabulary with a few merges, <|endoftext|> the largest id as in CLIP."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
