@@ -285,6 +285,12 @@ class GenerateConfig:
     max_new_tokens: int = 128  # of a language model's answer
     concepts: list[str] = field(default_factory=list)
     images: int = 3  # at most this many retrieved images condition the generator
+    # ImageRAG's loop: 1 retrieves once and generates once; from 2 on, the first image comes from the prompt
+    # alone, then while `critic` finds concepts missing, images are retrieved for them and the next generated
+    rounds: int = 1
+    critic: Literal["cosine"] = "cosine"  # cosine: the run's encoder (imagebind) compares image and concepts
+    critic_threshold: float = 0.2  # cosine: a concept under this is missing
+    concepts_per_round: int = 3  # missing concepts retrieved for in a round (ImageRAG: 3 with OmniGen, 1 with SDXL)
     name: str = ""  # output folder under <run>/generations/; default: from the prompt
     model: str = ""  # the local diffusers pipeline folder (OmniGen, or SDXL base for sdxl-ip-adapter)
     ip_adapter: str = ""  # sdxl-ip-adapter: the local IP-Adapter folder (h94/IP-Adapter's layout)
@@ -301,7 +307,9 @@ class GenerateConfig:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 (SDXL) / bf16 (OmniGen) on CUDA
 
     def __post_init__(self):
-        at_least(self, 1, "images", "steps", "max_new_tokens")
+        at_least(self, 1, "images", "steps", "max_new_tokens", "rounds", "concepts_per_round")
+        if self.rounds > 1 and self.mode != "prompt":
+            raise InvalidValue("rounds", f"above 1 is ImageRAG's loop, which needs mode: prompt (got mode {self.mode!r})")
         if "{prompt}" not in self.subquery_prompt:
             raise InvalidValue("subquery_prompt", f"must contain {{prompt}}, got {self.subquery_prompt!r}")
         at_least(self, 8, "height", "width")

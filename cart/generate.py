@@ -38,8 +38,9 @@ import numpy as np
 
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from cart import files, generators, llm
-from cart.config import Config
+from cart import critics, files, generators, llm
+from cart.config import Config, EmbedConfig
+from cart.devices import pick_device
 from cart.errors import CartError
 from cart.retriever import Retriever
 
@@ -220,24 +221,31 @@ def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> t
         matrix = np.array([[c.scores.get(q, -np.inf) for q in queries] for c in candidates]).reshape(len(candidates), len(queries))
         chosen = [candidates[i] for i in choose_pareto(matrix, generate_cfg.images)]
         return queries, chosen, {"selection": "generative", "candidates": len(candidates)} | written
-    # the queries in turn, each taking its best item not chosen yet: concept 1's, concept 2's, ...
-    ranked = [iter([found[h.row] for h in hits]) for hits in results]
+    return queries, in_turn([[found[h.row] for h in hits] for hits in results], generate_cfg.images), \
+        {"selection": "in turn", "candidates": len(candidates)}
+
+
+def in_turn(ranked: list[list[Retrieved]], cap: int) -> list[Retrieved]:
+    """The queries in turn, each taking its best item not chosen yet (concept 1's, concept 2's, ...), at most
+    `cap`. `ranked`: each query's items, best first."""
+    left = [iter(items) for items in ranked]
     chosen, taken = [], set()
-    while len(chosen) < generate_cfg.images and ranked:
-        for hits in list(ranked):
-            item = next((c for c in hits if c.row not in taken), None)
+    while len(chosen) < cap and left:
+        for items in list(left):
+            item = next((c for c in items if c.row not in taken), None)
             if item is None:  # this query's beam is used up
-                ranked.remove(hits)
-            elif len(chosen) < generate_cfg.images:
+                left.remove(items)
+            elif len(chosen) < cap:
                 chosen.append(item)
                 taken.add(item.row)
-    return queries, chosen, {"selection": "in turn", "candidates": len(candidates)}
+    return chosen
 
 
 def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
         retriever: Retriever | None = None) -> Path:
-    """Retrieve for the prompt (`generate.prompt` unless given), generate, write the image(s) and the record.
-    `retriever`: one already loaded for the run (the pipeline's), else it is loaded here."""
+    """Retrieve for the prompt (`generate.prompt` unless given), generate, write the image(s) and the record;
+    with `generate.rounds` >= 2, ImageRAG's loop (`imagerag`). `retriever`: one already loaded for the run
+    (the pipeline's), else it is loaded here."""
     generate_cfg = cfg.generate
     prompt = (prompt if prompt is not None else generate_cfg.prompt).strip()
     if not prompt:
@@ -245,22 +253,33 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
     run_dir = Path(run_dir or cfg.run_dir)
     generator = generators.load(generate_cfg)  # fail on a bad model folder before decoding anything
     retriever = retriever or Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=generate_cfg.device)
-    queries, chosen, selection = retrieve_for_generation(retriever, prompt, cfg)
-    images = [c for c in chosen if retriever.records[c.row]["modality"] == "image"]
-    if not images:
-        kinds = sorted({retriever.records[c.row]["modality"] for c in chosen})
-        raise CartError(f"no images retrieved for {prompt!r}" + (f" (found only {', '.join(kinds)} items)" if kinds else "")
-                        + ": nothing to condition the generator on")
+    critic = None
+    if generate_cfg.rounds > 1:
+        critic = critics.load(generate_cfg, EmbedConfig(**retriever.manifest["config"]["embed"]),
+                              pick_device(generate_cfg.device))
+        queries, images, selection = [], [], {}
+    else:
+        queries, chosen, selection = retrieve_for_generation(retriever, prompt, cfg)
+        images = only_images(retriever, chosen, prompt)
     out_dir = _new_folder(run_dir / "generations", generate_cfg.name or _slug(prompt))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir()
-        made = generator.generate(prompt, queries if generate_cfg.mode == "subqueries" else [], images, cfg.seed, tmp)
-        outputs = [out_dir / path.name for path in made]
+        if critic is None:
+            made = generator.generate(prompt, queries if generate_cfg.mode == "subqueries" else [], images, cfg.seed,
+                                      tmp)
+            rounds = None
+        else:
+            made, rounds = imagerag(retriever, generator, critic, prompt, cfg, tmp)
+            images = [Retrieved(**r) for r in rounds[-1]["retrieved"]]
+        outputs = [out_dir / path.relative_to(tmp) for path in made]
         record = {"prompt": prompt, "mode": generate_cfg.mode, "queries": queries, "selection": selection,
                   "retrieved": [asdict(c) for c in images],
                   "generator": generate_cfg.generator, "settings": generator.settings(), "seed": cfg.seed,
                   "outputs": [str(p) for p in outputs], "run": str(run_dir)}
+        if rounds is not None:
+            record["rounds"] = [r | {"outputs": [str(out_dir / Path(o).relative_to(tmp)) for o in r["outputs"]]}
+                                for r in rounds]
         files.write_text(tmp / "record.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp, out_dir)  # over the empty folder reserved for it
     except BaseException:
@@ -270,6 +289,45 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
     print(f"generate: {len(images)} retrieved image(s) -> {generate_cfg.generator}: {', '.join(str(p) for p in outputs)}")
     print(f"generate: record -> {out_dir / 'record.json'}")
     return out_dir
+
+
+def only_images(retriever: Retriever, chosen: list[Retrieved], query: str) -> list[Retrieved]:
+    """The image items of `chosen`; none is an error naming what was found instead."""
+    images = [c for c in chosen if retriever.records[c.row]["modality"] == "image"]
+    if not images:
+        kinds = sorted({retriever.records[c.row]["modality"] for c in chosen})
+        raise CartError(f"no images retrieved for {query!r}" + (f" (found only {', '.join(kinds)} items)" if kinds else "")
+                        + ": nothing to condition the generator on")
+    return images
+
+
+def imagerag(retriever: Retriever, generator, critic, prompt: str, cfg: Config,
+             folder: Path) -> tuple[list[Path], list[dict]]:
+    """ImageRAG's loop: round 1 generates from the prompt alone; while rounds are left and the critic finds
+    concepts missing from the last image, the next round retrieves for their descriptions (at most
+    `concepts_per_round`, taking turns, `images` in all; for the prompt itself when the critic cannot tell)
+    and generates with those images. Every image gets the critic's verdict. -> (the last round's outputs,
+    each round's record: queries, retrieved items, outputs, the critic's verdict on them)."""
+    g = cfg.generate
+    concepts = list(g.concepts) or split_prompt(prompt)
+    rounds: list[dict] = []
+    queries: list[str] = []
+    images: list[Retrieved] = []
+    while True:
+        made = generator.generate(prompt, queries, images, cfg.seed, folder / f"round-{len(rounds) + 1}")
+        verdict = critic(made[0], prompt, concepts)
+        rounds.append({"round": len(rounds) + 1, "queries": queries, "retrieved": [asdict(c) for c in images],
+                       "outputs": [str(p) for p in made],
+                       "critic": verdict.said | {"missing": [list(m) for m in verdict.missing or []],
+                                                 "cannot_tell": verdict.missing is None}})
+        if verdict.missing == [] or len(rounds) == g.rounds:
+            return made, rounds
+        queries = ([description for _, description in verdict.missing][: g.concepts_per_round]
+                   if verdict.missing is not None else [prompt])
+        hits = retriever.search(queries, k=retriever.beam_width)
+        ranked = [[Retrieved(h.id, h.path, h.row, h.score, {q: h.score}, [q]) for h in found]
+                  for q, found in zip(queries, hits)]
+        images = only_images(retriever, in_turn(ranked, g.images), ", ".join(queries))
 
 
 def _new_folder(parent: Path, name: str) -> Path:

@@ -61,6 +61,7 @@ def _ordinal(k: int) -> str:
 
 
 def _write_images(images: list[Image.Image], out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)  # a round's own folder in ImageRAG's loop
     paths = []
     for i, image in enumerate(images):
         path = out_dir / f"{stem}_{i}.png"
@@ -85,13 +86,15 @@ class Preview:
         font = ImageFont.load_default(size=14)
         small = ImageFont.load_default(size=11)
         label = min(180, max(len(q) for q in subqueries) * 7 + pad) if subqueries else 0  # the rows' names
-        rows = len(subqueries) if subqueries else max(1, max(len(r.covers) for r in images))
+        rows = len(subqueries) if subqueries else max([1, *(len(r.covers) for r in images)])
         width = pad + label + len(images) * (size + pad)
         height = 3 * pad + 24 + size + (rows + 2) * line
         board = Image.new("RGB", (max(width, 480), height), "white")
         draw = ImageDraw.Draw(board)
         draw.text((pad, pad), f"prompt: {prompt}", fill="black", font=font)
         top = pad + 24
+        if not images:  # ImageRAG's first round: the prompt alone
+            draw.text((pad, top), "no retrieved images: generated from the prompt alone", fill="#888", font=small)
         matrix_top = top + size + 4 + 2 * line
         for j, query in enumerate(subqueries):
             draw.text((pad, matrix_top + j * line), query[: label // 6], fill="black", font=small)
@@ -135,13 +138,13 @@ class OmniGen:
         covers] in [the k-th retrieved image]" (the whole image where it covers nothing named)."""
         references = " ".join(f"<img><|image_{k}|></img> Use only {', '.join(item.covers) or 'what fits the prompt'} "
                               f"in the {_ordinal(k)} retrieved image." for k, item in enumerate(images, 1))
-        return f"{prompt}. {references}"
+        return f"{prompt}. {references}" if images else prompt
 
     def generate(self, prompt: str, subqueries: list[str], images, seed: int, out_dir: Path) -> list[Path]:
         g = self.g
         images = images[: g.images]
         result = self.pipe(prompt=self.in_context_prompt(prompt, images),
-                           input_images=[load_rgb(item.path) for item in images],
+                           input_images=[load_rgb(item.path) for item in images] or None,
                            height=g.height, width=g.width, num_inference_steps=g.steps, guidance_scale=g.guidance,
                            img_guidance_scale=g.image_guidance,
                            generator=torch.Generator(self.device).manual_seed(seed))
@@ -179,7 +182,10 @@ class SdxlIpAdapter:
 
     def generate(self, prompt: str, subqueries: list[str], images, seed: int, out_dir: Path) -> list[Path]:
         g = self.g
-        result = self.pipe(prompt=prompt, ip_adapter_image=load_rgb(images[0].path), height=g.height, width=g.width,
+        # no image yet (ImageRAG's first round): the adapter silent, on a blank image prompt
+        self.pipe.set_ip_adapter_scale(g.ip_adapter_scale if images else 0.0)
+        image = load_rgb(images[0].path) if images else Image.new("RGB", (g.width, g.height), "white")
+        result = self.pipe(prompt=prompt, ip_adapter_image=image, height=g.height, width=g.width,
                            num_inference_steps=g.steps, guidance_scale=g.guidance,
                            generator=torch.Generator(self.device).manual_seed(seed))
         return _write_images(result.images, out_dir, "sdxl")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import tiny_generators
-from cart import generate, generators, llm, train
+from cart import critics, generate, generators, llm, train
 from cart.errors import CartError
 from cart.generators import OmniGen
 from cart.images import load_rgb
@@ -190,6 +191,71 @@ def test_a_local_language_model_writes_the_subqueries(trained, tmp_path, monkeyp
         trained("generate.subquery_prompt=Split it")
 
 
+class SetVerdicts:
+    """A critic whose verdicts the test sets, one a generated image; it remembers what it was shown."""
+
+    def __init__(self, *verdicts):
+        self.verdicts, self.seen = list(verdicts), []
+
+    def __call__(self, image, prompt, concepts):
+        self.seen.append((Path(image).parent.name, concepts))
+        return critics.Verdict(self.verdicts.pop(0), {"critic": "set by the test"})
+
+
+@pytest.mark.parametrize("verdicts, rounds", [
+    ([[("green thing", "green thing 1")], []], 2),  # missing -> retrieve -> regenerate -> nothing missing
+    ([[]], 1),  # nothing missing: the first image stands
+    ([None, [("shape", "shape 4")], [("shape", "shape 4")]], 3),  # cannot tell: the prompt itself; then the cap
+])
+def test_imagerag_loop_retrieves_what_the_critic_finds_missing(trained, monkeypatch, verdicts, rounds):
+    critic = SetVerdicts(*verdicts)
+    monkeypatch.setattr(critics, "load", lambda g, embed, device: critic)
+    cfg = trained("generate.rounds=3", "generate.concepts=[green thing 1, shape 4]", f"generate.name=loop{rounds}")
+    out = generate.run(cfg, prompt="green thing 1 with shape 4")
+    record = json.loads((out / "record.json").read_text())
+    assert [r["round"] for r in record["rounds"]] == list(range(1, rounds + 1)) and not critic.verdicts
+    assert [folder for folder, _ in critic.seen] == [f"round-{r}" for r in range(1, rounds + 1)]
+    assert critic.seen[0][1] == ["green thing 1", "shape 4"]  # the concepts it checks
+    first = record["rounds"][0]
+    assert first["retrieved"] == [] and first["queries"] == []  # the prompt alone
+    expected_queries = {2: ["green thing 1"], 3: ["green thing 1 with shape 4", "shape 4"]}[rounds] if rounds > 1 else []
+    assert [q for r in record["rounds"][1:] for q in r["queries"]] == expected_queries
+    for r in record["rounds"][1:]:
+        assert r["retrieved"] and all(set(item["covers"]) <= set(r["queries"]) for item in r["retrieved"])
+        assert all(Path(o).parent.name == f"round-{r['round']}" and Path(o).is_file() for o in r["outputs"])
+    assert record["outputs"] == record["rounds"][-1]["outputs"] and record["retrieved"] == record["rounds"][-1]["retrieved"]
+    assert [r["critic"]["cannot_tell"] for r in record["rounds"]] == [v is None for v in verdicts]
+    assert [r["critic"]["missing"] for r in record["rounds"]] == [[list(m) for m in v or []] for v in verdicts]
+
+
+def test_the_cosine_critic_compares_the_image_with_each_concept(tmp_path):
+    from cart import encoders
+    from cart.encoders import imagebind
+    from conftest import TINY_IMAGEBIND
+
+    imagebind_model, _ = imagebind._imagebind_package()
+    torch.manual_seed(0)
+    torch.save(imagebind_model.ImageBindModel(**TINY_IMAGEBIND).state_dict(), tmp_path / "ib.pth")
+    tower = encoders.ImageBind(str(tmp_path / "ib.pth"), TINY_IMAGEBIND, torch.device("cpu"))
+    image = tmp_path / "made.png"
+    Image.new("RGB", (40, 40), "red").save(image)
+    concepts = ["a red square", "a dog", "the moon"]
+    cosine = (tower.encode_text(concepts) @ tower.encode([{"modality": "image", "path": str(image)}]).T).squeeze(1)
+    threshold = float(cosine.median())
+    verdict = critics.CosineCritic(tower, threshold)(image, "a red square, a dog, the moon", concepts)
+    assert verdict.missing == [(c, c) for c, s in zip(concepts, cosine.tolist()) if s < threshold]
+    assert len(verdict.missing) == 1 and verdict.said["cosine"].keys() == set(concepts)
+    assert critics.CosineCritic(tower, -1.01)(image, "", concepts).missing == []  # cosines are in [-1, 1]
+    assert len(critics.CosineCritic(tower, 1.01)(image, "", concepts).missing) == 3
+
+
+def test_the_loop_needs_a_critic_it_can_run(trained):
+    with pytest.raises(CartError, match="generate.critic=cosine needs a run whose encoder embeds images and text"):
+        generate.run(trained("generate.rounds=2"), prompt="red")
+    with pytest.raises(CartError, match="generate.rounds above 1 is ImageRAG's loop, which needs mode: prompt"):
+        trained("generate.rounds=2", "generate.mode=subqueries")
+
+
 def test_prompt_mode_takes_the_concepts_in_turn(trained):
     cfg = trained("generate.concepts=[green thing 1, shape 4]", "generate.images=4", "generate.name=concepts")
     record = json.loads((generate.run(cfg, prompt="anything") / "record.json").read_text())
@@ -243,6 +309,9 @@ def test_omnigen_generates_with_the_retrieved_images_in_context(trained, tiny_om
                                                  generate.Retrieved("b", "p", 1, 0.0)])
     assert prompt == ("a cat. <img><|image_1|></img> Use only cat face in the 1st retrieved image. "
                       "<img><|image_2|></img> Use only what fits the prompt in the 2nd retrieved image.")
+    assert OmniGen.in_context_prompt("a cat", []) == "a cat"
+    alone = generators.load(cfg.generate).generate("a cat", [], [], 0, out_dir=Path(record["outputs"][0]).parent / "alone")
+    assert Image.open(alone[0]).size == (32, 32)  # ImageRAG's first round: the prompt alone
 
 
 def test_sdxl_ip_adapter_generates_from_the_best_image(trained, tiny_sdxl, monkeypatch):
@@ -255,6 +324,9 @@ def test_sdxl_ip_adapter_generates_from_the_best_image(trained, tiny_sdxl, monke
     assert Image.open(record["outputs"][0]).size == (64, 64)
     assert record["settings"]["ip_adapter_scale"] == 0.6
     assert read == [record["retrieved"][0]["path"]]  # the adapter sees the best retrieved image, and only it
+    generator = generators.load(cfg.generate)
+    alone = generator.generate("a cat", [], [], 0, out_dir=Path(record["outputs"][0]).parent / "alone")
+    assert Image.open(alone[0]).size == (64, 64) and len(read) == 1  # no image: the adapter silent, nothing read
 
 
 def test_bad_input_is_a_clear_error(trained, tiny_omnigen, tiny_sdxl, tmp_path):
