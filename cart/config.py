@@ -288,8 +288,14 @@ class GenerateConfig:
     # ImageRAG's loop: 1 retrieves once and generates once; from 2 on, the first image comes from the prompt
     # alone, then while `critic` finds concepts missing, images are retrieved for them and the next generated
     rounds: int = 1
-    critic: Literal["cosine"] = "cosine"  # cosine: the run's encoder (imagebind) compares image and concepts
-    critic_threshold: float = 0.2  # cosine: a concept under this is missing
+    # vlm: a local VLM folder (`critic_model`) asked `critic_prompt` ({prompt} the prompt) names what is missing;
+    # cosine: the run's encoder (imagebind) compares the image with each concept, under `critic_threshold` missing
+    critic: Literal["vlm", "cosine"] = "vlm"
+    critic_model: str = ""
+    critic_prompt: str = ('Does this image show everything the description "{prompt}" asks for? Answer in JSON '
+                          'only: {"matches": true} if it does, else {"matches": false, "missing": [{"concept": '
+                          '"<what is missing>", "description": "<a short detailed description of it>"}]}.')
+    critic_threshold: float = 0.2
     concepts_per_round: int = 3  # missing concepts retrieved for in a round (ImageRAG: 3 with OmniGen, 1 with SDXL)
     name: str = ""  # output folder under <run>/generations/; default: from the prompt
     model: str = ""  # the local diffusers pipeline folder (OmniGen, or SDXL base for sdxl-ip-adapter)
@@ -310,8 +316,9 @@ class GenerateConfig:
         at_least(self, 1, "images", "steps", "max_new_tokens", "rounds", "concepts_per_round")
         if self.rounds > 1 and self.mode != "prompt":
             raise InvalidValue("rounds", f"above 1 is ImageRAG's loop, which needs mode: prompt (got mode {self.mode!r})")
-        if "{prompt}" not in self.subquery_prompt:
-            raise InvalidValue("subquery_prompt", f"must contain {{prompt}}, got {self.subquery_prompt!r}")
+        for key in ("subquery_prompt", "critic_prompt"):
+            if "{prompt}" not in getattr(self, key):
+                raise InvalidValue(key, f"must contain {{prompt}}, got {getattr(self, key)!r}")
         at_least(self, 8, "height", "width")
         at_least(self, 16, "thumbnail")
         at_least(self, 0, "guidance", "image_guidance", "ip_adapter_scale", "pareto_beta")

@@ -4,6 +4,9 @@ A critic takes the generated image, the prompt and the prompt's concepts (`gener
 prompt split by rule) and returns a `Verdict`: the missing concepts, each with the description to retrieve
 images for, or None when it cannot tell (the loop then retrieves for the prompt itself, as ImageRAG does).
 
+- `vlm` (the paper's, GPT-4o there): a local VLM folder (`generate.critic_model`) sees the image and
+  `generate.critic_prompt`; its answer is read by `llm.parse_missing` (a JSON verdict, or concept lines),
+  asked again hotter when it says nothing readable, and the critic cannot tell after three answers.
 - `cosine` needs no VLM: the run's own encoder, when it embeds images and text in one space (ImageBind),
   embeds the generated image and each concept; a concept whose cosine is under `generate.critic_threshold`
   is missing, and is its own description.
@@ -16,8 +19,12 @@ from pathlib import Path
 
 import torch
 
+from cart import llm
 from cart.config import EmbedConfig, GenerateConfig
 from cart.errors import CartError
+from cart.images import load_rgb
+
+MAX_MISSING = 8  # concepts read from a verdict
 
 
 @dataclass
@@ -39,8 +46,22 @@ class CosineCritic:
                         "cosine": {c: round(s, 4) for c, s in zip(concepts, cosine)}})
 
 
-def load(g: GenerateConfig, embed: EmbedConfig, device: torch.device):
+class VlmCritic:
+    def __init__(self, model, prompt: str, seed: int = 0):
+        self.model, self.prompt, self.seed = model, prompt, seed
+
+    def __call__(self, image: Path, prompt: str, concepts: list[str]) -> Verdict:
+        picture, question = load_rgb(image), self.prompt.replace("{prompt}", prompt)
+        missing, answers = llm.ask(lambda t, s: self.model(question, picture, temperature=t, seed=s),
+                                   lambda a: llm.parse_missing(a, MAX_MISSING), self.seed)
+        return Verdict(missing, {"critic": "vlm", "model": getattr(self.model, "folder", ""), "answers": answers})
+
+
+def load(g: GenerateConfig, embed: EmbedConfig, device: torch.device, seed: int = 0):
     """The critic `generate.critic` names, for a run whose items were embedded with `embed`."""
+    if g.critic == "vlm":
+        model = llm.VisionLanguageModel(g.critic_model, "generate.critic_model", str(device), g.max_new_tokens)
+        return VlmCritic(model, g.critic_prompt, seed)
     if g.critic == "cosine":
         from cart import encoders
 
@@ -48,4 +69,4 @@ def load(g: GenerateConfig, embed: EmbedConfig, device: torch.device):
             raise CartError(f"generate.critic=cosine needs a run whose encoder embeds images and text in one space "
                             f"(imagebind); this run's is {embed.encoder}")
         return CosineCritic(encoders.load(embed, device), g.critic_threshold)
-    raise CartError(f"generate.critic={g.critic!r} is unknown (cosine)")
+    raise CartError(f"generate.critic={g.critic!r} is unknown (vlm, cosine)")

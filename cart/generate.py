@@ -256,7 +256,7 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
     critic = None
     if generate_cfg.rounds > 1:
         critic = critics.load(generate_cfg, EmbedConfig(**retriever.manifest["config"]["embed"]),
-                              pick_device(generate_cfg.device))
+                              pick_device(generate_cfg.device), cfg.seed)
         queries, images, selection = [], [], {}
     else:
         queries, chosen, selection = retrieve_for_generation(retriever, prompt, cfg)

@@ -1,11 +1,13 @@
 """Local language models that write for `cart generate`, and the reading of what they write.
 
-Cross-modal RAG has an LLM split the prompt into sub-queries (GPT-4o-mini in the paper); here any
-instruction-tuned causal LM a user has in a local folder does it, through transformers' `text-generation`
-pipeline (`from_pretrained(dir, local_files_only=True)`: never a download). A model's answer is free text,
-so `parse_list` reads it leniently: a JSON list, a JSON object holding one, or a bulleted or numbered
-list, without the quotes and brackets models add. An answer that still yields nothing is asked again at a higher
-temperature (`TEMPERATURES`, as ImageRAG retries its VLM), then the caller falls back to its own rule.
+Cross-modal RAG has an LLM split the prompt into sub-queries (GPT-4o-mini in the paper), ImageRAG a VLM
+say what a generated image misses (GPT-4o); here any instruction-tuned model a user has in a local folder
+does it, through transformers' `text-generation` (`TextModel`) or `image-text-to-text` pipeline
+(`VisionLanguageModel`), `from_pretrained(dir, local_files_only=True)`: never a download. An answer is
+free text, so it is read leniently: `parse_list` takes a JSON list, a JSON object holding one, or a
+bulleted or numbered list; `parse_missing` a JSON verdict, a list of concepts, or "concept: description"
+lines. An answer that yields nothing usable is asked again at a higher temperature (`TEMPERATURES`, as
+ImageRAG retries its VLM), then the caller falls back to its own rule.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -61,11 +64,7 @@ class TextModel:
     def __init__(self, folder: str, key: str, device: str = "auto", max_new_tokens: int = 128):
         from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-        path = Path(folder).expanduser()
-        if not folder:
-            raise CartError(f"{key} is empty: give the local folder of an instruction-tuned language model")
-        if not (path / "config.json").is_file():
-            raise CartError(f"{key}: {path} has no config.json: not a transformers model folder")
+        path = _model_folder(folder, key, "an instruction-tuned language model")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
@@ -85,13 +84,90 @@ class TextModel:
         return out[-1]["content"] if isinstance(out, list) else out
 
 
-def ask_for_list(model, prompt: str, limit: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Ask `model` until its answer lists something (`TEMPERATURES`): (the list, [] if no answer did;
-    every answer given, for the record)."""
+def ask(answer: Callable[[float, int], str], read: Callable[[str], object], seed: int = 0) -> tuple[object, list[str]]:
+    """`answer(temperature, seed)` until `read` finds something in it (`TEMPERATURES`): (read's first result
+    that is not None, else None; every answer given, for the record)."""
     answers = []
     for attempt, temperature in enumerate(TEMPERATURES):
-        answers.append(model(prompt, temperature=temperature, seed=seed + attempt))
-        items = parse_list(answers[-1], limit)
-        if items:
-            return items, answers
-    return [], answers
+        answers.append(answer(temperature, seed + attempt))
+        found = read(answers[-1])
+        if found is not None:
+            return found, answers
+    return None, answers
+
+
+def ask_for_list(model, prompt: str, limit: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A list from `model` (`parse_list`): (the list, [] if no answer had one; every answer given)."""
+    found, answers = ask(lambda t, s: model(prompt, temperature=t, seed=s), lambda a: parse_list(a, limit) or None,
+                         seed)
+    return found or [], answers
+
+
+def parse_missing(answer: str, limit: int) -> list[tuple[str, str]] | None:
+    """A critic's verdict: the (concept, description) pairs it names missing, [] when it says the image
+    matches, None when the answer says neither. Read: a JSON object ({"matches": true}, or a list under
+    "missing" of objects with "concept" and "description", or of strings), a JSON list of those, bulleted or
+    numbered "concept: description" lines, or an answer that starts with "yes"."""
+    fenced = FENCE.search(answer)
+    data = _first_json(fenced.group(1) if fenced else answer)
+    if isinstance(data, dict):
+        listed = data.get("missing", next((v for v in data.values() if isinstance(v, list)), None))
+        if not listed and (data.get("matches") is True or data.get("match") is True or "missing" in data):
+            return []
+        pairs = [_pair(x) for x in listed] if isinstance(listed, list) else []
+    elif isinstance(data, list):
+        pairs = [_pair(x) for x in data]
+    else:
+        lines = [BULLET.sub("", line).split(":", 1) for line in answer.splitlines() if BULLET.match(line) and ":" in line]
+        pairs = [(c, d) for c, d in lines if len(c.split()) <= 6]
+        if not pairs and re.match(r"\s*yes\b", answer, flags=re.IGNORECASE):
+            return []
+    pairs = [(c.strip().strip("\"'`"), d.strip().strip("\"'`").rstrip(".")) for c, d in pairs]
+    return list(dict.fromkeys((c, d or c) for c, d in pairs if c))[:limit] or None
+
+
+def _pair(item) -> tuple[str, str]:
+    """(concept, description) from a listed item: an object's "concept" / "description" (else its first two
+    strings), or a string for both."""
+    if isinstance(item, str):
+        return item, item
+    if isinstance(item, dict):
+        strings = [v for v in item.values() if isinstance(v, str)]
+        concept = item.get("concept", strings[0] if strings else "")
+        return str(concept), str(item.get("description", strings[1] if len(strings) > 1 else concept))
+    return "", ""
+
+
+class VisionLanguageModel:
+    """A VLM from a local folder (transformers' `image-text-to-text`): `model(prompt, image, temperature,
+    seed)` -> its answer about the image."""
+
+    def __init__(self, folder: str, key: str, device: str = "auto", max_new_tokens: int = 128):
+        from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+        path = _model_folder(folder, key, "a vision-language model")
+        try:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+            model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise CartError(f"{key}: {path} does not load as a vision-language model: {str(e).splitlines()[0]}") from None
+        self.folder, self.max_new_tokens = str(path), max_new_tokens
+        self.pipe = pipeline("image-text-to-text", model=model, processor=processor, device=pick_device(device))
+
+    def __call__(self, prompt: str, image, temperature: float = 0.0, seed: int = 0) -> str:
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+        out = self.pipe(text=messages, max_new_tokens=self.max_new_tokens, return_full_text=False,
+                        generate_kwargs=sampling)[0]["generated_text"]
+        return out[-1]["content"] if isinstance(out, list) else out
+
+
+def _model_folder(folder: str, key: str, what: str) -> Path:
+    """The local model folder `key` names, or a one-line error."""
+    if not folder:
+        raise CartError(f"{key} is empty: give the local folder of {what}")
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise CartError(f"{key}: {path} has no config.json: not a transformers model folder")
+    return path

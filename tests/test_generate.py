@@ -209,7 +209,7 @@ class SetVerdicts:
 ])
 def test_imagerag_loop_retrieves_what_the_critic_finds_missing(trained, monkeypatch, verdicts, rounds):
     critic = SetVerdicts(*verdicts)
-    monkeypatch.setattr(critics, "load", lambda g, embed, device: critic)
+    monkeypatch.setattr(critics, "load", lambda *args: critic)
     cfg = trained("generate.rounds=3", "generate.concepts=[green thing 1, shape 4]", f"generate.name=loop{rounds}")
     out = generate.run(cfg, prompt="green thing 1 with shape 4")
     record = json.loads((out / "record.json").read_text())
@@ -249,11 +249,59 @@ def test_the_cosine_critic_compares_the_image_with_each_concept(tmp_path):
     assert len(critics.CosineCritic(tower, 1.01)(image, "", concepts).missing) == 3
 
 
-def test_the_loop_needs_a_critic_it_can_run(trained):
+def test_the_loop_needs_a_critic_it_can_run(trained, tmp_path):
     with pytest.raises(CartError, match="generate.critic=cosine needs a run whose encoder embeds images and text"):
+        generate.run(trained("generate.rounds=2", "generate.critic=cosine"), prompt="red")
+    with pytest.raises(CartError, match="generate.critic_model is empty: give the local folder of a vision-language"):
         generate.run(trained("generate.rounds=2"), prompt="red")
+    with pytest.raises(CartError, match=r"generate.critic_model: .* has no config.json"):
+        generate.run(trained("generate.rounds=2", f"generate.critic_model={tmp_path}"), prompt="red")
     with pytest.raises(CartError, match="generate.rounds above 1 is ImageRAG's loop, which needs mode: prompt"):
         trained("generate.rounds=2", "generate.mode=subqueries")
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ('{"matches": true}', []),
+    ('{"matches": false, "missing": []}', []),
+    ('```json\n{"matches": false, "missing": [{"concept": "rocket", "description": "a red rocket in flight"}]}\n```',
+     [("rocket", "a red rocket in flight")]),
+    ('The image lacks: [{"concept": "cat", "description": "an orange cat"}, {"concept": "moon"}]',
+     [("cat", "an orange cat"), ("moon", "moon")]),
+    ('["cat", "moon"]', [("cat", "cat"), ("moon", "moon")]),
+    ("- rocket: a red rocket with flames\n- cat: an orange tabby cat.", [("rocket", "a red rocket with flames"),
+                                                                        ("cat", "an orange tabby cat")]),
+    ("Yes, it shows everything.", []),
+    ("I am not sure what to say", None), ("", None), ('{"matches": "maybe"}', None), ("[1, 2]", None),
+    ("Note: this is a long sentence that is not a concept at all: really", None),
+])
+def test_critic_answers_are_read_leniently(answer, expected):
+    assert llm.parse_missing(answer, limit=8) == expected
+
+
+def test_a_local_vlm_critic_runs_through_the_real_loading_path(tmp_path):
+    folder = tiny_generators.vision_language_model(tmp_path / "vlm")
+    model = llm.VisionLanguageModel(str(folder), "generate.critic_model", max_new_tokens=6)
+    image = tmp_path / "made.png"
+    Image.new("RGB", (40, 40), "red").save(image)
+    assert isinstance(model("Does it match?", load_rgb(image)), str)
+    verdict = critics.VlmCritic(model, 'Does it show "{prompt}"?')(image, "a red square", ["a red square"])
+    assert 1 <= len(verdict.said["answers"]) <= 3 and verdict.said["model"] == str(folder)
+    assert verdict.missing is None or isinstance(verdict.missing, list)  # a random model says what it says
+
+
+def test_the_loop_with_a_vlm_critic_retrieves_what_it_names(trained, tmp_path, monkeypatch):
+    folder = tiny_generators.vision_language_model(tmp_path / "vlm")
+    answers = ['{"matches": false, "missing": [{"concept": "green", "description": "green thing 1"}]}',
+               "no idea", "still no idea", "?", '{"matches": true}']
+    monkeypatch.setattr(llm.VisionLanguageModel, "__call__", lambda self, prompt, image, temperature=0.0, seed=0:
+                        answers.pop(0))
+    cfg = trained("generate.rounds=3", f"generate.critic_model={folder}", "generate.name=vlm-loop")
+    record = json.loads((generate.run(cfg, prompt="green thing 1 and shape 4") / "record.json").read_text())
+    rounds = record["rounds"]
+    assert [r["queries"] for r in rounds] == [[], ["green thing 1"], ["green thing 1 and shape 4"]] and not answers
+    assert rounds[0]["critic"]["missing"] == [["green", "green thing 1"]]
+    assert rounds[1]["critic"]["cannot_tell"] and len(rounds[1]["critic"]["answers"]) == 3  # then the prompt itself
+    assert rounds[2]["critic"]["missing"] == [] and not rounds[2]["critic"]["cannot_tell"]
 
 
 def test_prompt_mode_takes_the_concepts_in_turn(trained):

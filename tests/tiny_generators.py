@@ -54,6 +54,39 @@ def language_model(folder: Path) -> Path:
     return folder
 
 
+def vision_language_model(folder: Path) -> Path:
+    """A VLM's folder as a user would have it (LLaVA's layout): a 1-layer CLIP vision tower on 16 px
+    images and a 1-layer Llama, the character-level tokenizer above with an <image> token, a chat template."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlamaTokenizer, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for ch in ["▁", *string.ascii_letters, *string.digits, *string.punctuation]:
+        vocab.setdefault(ch, len(vocab))
+    vocab["<image>"] = len(vocab)
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    chat = ("{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+            "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+            "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, chat_template=chat,
+                               vision_feature_select_strategy="default", image_token="<image>",
+                               num_additional_image_tokens=1)  # CLIP's class token, dropped by "default"
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=16, patch_size=8, projection_dim=16),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=2),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def _clip_tokenizer_files(folder: Path) -> Path:
     """A byte-level CLIP BPE vocabulary with a few merges, <|endoftext|> the largest id as in CLIP."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
