@@ -280,6 +280,7 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
         if rounds is not None:
             record["rounds"] = [r | {"outputs": [str(out_dir / Path(o).relative_to(tmp)) for o in r["outputs"]]}
                                 for r in rounds]
+            record["rounds_board"] = str(out_dir / "rounds.png")
         files.write_text(tmp / "record.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp, out_dir)  # over the empty folder reserved for it
     except BaseException:
@@ -306,8 +307,9 @@ def imagerag(retriever: Retriever, generator, critic, prompt: str, cfg: Config,
     """ImageRAG's loop: round 1 generates from the prompt alone; while rounds are left and the critic finds
     concepts missing from the last image, the next round retrieves for their descriptions (at most
     `concepts_per_round`, taking turns, `images` in all; for the prompt itself when the critic cannot tell)
-    and generates with those images. Every image gets the critic's verdict. -> (the last round's outputs,
-    each round's record: queries, retrieved items, outputs, the critic's verdict on them)."""
+    and generates with those images. Every image gets the critic's verdict; `rounds.png` shows it all, a
+    row a round. -> (the last round's outputs, each round's record: queries, retrieved items, outputs, the
+    critic's verdict on them)."""
     g = cfg.generate
     concepts = list(g.concepts) or split_prompt(prompt)
     rounds: list[dict] = []
@@ -321,6 +323,7 @@ def imagerag(retriever: Retriever, generator, critic, prompt: str, cfg: Config,
                        "critic": verdict.said | {"missing": [list(m) for m in verdict.missing or []],
                                                  "cannot_tell": verdict.missing is None}})
         if verdict.missing == [] or len(rounds) == g.rounds:
+            generators.rounds_board(prompt, rounds, folder / "rounds.png", g.thumbnail)
             return made, rounds
         queries = ([description for _, description in verdict.missing][: g.concepts_per_round]
                    if verdict.missing is not None else [prompt])

@@ -100,9 +100,7 @@ class Preview:
             draw.text((pad, matrix_top + j * line), query[: label // 6], fill="black", font=small)
         for i, item in enumerate(images):
             left = pad + label + i * (size + pad)
-            thumb = ImageOps.contain(load_rgb(item.path), (size, size))  # up or down to fit
-            board.paste(thumb, (left + (size - thumb.width) // 2, top + (size - thumb.height) // 2))
-            draw.rectangle([left - 1, top - 1, left + size, top + size], outline="#999")
+            _thumbnail(board, draw, item.path, left, top, size, "#999")
             for n, text in enumerate([item.id, f"score {item.score:.2f}"]):
                 draw.text((left, top + size + 4 + n * line), text[: size // 6], fill="black", font=small)
             cells = ([(f"{'[x]' if q in item.covers else '[ ]'} {item.scores[q]:.2f}" if q in item.scores
@@ -112,6 +110,46 @@ class Preview:
                 draw.text((left, matrix_top + n * line), text[: size // 6], fill="#2a2" if covered else "#888",
                           font=small)
         return _write_images([board], out_dir, "board")
+
+
+def rounds_board(prompt: str, rounds: list[dict], path: Path, size: int = 128) -> Path:
+    """ImageRAG's loop on one board, a row a round: the images retrieved for it (and for what), the image
+    generated from them, and the critic's verdict on it (what is missing, or that it matches)."""
+    pad, line = 12, 14
+    font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
+    widest = max(len(r["retrieved"]) for r in rounds)
+    width = pad + 70 + (widest + 1) * (size + pad) + 260
+    height = pad + 24 + len(rounds) * (size + 3 * line + pad)
+    board = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(board)
+    draw.text((pad, pad), f"prompt: {prompt}", fill="black", font=font)
+    for i, r in enumerate(rounds):
+        top = pad + 24 + i * (size + 3 * line + pad)
+        draw.text((pad, top), f"round {r['round']}", fill="black", font=font)
+        left = pad + 70
+        for item in r["retrieved"]:  # what this round was conditioned on
+            _thumbnail(board, draw, item["path"], left, top, size, "#999")
+            draw.text((left, top + size + 2), f"for: {', '.join(item['covers'])}"[: size // 6], fill="#2a2", font=small)
+            left += size + pad
+        if not r["retrieved"]:
+            draw.text((left, top + size // 2), "the prompt alone", fill="#888", font=small)
+            left += size + pad
+        _thumbnail(board, draw, r["outputs"][0], left, top, size, "black")  # what it generated
+        critic = r["critic"]
+        verdict = (["critic: cannot tell"] if critic["cannot_tell"] else ["critic: it matches"] if not critic["missing"]
+                   else ["critic: missing"] + [f"  {concept}: {description}" for concept, description in critic["missing"]])
+        for n, text in enumerate(verdict[:8]):
+            draw.text((left + size + pad, top + n * line), text[:40], fill="#a22" if critic["missing"] else "black",
+                      font=small)
+    with files.atomic_path(path) as tmp:
+        board.save(tmp, format="PNG")
+    return path
+
+
+def _thumbnail(board: Image.Image, draw: ImageDraw.ImageDraw, path, left: int, top: int, size: int, outline: str):
+    thumb = ImageOps.contain(load_rgb(path), (size, size))  # up or down to fit
+    board.paste(thumb, (left + (size - thumb.width) // 2, top + (size - thumb.height) // 2))
+    draw.rectangle([left - 1, top - 1, left + size, top + size], outline=outline)
 
 
 class OmniGen:

@@ -224,6 +224,8 @@ def test_imagerag_loop_retrieves_what_the_critic_finds_missing(trained, monkeypa
         assert r["retrieved"] and all(set(item["covers"]) <= set(r["queries"]) for item in r["retrieved"])
         assert all(Path(o).parent.name == f"round-{r['round']}" and Path(o).is_file() for o in r["outputs"])
     assert record["outputs"] == record["rounds"][-1]["outputs"] and record["retrieved"] == record["rounds"][-1]["retrieved"]
+    board = Image.open(record["rounds_board"])  # a row a round
+    assert board.height > rounds * 128 and board.getextrema() != ((255, 255), (255, 255), (255, 255))
     assert [r["critic"]["cannot_tell"] for r in record["rounds"]] == [v is None for v in verdicts]
     assert [r["critic"]["missing"] for r in record["rounds"]] == [[list(m) for m in v or []] for v in verdicts]
 
