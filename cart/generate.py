@@ -2,8 +2,11 @@
 
 Two ways to retrieve (`generate.mode`):
 - `prompt` (ImageRAG): the top images for the whole prompt, or for each concept description in
-  `generate.concepts` (taken in turn, best first, no image twice), up to `generate.images`;
-- `subqueries` (Cross-modal RAG, Zhu et al.): the prompt's sub-queries (given, or split by `split_prompt`).
+  `generate.concepts` (taken in turn, best first, no image twice), up to `generate.images`. With
+  `generate.rounds` >= 2, ImageRAG's loop (`imagerag`): the prompt alone first, then what a critic
+  (`cart.critics`) finds missing is retrieved for and the image generated again;
+- `subqueries` (Cross-modal RAG, Zhu et al.): the prompt's sub-queries (given, written by a local LLM,
+  `cart.llm`, or split by `split_prompt`).
   `generate.selection: hybrid`, the paper's: an item's sparse score for sub-query i is 1 when its captions
   (corpus and generated, never its held-out query texts) contain every content word of the sub-query; its
   dense score is the model's log-probability of its identifier for each sub-query (with rerank the cosine
@@ -19,7 +22,8 @@ Two ways to retrieve (`generate.mode`):
 
 The generator (`cart.generators`) receives the prompt and the chosen images. Writes, under
 `checkpoints/<run>/generations/<name>/`: the generated image(s) and `record.json` (prompt, sub-queries,
-retrieved items with scores, the generator and its settings). `<name>` is `generate.name` or a slug of the
+how the images were selected, retrieved items with scores, the generator and its settings; for the loop
+each round, in `round-<k>/`, and `rounds.png`). `<name>` is `generate.name` or a slug of the
 prompt; when that folder exists, `<name>-2`, `<name>-3`, ...: an earlier generation is never overwritten.
 The folder appears complete or not at all (written under a temporary name, then renamed).
 """
@@ -257,7 +261,6 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
     if generate_cfg.rounds > 1:
         critic = critics.load(generate_cfg, EmbedConfig(**retriever.manifest["config"]["embed"]),
                               pick_device(generate_cfg.device), cfg.seed)
-        queries, images, selection = [], [], {}
     else:
         queries, chosen, selection = retrieve_for_generation(retriever, prompt, cfg)
         images = only_images(retriever, chosen, prompt)
@@ -271,7 +274,8 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
             rounds = None
         else:
             made, rounds = imagerag(retriever, generator, critic, prompt, cfg, tmp)
-            images = [Retrieved(**r) for r in rounds[-1]["retrieved"]]
+            queries, images = rounds[-1]["queries"], [Retrieved(**r) for r in rounds[-1]["retrieved"]]
+            selection = {"selection": f"ImageRAG's loop, {len(rounds)} round(s)"}
         outputs = [out_dir / path.relative_to(tmp) for path in made]
         record = {"prompt": prompt, "mode": generate_cfg.mode, "queries": queries, "selection": selection,
                   "retrieved": [asdict(c) for c in images],
