@@ -6,7 +6,7 @@ images for, or None when it cannot tell (the loop then retrieves for the prompt 
 
 - `vlm` (the paper's, GPT-4o there): a local VLM folder (`generate.critic_model`) sees the image and
   `generate.critic_prompt`; its answer is read by `llm.parse_missing` (a JSON verdict, or concept lines),
-  asked again hotter when it says nothing readable, and the critic cannot tell after three answers.
+  asked again hotter when it says nothing readable, and the critic cannot tell after four answers.
 - `cosine` needs no VLM: the run's own encoder, when it embeds images and text in one space (ImageBind),
   embeds the generated image and each concept; a concept whose cosine is under `generate.critic_threshold`
   is missing, and is its own description.

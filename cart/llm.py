@@ -6,7 +6,7 @@ does it, through transformers' `text-generation` (`TextModel`) or `image-text-to
 (`VisionLanguageModel`), `from_pretrained(dir, local_files_only=True)`: never a download. An answer is
 free text, so it is read leniently: `parse_list` takes a JSON list, a JSON object holding one, or a
 bulleted or numbered list; `parse_missing` a JSON verdict, a list of concepts, or "concept: description"
-lines. An answer that yields nothing usable is asked again at a higher temperature (`TEMPERATURES`, as
+lines, one a line. An answer that yields nothing usable is asked again at a higher temperature (`TEMPERATURES`, as
 ImageRAG retries its VLM), then the caller falls back to its own rule.
 """
 
@@ -22,7 +22,7 @@ import torch
 from cart.devices import pick_device
 from cart.errors import CartError
 
-TEMPERATURES = (0.0, 0.7, 1.0)  # the first answer greedy, then two retries that sample
+TEMPERATURES = (0.0, 0.4, 0.7, 1.0)  # the first answer greedy, then up to three retries, hotter each time
 BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\d+[.)]|\(\d+\))\s*")
 FENCE = re.compile(r"```(?:json)?\s*(.*?)```", flags=re.DOTALL)
 
@@ -106,8 +106,9 @@ def ask_for_list(model, prompt: str, limit: int, seed: int = 0) -> tuple[list[st
 def parse_missing(answer: str, limit: int) -> list[tuple[str, str]] | None:
     """A critic's verdict: the (concept, description) pairs it names missing, [] when it says the image
     matches, None when the answer says neither. Read: a JSON object ({"matches": true}, or a list under
-    "missing" of objects with "concept" and "description", or of strings), a JSON list of those, bulleted or
-    numbered "concept: description" lines, or an answer that starts with "yes"."""
+    "missing" of objects with "concept" and "description", or of strings), a JSON list of those,
+    "concept: description" lines (bulleted, or one a line with nothing else), or an answer that starts with
+    "yes"."""
     fenced = FENCE.search(answer)
     data = _first_json(fenced.group(1) if fenced else answer)
     if isinstance(data, dict):
@@ -117,9 +118,12 @@ def parse_missing(answer: str, limit: int) -> list[tuple[str, str]] | None:
         pairs = [_pair(x) for x in listed] if isinstance(listed, list) else []
     elif isinstance(data, list):
         pairs = [_pair(x) for x in data]
-    else:
-        lines = [BULLET.sub("", line).split(":", 1) for line in answer.splitlines() if BULLET.match(line) and ":" in line]
-        pairs = [(c, d) for c, d in lines if len(c.split()) <= 6]
+    else:  # "concept: description" lines: bulleted ones, or every line of the answer of that form
+        lines = [line for line in answer.splitlines() if line.strip()]
+        pairs = [BULLET.sub("", line).split(":", 1) for line in lines if ":" in line]
+        pairs = [(c, d) for c, d in pairs if 0 < len(c.split()) <= 6]
+        if len(pairs) < len(lines):
+            pairs = [(c, d) for c, d in pairs if any(BULLET.match(line) and c in line for line in lines)]
         if not pairs and re.match(r"\s*yes\b", answer, flags=re.IGNORECASE):
             return []
     pairs = [(c.strip().strip("\"'`"), d.strip().strip("\"'`").rstrip(".")) for c, d in pairs]
