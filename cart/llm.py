@@ -6,8 +6,8 @@ does it, through transformers' `text-generation` (`TextModel`) or `image-text-to
 (`VisionLanguageModel`), `from_pretrained(dir, local_files_only=True)`: never a download. An answer is
 free text, so it is read leniently: `parse_list` takes a JSON list, a JSON object holding one, or a
 bulleted or numbered list; `parse_missing` a JSON verdict, a list of concepts, or "concept: description"
-lines, one a line. An answer that yields nothing usable is asked again at a higher temperature (`TEMPERATURES`, as
-ImageRAG retries its VLM), then the caller falls back to its own rule.
+lines, one a line. An answer that yields nothing usable is asked again at a higher temperature
+(`TEMPERATURES`, as ImageRAG retries its VLM), then the caller falls back to its own rule.
 """
 
 from __future__ import annotations
@@ -75,12 +75,10 @@ class TextModel:
         self.pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device=pick_device(device))
 
     def __call__(self, prompt: str, temperature: float = 0.0, seed: int = 0) -> str:
-        torch.manual_seed(seed)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         text = [{"role": "user", "content": prompt}] if self.chat else prompt
         out = self.pipe(text, max_new_tokens=self.max_new_tokens, return_full_text=False,
                         pad_token_id=self.pipe.tokenizer.pad_token_id or self.pipe.tokenizer.eos_token_id,
-                        **sampling)[0]["generated_text"]
+                        **_sampling(temperature, seed))[0]["generated_text"]
         return out[-1]["content"] if isinstance(out, list) else out
 
 
@@ -119,11 +117,13 @@ def parse_missing(answer: str, limit: int) -> list[tuple[str, str]] | None:
     elif isinstance(data, list):
         pairs = [_pair(x) for x in data]
     else:  # "concept: description" lines: bulleted ones, or every line of the answer of that form
-        lines = [line for line in answer.splitlines() if line.strip()]
-        pairs = [BULLET.sub("", line).split(":", 1) for line in lines if ":" in line]
-        pairs = [(c, d) for c, d in pairs if 0 < len(c.split()) <= 6]
-        if len(pairs) < len(lines):
-            pairs = [(c, d) for c, d in pairs if any(BULLET.match(line) and c in line for line in lines)]
+        lines = [(bool(BULLET.match(line)), BULLET.sub("", line).split(":", 1)) for line in answer.splitlines()
+                 if line.strip()]
+        pairs = [(bulleted, part[0], part[1]) for bulleted, part in lines
+                 if len(part) == 2 and 0 < len(part[0].split()) <= 6]
+        if len(pairs) < len(lines):  # prose around them: only the bulleted lines count
+            pairs = [p for p in pairs if p[0]]
+        pairs = [(c, d) for _, c, d in pairs]
         if not pairs and re.match(r"\s*yes\b", answer, flags=re.IGNORECASE):
             return []
     pairs = [(c.strip().strip("\"'`"), d.strip().strip("\"'`").rstrip(".")) for c, d in pairs]
@@ -159,12 +159,16 @@ class VisionLanguageModel:
         self.pipe = pipeline("image-text-to-text", model=model, processor=processor, device=pick_device(device))
 
     def __call__(self, prompt: str, image, temperature: float = 0.0, seed: int = 0) -> str:
-        torch.manual_seed(seed)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
         out = self.pipe(text=messages, max_new_tokens=self.max_new_tokens, return_full_text=False,
-                        generate_kwargs=sampling)[0]["generated_text"]
+                        generate_kwargs=_sampling(temperature, seed))[0]["generated_text"]
         return out[-1]["content"] if isinstance(out, list) else out
+
+
+def _sampling(temperature: float, seed: int) -> dict:
+    """generate's arguments for an answer at `temperature` (0: greedy), the draw seeded."""
+    torch.manual_seed(seed)
+    return {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
 
 
 def _model_folder(folder: str, key: str, what: str) -> Path:
