@@ -103,10 +103,10 @@ class Preview:
             _thumbnail(board, draw, item.path, left, top, size, "#999")
             for n, text in enumerate([item.id, f"score {item.score:.2f}"]):
                 draw.text((left, top + size + 4 + n * line), text[: size // 6], fill="black", font=small)
-            cells = ([(f"{'[x]' if q in item.covers else '[ ]'} {item.scores[q]:.2f}" if q in item.scores
-                       else f"{'[x]' if q in item.covers else '[ ]'}", q in item.covers) for q in subqueries]
-                     if subqueries else [(f"covers: {q}", True) for q in item.covers])
-            for n, (text, covered) in enumerate(cells):
+            for n, query in enumerate(subqueries or item.covers):  # its column of the matrix, or what it covers
+                covered = query in item.covers
+                score = f" {item.scores[query]:.2f}" if query in item.scores else ""
+                text = f"{'[x]' if covered else '[ ]'}{score}" if subqueries else f"covers: {query}"
                 draw.text((left, matrix_top + n * line), text[: size // 6], fill="#2a2" if covered else "#888",
                           font=small)
         return _write_images([board], out_dir, "board")
