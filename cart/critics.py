@@ -57,8 +57,8 @@ class VlmCritic:
         return Verdict(missing, {"critic": "vlm", "model": getattr(self.model, "folder", ""), "answers": answers})
 
 
-def load(g: GenerateConfig, embed: EmbedConfig, device: torch.device, seed: int = 0):
-    """The critic `generate.critic` names, for a run whose items were embedded with `embed`."""
+def load(g: GenerateConfig, embed: EmbedConfig | None, device: torch.device, seed: int = 0):
+    """The critic `generate.critic` names; `embed`: how the run's items were embedded (the cosine critic's)."""
     if g.critic == "vlm":
         model = llm.VisionLanguageModel(g.critic_model, "generate.critic_model", str(device), g.max_new_tokens)
         return VlmCritic(model, g.critic_prompt, seed)

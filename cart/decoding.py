@@ -156,16 +156,21 @@ def score_identifiers(model, tokenizer, texts: list[str], tokens: np.ndarray, *,
     """The log-probability of every identifier under every query text, by teacher forcing: (Q, C) for Q
     texts and `tokens` (C, L), the identifiers' decoder tokens. The same number beam search reports for an
     identifier it finds (EOS included: with the level softmax its log-probability is 0), for any identifier,
-    found or not."""
+    found or not. The texts are encoded once; a query's candidates run as passes over its memory."""
     encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
+    mask = encoded["attention_mask"]
+    memory = model.get_encoder()(input_ids=encoded["input_ids"], attention_mask=mask)
     labels = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
     labels = torch.cat([labels, torch.full((len(labels), 1), TokenLayout.EOS, device=device)], dim=1)  # (C, L + 1)
     scores = []
-    for start in range(0, len(labels), chunk):  # a query's candidates run as passes over its one memory
+    for start in range(0, len(labels), chunk):
         part = labels[start: start + chunk]
         targets = part.repeat(len(texts), 1)  # rows q * C' + c
-        logits = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], labels=targets,
-                       passes=len(part)).logits
+        rows_memory, rows_mask = memory, mask
+        if not model.config.cart_fusion:  # plain cross-attention reads a memory a row
+            rows_memory = FusedMemory(last_hidden_state=memory.last_hidden_state.repeat_interleave(len(part), 0),
+                                      pooled=memory.pooled)
+            rows_mask = mask.repeat_interleave(len(part), 0)
+        logits = model(encoder_outputs=rows_memory, attention_mask=rows_mask, labels=targets).logits
         scores.append(sequence_log_prob(logits, targets).view(len(texts), len(part)))
     return torch.cat(scores, dim=1).float().cpu().numpy() if scores else np.zeros((len(texts), 0), np.float32)
-

@@ -122,26 +122,39 @@ def simplex_grid(n: int) -> tuple[np.ndarray, int]:
     and m. m is as fine as n needs for each Pareto-optimal match pattern to win a weighting alone: a
     pattern of k sub-queries wins where its k weights hold all but n - k steps, evenly, each more than the
     n - k steps elsewhere, so m = max over k of k (n - k + 1) + n - k (5 for 2-3 sub-queries, 11 for 5)."""
-    m = max(k * (n - k + 1) + n - k for k in range(1, n + 1))
+    m = grid_steps(n)
     combinations = list(itertools.combinations(range(1, m), n - 1))
     cuts = np.array(combinations, dtype=np.int64).reshape(len(combinations), n - 1)
     edges = np.concatenate([np.zeros((len(cuts), 1), np.int64), cuts, np.full((len(cuts), 1), m)], axis=1)
     return np.diff(edges, axis=1), m
 
 
+def grid_steps(n: int) -> int:
+    """m, the steps of `simplex_grid` for n sub-queries."""
+    return max(k * (n - k + 1) + n - k for k in range(1, n + 1))
+
+
 def beta_bound(n: int) -> float:
     """The dense weight below which the dense term (beta * n * S, S in [0, 1]) never outweighs one step of
     the grid (1 / m): a match pattern another contains and exceeds then never wins a weighting."""
-    return 1.0 / (n * simplex_grid(n)[1])
+    return 1.0 / (n * grid_steps(n))
 
 
 def hybrid_pareto(matches: np.ndarray, dense: np.ndarray, beta: float) -> list[int]:
     """Cross-modal RAG's Algorithm 1 over candidates that match at least one sub-query: for each weighting
     alpha of the grid the candidate maximising sum_i alpha_i s_i + beta * n * S, S the `dense` score in
     [0, 1]; the winners in order of first win. `matches` (C, n) bool, `dense` (C,)."""
+    # only the best dense score of a match pattern can win (the first of equals, as argmax takes it): the grid
+    # then runs over at most 2^n - 1 candidates, however many match
+    best: dict[bytes, int] = {}
+    for c in range(len(matches)):
+        key = matches[c].tobytes()
+        if key not in best or dense[c] > dense[best[key]]:
+            best[key] = c
+    kept = np.array(sorted(best.values()), dtype=np.int64)
     parts, m = simplex_grid(matches.shape[1])
-    totals = parts @ matches.T.astype(np.int64) + (beta * matches.shape[1] * m) * dense  # in steps of 1 / m
-    return list(dict.fromkeys(totals.argmax(1).tolist()))
+    totals = parts @ matches[kept].T.astype(np.int64) + (beta * matches.shape[1] * m) * dense[kept]  # steps of 1 / m
+    return list(dict.fromkeys(kept[totals.argmax(1)].tolist()))
 
 
 def by_coverage(candidates: list[int], matches: np.ndarray, dense: np.ndarray) -> list[int]:
@@ -259,8 +272,8 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
     retriever = retriever or Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=generate_cfg.device)
     critic = None
     if generate_cfg.rounds > 1:
-        critic = critics.load(generate_cfg, EmbedConfig(**retriever.manifest["config"]["embed"]),
-                              pick_device(generate_cfg.device), cfg.seed)
+        embed = EmbedConfig(**retriever.manifest["config"]["embed"]) if generate_cfg.critic == "cosine" else None
+        critic = critics.load(generate_cfg, embed, pick_device(generate_cfg.device), cfg.seed)
     else:
         queries, chosen, selection = retrieve_for_generation(retriever, prompt, cfg)
         images = only_images(retriever, chosen, prompt)
@@ -332,9 +345,14 @@ def imagerag(retriever: Retriever, generator, critic, prompt: str, cfg: Config,
         queries = ([description for _, description in verdict.missing][: g.concepts_per_round]
                    if verdict.missing is not None else [prompt])
         hits = retriever.search(queries, k=retriever.beam_width)
-        ranked = [[Retrieved(h.id, h.path, h.row, h.score, {q: h.score}, [q]) for h in found]
-                  for q, found in zip(queries, hits)]
-        images = only_images(retriever, in_turn(ranked, g.images), ", ".join(queries))
+        ranked = [[Retrieved(h.id, h.path, h.row, h.score, {q: h.score}, [q]) for h in found
+                   if retriever.records[h.row]["modality"] == "image"] for q, found in zip(queries, hits)]
+        images = in_turn(ranked, g.images)
+        if not images:  # nothing to generate with: the last image stands, and the record says why
+            rounds[-1]["stopped"] = f"no images retrieved for {', '.join(queries)}"
+            print(f"generate: {rounds[-1]['stopped']}: the loop ends at round {len(rounds)}")
+            generators.rounds_board(prompt, rounds, folder / "rounds.png", g.thumbnail)
+            return made, rounds
 
 
 def _new_folder(parent: Path, name: str) -> Path:

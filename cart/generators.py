@@ -117,7 +117,7 @@ def rounds_board(prompt: str, rounds: list[dict], path: Path, size: int = 128) -
     generated from them, and the critic's verdict on it (what is missing, or that it matches)."""
     pad, line = 12, 14
     font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
-    widest = max(len(r["retrieved"]) for r in rounds)
+    widest = max([1, *(len(r["retrieved"]) for r in rounds)])  # "the prompt alone" takes a slot too
     width = pad + 70 + (widest + 1) * (size + pad) + 260
     height = pad + 24 + len(rounds) * (size + 3 * line + pad)
     board = Image.new("RGB", (width, height), "white")

@@ -25,25 +25,33 @@ from cart.errors import CartError
 TEMPERATURES = (0.0, 0.4, 0.7, 1.0)  # the first answer greedy, then up to three retries, hotter each time
 BULLET = re.compile(r"^\s*(?:[-*\u2022]+|\d+[.)]|\(\d+\))\s*")
 FENCE = re.compile(r"```(?:json)?\s*(.*?)```", flags=re.DOTALL)
+YES = re.compile(r"\s*(?:(?:answer|verdict)\s*:\s*)?[\"'`*]*yes\b", flags=re.IGNORECASE)  # "it matches"
+CONCEPT = re.compile(r"^[\w][\w '-]*$")  # a concept names a thing: words, no punctuation of prose or JSON
+NOT_CONCEPTS = {"yes", "no", "answer", "note", "verdict", "missing", "matches"}  # labels of prose, not concepts
 
 
 def parse_list(answer: str, limit: int) -> list[str]:
     """The short texts an answer lists, in order, without repeats, at most `limit`: a JSON list of strings
     (or of objects, their first string value), a JSON object whose first list value is one, or else the
     lines that start with a bullet or a number. [] when the answer lists nothing usable."""
-    answer = answer.strip()
-    fenced = FENCE.search(answer)
-    data = _first_json(fenced.group(1) if fenced else answer)
+    data = _json_in(answer)
     if isinstance(data, dict):
         data = next((v for v in data.values() if isinstance(v, list)), None)
+    texts = []
     if isinstance(data, list):
         texts = [x if isinstance(x, str) else next((v for v in x.values() if isinstance(v, str)), "")
                  if isinstance(x, dict) else "" for x in data]
-    else:  # the lines a list marker starts: prose ("I cannot help with that") lists nothing
-        texts = [BULLET.sub("", line) for line in answer.splitlines() if BULLET.match(line)]
+    if not any(isinstance(t, str) and t.strip() for t in texts):  # no JSON list of texts: the list markers'
+        texts = [BULLET.sub("", line) for line in answer.splitlines() if BULLET.match(line)]  # (prose: nothing)
     cleaned = [t.strip().strip("\"'`[]{}").strip().rstrip(".,;") for t in texts]
     unique = list(dict.fromkeys(t for t in cleaned if t and len(t) <= 200 and not t.endswith(":")))
     return unique[:limit]
+
+
+def _json_in(answer: str):
+    """The first JSON list or object of an answer (inside a ```json fence when there is one), or None."""
+    fenced = FENCE.search(answer)
+    return _first_json(fenced.group(1) if fenced else answer)
 
 
 def _first_json(text: str):
@@ -103,42 +111,44 @@ def ask_for_list(model, prompt: str, limit: int, seed: int = 0) -> tuple[list[st
 
 def parse_missing(answer: str, limit: int) -> list[tuple[str, str]] | None:
     """A critic's verdict: the (concept, description) pairs it names missing, [] when it says the image
-    matches, None when the answer says neither. Read: a JSON object ({"matches": true}, or a list under
-    "missing" of objects with "concept" and "description", or of strings), a JSON list of those,
-    "concept: description" lines (bulleted, or one a line with nothing else), or an answer that starts with
-    "yes"."""
-    fenced = FENCE.search(answer)
-    data = _first_json(fenced.group(1) if fenced else answer)
+    matches, None when the answer says neither. Read: an answer that starts with "yes"; a JSON object
+    ({"matches": true}, or a list under "missing" of objects with "concept" and "description", or of
+    strings); a JSON list of those; else "concept: description" lines (bulleted, or one a line with nothing
+    else)."""
+    if YES.match(answer):
+        return []
+    data = _json_in(answer)
     if isinstance(data, dict):
-        listed = data.get("missing", next((v for v in data.values() if isinstance(v, list)), None))
-        if not listed and (data.get("matches") is True or data.get("match") is True or "missing" in data):
+        if data.get("matches") is True or data.get("match") is True:
             return []
-        pairs = [_pair(x) for x in listed] if isinstance(listed, list) else []
-    elif isinstance(data, list):
-        pairs = [_pair(x) for x in data]
-    else:  # "concept: description" lines: bulleted ones, or every line of the answer of that form
+        if "missing" in data and not data["missing"]:
+            return []
+        data = data.get("missing", next((v for v in data.values() if isinstance(v, list)), None))
+    pairs = [_pair(x) for x in data] if isinstance(data, list) else []
+    if not any(c for c, _ in pairs):  # no JSON verdict: "concept: description" lines
         lines = [(bool(BULLET.match(line)), BULLET.sub("", line).split(":", 1)) for line in answer.splitlines()
                  if line.strip()]
-        pairs = [(bulleted, part[0], part[1]) for bulleted, part in lines
-                 if len(part) == 2 and 0 < len(part[0].split()) <= 6]
-        if len(pairs) < len(lines):  # prose around them: only the bulleted lines count
-            pairs = [p for p in pairs if p[0]]
-        pairs = [(c, d) for _, c, d in pairs]
-        if not pairs and re.match(r"\s*yes\b", answer, flags=re.IGNORECASE):
-            return []
+        found = [(bulleted, part[0], part[1]) for bulleted, part in lines
+                 if len(part) == 2 and CONCEPT.match(part[0].strip()) and len(part[0].split()) <= 6
+                 and part[0].strip().lower() not in NOT_CONCEPTS]
+        if len(found) < len(lines):  # prose around them: only the bulleted lines count
+            found = [f for f in found if f[0]]
+        pairs = [(c, d) for _, c, d in found]
     pairs = [(c.strip().strip("\"'`"), d.strip().strip("\"'`").rstrip(".")) for c, d in pairs]
     return list(dict.fromkeys((c, d or c) for c, d in pairs if c))[:limit] or None
 
 
 def _pair(item) -> tuple[str, str]:
-    """(concept, description) from a listed item: an object's "concept" / "description" (else its first two
-    strings), or a string for both."""
+    """(concept, description) from a listed item: an object's "concept" / "description" strings (else its
+    first two strings), or a string for both; ("", "") for anything else."""
     if isinstance(item, str):
         return item, item
     if isinstance(item, dict):
         strings = [v for v in item.values() if isinstance(v, str)]
-        concept = item.get("concept", strings[0] if strings else "")
-        return str(concept), str(item.get("description", strings[1] if len(strings) > 1 else concept))
+        concept = item.get("concept") if isinstance(item.get("concept"), str) else (strings[0] if strings else "")
+        description = item.get("description") if isinstance(item.get("description"), str) else \
+            (strings[1] if len(strings) > 1 else concept)
+        return concept, description
     return "", ""
 
 

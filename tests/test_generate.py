@@ -148,6 +148,7 @@ def test_hybrid_falls_back_to_the_beams_when_no_caption_contains_a_subquery(trai
     ('["unterminated, "list', []), ("I cannot help with that.", []), ('{"answer": "none"}', []),
     ("", []), ("[1, 2]", []), ("\n  \n", []),
     (json.dumps([str(i) for i in range(20)]), [str(i) for i in range(8)]),
+    ("See [1].\n- cat\n- dog", ["cat", "dog"]),  # a stray [1] is no JSON list
 ])
 def test_model_answers_are_read_leniently(answer, expected):
     assert llm.parse_list(answer, limit=8) == expected
@@ -277,6 +278,11 @@ def test_the_loop_needs_a_critic_it_can_run(trained, tmp_path):
     ("I am not sure what to say", None), ("", None), ('{"matches": "maybe"}', None), ("[1, 2]", None),
     ("rocket: a red rocket\ncat: an orange cat", [("rocket", "a red rocket"), ("cat", "an orange cat")]),
     ("The image looks fine to me.\nNote: nothing else to say", None),
+    ("Yes: the image shows a cat and a dog.", []), ("Answer: yes", []),
+    ('{"matches": true, "objects": ["cat", "dog"]}', []),  # a list beside "matches": true is no verdict
+    ('{"missing": [{"concept": null}]}', None), ('{"missing": [{"concept": "hat", "description": ["x"]}]}', [("hat", "hat")]),
+    ("It lacks one thing [1].\n- hat: a red hat", [("hat", "a red hat")]),  # a stray [1] is no JSON verdict
+    ("No. Missing:\n- hat: a red hat", [("hat", "a red hat")]),
 ])
 def test_critic_answers_are_read_leniently(answer, expected):
     assert llm.parse_missing(answer, limit=8) == expected
@@ -417,11 +423,17 @@ def test_bad_input_is_a_clear_error(trained, tiny_omnigen, tiny_sdxl, tmp_path):
                              f"generate.ip_adapter={tmp_path}"), prompt="red")
 
 
-def test_a_corpus_without_images_retrieves_nothing_to_generate_from(tmp_path):
+def test_a_corpus_without_images_retrieves_nothing_to_generate_from(tmp_path, monkeypatch):
     config = prepare_run(tmp_path, modality="audio")
     train.run(config("train.epochs=1"))
     with pytest.raises(CartError, match=r"no images retrieved for 'red' \(found only audio items\)"):
         generate.run(config("train.epochs=1"), prompt="red")
+    # ImageRAG's loop keeps what it made: the round that finds no image ends the loop, and the record says so
+    monkeypatch.setattr(critics, "load", lambda *args: SetVerdicts([("red", "red thing 1")]))
+    record = json.loads((generate.run(config("train.epochs=1", "generate.rounds=3"), prompt="red") / "record.json")
+                        .read_text())
+    assert len(record["rounds"]) == 1 and record["rounds"][0]["stopped"] == "no images retrieved for red thing 1"
+    assert Path(record["outputs"][0]).is_file() and Path(record["rounds_board"]).is_file()
 
 
 def test_cli_generate_with_subqueries(trained):

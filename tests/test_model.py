@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cart.decoding import TrieConstraint, decode
+from cart.decoding import TrieConstraint, decode, score_identifiers
 from cart.cart_t5 import CartT5, FusedCrossAttention, LayerFusionEncoder, cart_config
 from cart.identifiers import TokenLayout, residual_means
 from cart.losses import cart_loss
@@ -346,6 +346,26 @@ def test_our_level_beam_search_finds_what_generate_finds(fusion, bert, beams, to
     assert torch.allclose(scores[items >= 0], expected_scores[items >= 0], rtol=1e-5, atol=1e-5)
     if beams == 24:
         assert ((items >= 0).sum(1) == 20).all()  # every identifier, the rest empty
+
+
+class Tokenized(dict):
+    def to(self, device):
+        return self
+
+
+@pytest.mark.parametrize("fusion, level_softmax", [(True, True), (False, True), (True, False), (False, False)])
+def test_scoring_any_identifier_gives_beam_search_scores(fusion, level_softmax):
+    trie = small_trie()
+    torch.manual_seed(0)
+    model = tiny_model(fusion, levels=trie.layout.level_sizes, level_softmax=level_softmax)
+    input_ids, mask = padded_batch()
+    items, scores = decode(model, input_ids, mask, trie, beams=6, top_k=6)
+    tokenizer = lambda texts, **kwargs: Tokenized(input_ids=input_ids, attention_mask=mask)  # the batch as "texts"
+    every = score_identifiers(model, tokenizer, ["a", "b", "c"], trie.tokens, max_tokens=6, device="cpu", chunk=7)
+    assert every.shape == (3, len(trie.tokens))
+    for q in range(3):  # chunks of 7 candidates, per-row memory without fusion: the same numbers
+        found = items[q] >= 0
+        assert np.allclose(every[q, items[q][found].numpy()], scores[q][found].numpy(), atol=1e-4)
 
 
 def test_cached_layer_outputs_give_the_same_loss_as_the_encoder():
