@@ -345,13 +345,17 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
         q = q.repeat_interleave(rows // len(q), dim=0)
         return self.geometry_scale * q @ self.geometry[tokens].T
 
+    def _level_slice(self, position: int) -> slice:
+        """The tokens decoding position `position` may emit: its level's (EOS alone after the last level)."""
+        if position < self.layout.length:
+            return slice(*self.layout.level_range(position))
+        return slice(TokenLayout.EOS, TokenLayout.EOS + 1)
+
     def _level_scores(self, hidden: torch.Tensor, pooled: torch.Tensor | None, position: int) -> torch.Tensor:
         """The level softmax's logits of one decoding position over its level's tokens alone (EOS after the
         last level): hidden (rows, d) -> (rows, V_l). The output layer computes the level's rows only, not
         the whole vocabulary (a third of it at three equal levels)."""
-        layout = self.layout
-        level = slice(*layout.level_range(position)) if position < layout.length else slice(TokenLayout.EOS,
-                                                                                            TokenLayout.EOS + 1)
+        level = self._level_slice(position)
         scores = nn.functional.linear(hidden, self.lm_head.weight[level])
         if self.config.cart_geometry_dim:
             scores = scores + self._geometry_logits(pooled, len(hidden), level)
@@ -360,11 +364,8 @@ class CartT5(T5PreTrainedModel, GenerationMixin):
     def _one_level_logits(self, hidden: torch.Tensor, pooled: torch.Tensor | None, position: int) -> torch.Tensor:
         """`_level_scores` of one decoding position (B, 1, d) spread over the whole vocabulary (B, 1, V), the
         other tokens at `_restrict_to_levels`' mask value: what `generate` expects."""
-        layout = self.layout
-        level = slice(*layout.level_range(position)) if position < layout.length else slice(TokenLayout.EOS,
-                                                                                            TokenLayout.EOS + 1)
-        logits = hidden.new_full((*hidden.shape[:2], layout.vocab_size), torch.finfo(hidden.dtype).min)
-        logits[:, 0, level] = self._level_scores(hidden[:, 0], pooled, position)
+        logits = hidden.new_full((*hidden.shape[:2], self.layout.vocab_size), torch.finfo(hidden.dtype).min)
+        logits[:, 0, self._level_slice(position)] = self._level_scores(hidden[:, 0], pooled, position)
         return logits
 
     def level_log_probs(self, tokens: torch.Tensor, memory: FusedMemory, attention_mask: torch.Tensor | None,

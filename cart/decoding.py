@@ -91,13 +91,11 @@ def _level_beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     scores = torch.zeros(queries, 1, device=device)  # (B, beams so far): each beam's log-probability
     paths = torch.zeros(queries, 1, 0, dtype=torch.long, device=device)  # (B, beams so far, depth): its tokens
     node = np.zeros(queries, dtype=np.int64)  # its trie node, -1 once it left the trie
+    rows_memory = {}  # beams so far -> the memory and mask the rows read (copied a row without fusion)
     for depth in range(trie.length):
-        rows_memory, rows_mask = memory, attention_mask
-        if not model.config.cart_fusion:  # plain cross-attention reads a memory a row
-            query = torch.arange(queries, device=device).repeat_interleave(paths.shape[1])
-            rows_memory = FusedMemory(last_hidden_state=memory.last_hidden_state[query], pooled=memory.pooled)
-            rows_mask = attention_mask[query]
-        log_probs = model.level_log_probs(tokens, rows_memory, rows_mask, cache)  # (rows, V_l)
+        if paths.shape[1] not in rows_memory:  # one query's row at the first step, its beams after
+            rows_memory[paths.shape[1]] = _memory_for_rows(model, memory, attention_mask, paths.shape[1])
+        log_probs = model.level_log_probs(tokens, *rows_memory[paths.shape[1]], cache)  # (rows, V_l)
         log_probs += torch.from_numpy(trie.level_mask(node, depth)).to(device)
         width = log_probs.shape[1]
         total = (log_probs + scores.view(-1, 1)).view(queries, -1)  # (B, beams so far x V_l)
@@ -166,11 +164,17 @@ def score_identifiers(model, tokenizer, texts: list[str], tokens: np.ndarray, *,
     for start in range(0, len(labels), chunk):
         part = labels[start: start + chunk]
         targets = part.repeat(len(texts), 1)  # rows q * C' + c
-        rows_memory, rows_mask = memory, mask
-        if not model.config.cart_fusion:  # plain cross-attention reads a memory a row
-            rows_memory = FusedMemory(last_hidden_state=memory.last_hidden_state.repeat_interleave(len(part), 0),
-                                      pooled=memory.pooled)
-            rows_mask = mask.repeat_interleave(len(part), 0)
+        rows_memory, rows_mask = _memory_for_rows(model, memory, mask, len(part))
         logits = model(encoder_outputs=rows_memory, attention_mask=rows_mask, labels=targets).logits
         scores.append(sequence_log_prob(logits, targets).view(len(texts), len(part)))
     return torch.cat(scores, dim=1).float().cpu().numpy() if scores else np.zeros((len(texts), 0), np.float32)
+
+
+def _memory_for_rows(model, memory: FusedMemory, mask: torch.Tensor,
+                     per_query: int) -> tuple[FusedMemory, torch.Tensor]:
+    """The memory and mask for decoder rows that come `per_query` a query, consecutive: with fusion the rows
+    of a query read its one memory side by side; plain cross-attention reads a memory a row (copied)."""
+    if model.config.cart_fusion:
+        return memory, mask
+    return (FusedMemory(last_hidden_state=memory.last_hidden_state.repeat_interleave(per_query, 0),
+                        pooled=memory.pooled), mask.repeat_interleave(per_query, 0))

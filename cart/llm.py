@@ -65,22 +65,35 @@ def _first_json(text: str):
     return None
 
 
-class TextModel:
-    """An instruction-tuned causal LM from a local folder: `model(prompt, temperature, seed)` -> its answer.
-    A chat template, when the tokenizer has one, wraps the prompt as a user turn."""
+class LocalModel:
+    """A transformers pipeline (`TASK`) over a model in a local folder, its parts (`PARTS`: argument ->
+    Auto class) loaded with local files only; `key` names the setting in errors."""
+
+    TASK, WHAT, PARTS = "", "", {}
 
     def __init__(self, folder: str, key: str, device: str = "auto", max_new_tokens: int = 128):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+        import transformers
 
-        path = _model_folder(folder, key, "an instruction-tuned language model")
+        path = _model_folder(folder, key, self.WHAT)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            parts = {name: getattr(transformers, auto).from_pretrained(path, local_files_only=True)
+                     for name, auto in self.PARTS.items()}
         except (OSError, ValueError) as e:
-            raise CartError(f"{key}: {path} does not load as a causal language model: {str(e).splitlines()[0]}") from None
+            raise CartError(f"{key}: {path} does not load as {self.WHAT}: {str(e).splitlines()[0]}") from None
         self.folder, self.max_new_tokens = str(path), max_new_tokens
-        self.chat = bool(getattr(tokenizer, "chat_template", None))
-        self.pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device=pick_device(device))
+        self.pipe = transformers.pipeline(self.TASK, **parts, device=pick_device(device))
+
+
+class TextModel(LocalModel):
+    """An instruction-tuned causal LM: `model(prompt, temperature, seed)` -> its answer. A chat template,
+    when the tokenizer has one, wraps the prompt as a user turn."""
+
+    TASK, WHAT = "text-generation", "an instruction-tuned language model"
+    PARTS = {"model": "AutoModelForCausalLM", "tokenizer": "AutoTokenizer"}
+
+    @property
+    def chat(self) -> bool:
+        return bool(getattr(self.pipe.tokenizer, "chat_template", None))
 
     def __call__(self, prompt: str, temperature: float = 0.0, seed: int = 0) -> str:
         text = [{"role": "user", "content": prompt}] if self.chat else prompt
@@ -152,21 +165,12 @@ def _pair(item) -> tuple[str, str]:
     return "", ""
 
 
-class VisionLanguageModel:
-    """A VLM from a local folder (transformers' `image-text-to-text`): `model(prompt, image, temperature,
-    seed)` -> its answer about the image."""
+class VisionLanguageModel(LocalModel):
+    """A VLM (transformers' `image-text-to-text`): `model(prompt, image, temperature, seed)` -> its answer
+    about the image."""
 
-    def __init__(self, folder: str, key: str, device: str = "auto", max_new_tokens: int = 128):
-        from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
-
-        path = _model_folder(folder, key, "a vision-language model")
-        try:
-            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-            model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise CartError(f"{key}: {path} does not load as a vision-language model: {str(e).splitlines()[0]}") from None
-        self.folder, self.max_new_tokens = str(path), max_new_tokens
-        self.pipe = pipeline("image-text-to-text", model=model, processor=processor, device=pick_device(device))
+    TASK, WHAT = "image-text-to-text", "a vision-language model"
+    PARTS = {"model": "AutoModelForImageTextToText", "processor": "AutoProcessor"}
 
     def __call__(self, prompt: str, image, temperature: float = 0.0, seed: int = 0) -> str:
         messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]

@@ -116,7 +116,6 @@ class Retriever:
             return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
         return np.concatenate(rows), np.concatenate(scores)
 
-
     def score_rows(self, queries: list[str], rows) -> np.ndarray:
         """(Q, C) how well each of the corpus rows `rows` answers each query, beam search or not: with
         rerank the cosine of the query's and the item's embeddings, else the log-probability of the
