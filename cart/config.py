@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import yaml
 from cart.errors import CartError
 
 MINILM_DIM = 384  # all-MiniLM-L6-v2's width
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred lines: a larger file is something else (/dev/zero)
+DEVICE = re.compile(r"auto|cpu|mps|cuda(?::(\d+))?")
 
 
 class InvalidValue(ValueError):
@@ -42,6 +45,21 @@ def below(section, high, *keys: str) -> None:
         value = getattr(section, key)
         if not value < high:
             raise InvalidValue(key, f"must be below {high}, got {value!r}")
+
+
+def device_name(section, key: str = "device") -> None:
+    """A torch device this machine has: auto, cpu, mps, cuda or cuda:N (CUDA only where torch sees a GPU)."""
+    value = getattr(section, key)
+    match = DEVICE.fullmatch(value)
+    if not match:
+        raise InvalidValue(key, f"must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    if value.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(match[1] or 0)
+        if index >= count:
+            raise InvalidValue(key, f"is {value!r}, but torch sees {count or 'no'} CUDA GPU(s) here: use auto or cpu")
 
 
 def folder_name(section, key: str) -> None:
@@ -75,6 +93,7 @@ class EmbedConfig:
 
     def __post_init__(self):
         at_least(self, 1, "batch_size", "save_every")
+        device_name(self)
 
 
 @dataclass
@@ -125,6 +144,7 @@ class CaptionConfig:
 
     def __post_init__(self):
         at_least(self, 1, "per_item", "max_new_tokens", "batch_size", "save_every")
+        device_name(self)
 
 
 @dataclass
@@ -244,6 +264,9 @@ class RetrieveConfig:
 
     def __post_init__(self):
         at_least(self, 1, "beam_width", "top_k", "batch_size")
+        if self.top_k > self.beam_width:
+            raise InvalidValue("top_k", f"({self.top_k}) must be at most retrieve.beam_width ({self.beam_width}): "
+                                        f"beam search finds no more items than it has beams")
 
 
 @dataclass
@@ -261,6 +284,7 @@ class EvalConfig:
     def __post_init__(self):
         at_least(self, 1, "batch_size", "latency_queries", "save_every")
         at_least(self, 0, "report_queries")
+        device_name(self)
 
 
 @dataclass
@@ -321,6 +345,7 @@ class GenerateConfig:
                 raise InvalidValue(key, f"must contain {{prompt}}, got {getattr(self, key)!r}")
         at_least(self, 8, "height", "width")
         at_least(self, 16, "thumbnail")
+        device_name(self)
         at_least(self, 0, "guidance", "image_guidance", "ip_adapter_scale", "pareto_beta")
         folder_name(self, "name")
         for key in ("subqueries", "concepts"):
@@ -361,9 +386,11 @@ class Config:
         return Path(self.output_dir).expanduser() / self.run
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] = (), named: bool = False) -> Config:
     """Read a YAML config, apply `a.b=value` overrides (values parsed as YAML), check every key and type.
-    A config may start from another: `base: emoji.yaml` (beside it) and only the keys that differ."""
+    A config may start from another: `base: emoji.yaml` (beside it) and only the keys that differ. A config
+    file, and with `named` any config, must name its run or its corpus: an empty one is a mistake, not the
+    emoji demo's defaults."""
     data: dict = {}
     source = "defaults"
     if path is not None:
@@ -383,13 +410,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             node[leaf] = yaml.safe_load(value) if value else ""
         except yaml.YAMLError:
             node[leaf] = value
+    if (path is not None or named) and not {"run", "corpus"} & data.keys():
+        raise CartError(f"{source}: names no run and no corpus: say which run folder (run: NAME) and which data "
+                        f"(corpus: ...) it is about; the demo's config is configs/emoji.yaml")
     return _build(Config, data, source, prefix="")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     """A config file's keys, over those of its `base` (followed to the first config)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise CartError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise CartError(f"config file not found: {path}") from None
     except IsADirectoryError:
@@ -399,9 +447,11 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     except UnicodeDecodeError:
         raise CartError(f"{path}: not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
-        raise CartError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise CartError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise CartError(f"{path}: expected a mapping of config keys at the top level")
     if "base" not in data:

@@ -47,7 +47,7 @@ def test_bad_config_files(tmp_path):
     with pytest.raises(CartError, match="list.yaml: expected a mapping"):
         load_config(tmp_path / "list.yaml")
     (tmp_path / "broken.yaml").write_text("embed: {batch_size: 3\n")
-    with pytest.raises(CartError, match="broken.yaml: not valid YAML"):
+    with pytest.raises(CartError, match="broken.yaml line 2: not valid YAML"):
         load_config(tmp_path / "broken.yaml")
 
 
@@ -99,6 +99,11 @@ def test_cli_prints_one_line_errors(args, message):
     ("eval.baselines=[bm26]", r"eval.baselines\[0\] must be one of bm25, minilm, dense"),
     ("generate.name=../../x", "generate.name must be a plain folder name"),
     ("run=''", "run must name the run folder"),
+    ("embed.device=banana", "embed.device must be auto, cpu, cuda, cuda:N or mps, got 'banana'"),
+    ("eval.device=gpu", "eval.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ("caption.device=cuda:x", "caption.device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
+    ("generate.device=cuda:4096", "generate.device is 'cuda:4096', but torch sees .* CUDA GPU"),
+    ("retrieve.top_k=11", r"retrieve.top_k \(11\) must be at most retrieve.beam_width \(10\)"),
 ])
 def test_out_of_range_values_are_refused_when_the_config_loads(override, message):
     with pytest.raises(CartError, match=f"configs/emoji.yaml: {message}"):
@@ -142,3 +147,40 @@ def test_a_config_starts_from_its_base_and_changes_what_it_names(tmp_path):
     (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(CartError, match="config file not found: .*nowhere.yaml"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_cuda_is_refused_when_the_config_loads_on_a_machine_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for key in ("embed.device", "eval.device", "generate.device", "caption.device"):
+        with pytest.raises(CartError, match=f"{key} is 'cuda', but torch sees no CUDA GPU"):
+            load_config(ROOT / "configs/tiny.yaml", [f"{key}=cuda"])
+
+
+def test_a_config_that_names_no_run_and_no_corpus_is_refused(tmp_path):
+    """An empty file (or /dev/null) is a mistake, not the emoji demo's defaults."""
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "comments.yaml").write_text("# nothing yet\ntrain: {epochs: 2}\n")
+    for path in (tmp_path / "empty.yaml", tmp_path / "comments.yaml", "/dev/null"):
+        with pytest.raises(CartError, match=f"{path}: names no run and no corpus"):
+            load_config(path)
+    with pytest.raises(CartError, match="defaults: names no run and no corpus"):
+        load_config(None, ["train.epochs=2"], named=True)
+    assert load_config(tmp_path / "empty.yaml", ["run=mine"]).run == "mine"
+    assert load_config(None).run == "emoji"  # the Python API's defaults stay the defaults
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    (tmp_path / "twice.yaml").write_text("run: a\ntrain:\n  epochs: 3\n  batch_size: 8\n  epochs: 5\n")
+    with pytest.raises(CartError, match=r"twice.yaml line 5: not valid YAML: key 'epochs' is given twice"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "top.yaml").write_text("run: a\nrun: b\n")
+    with pytest.raises(CartError, match=r"top.yaml line 2: not valid YAML: key 'run' is given twice"):
+        load_config(tmp_path / "top.yaml")
+
+
+def test_a_file_too_large_to_be_a_config_is_refused_without_reading_it_all():
+    with pytest.raises(CartError, match="/dev/zero: larger than 1 MiB: not a config file"):
+        load_config("/dev/zero")
