@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from cart import files, identifiers
 from cart.config import Config, to_dict
+from cart.devices import require_memory
 from cart.errors import CartError
 from cart.vocab import TokenLayout
 from cart.measure import phase
@@ -39,11 +40,22 @@ class Identifiers:
         return self.layout.to_tokens(self.codes)
 
 
-def run(cfg: Config) -> Path:
-    """Build the identifiers of the run's embeddings; return the path of `ids.safetensors`."""
+def run(cfg: Config, force: bool = False) -> Path:
+    """Build the identifiers of the run's embeddings; return the path of `ids.safetensors`. Identifiers of
+    the same embeddings and settings are kept; other ones a model was trained on are replaced only with
+    `force`."""
     run_dir, ids_cfg = cfg.run_dir, cfg.ids
     path, embed_manifest = files.verified_input(run_dir, files.EMBEDDINGS)
     files.require_built_from(embed_manifest, files.EMBEDDINGS, run_dir, files.CORPUS)  # not stale
+    out = run_dir / files.IDS
+    recipe = {"embeddings": embed_manifest["sha256"], "ids": to_dict(cfg)["ids"], "seed": cfg.seed}
+    if files.check_replace(run_dir, files.IDS, recipe, force):
+        try:
+            load(run_dir)  # the trie and the other files beside it whole too
+            print(f"ids: {out} is up to date (the same embeddings and ids settings; --force builds them again)")
+            return out
+        except CartError as e:
+            print(f"ids: building them again, the same way: {e}")
     x = load_file(str(path))["embeddings"]
     _check(x, cfg)
     phases: dict = {}
@@ -56,7 +68,6 @@ def run(cfg: Config) -> Path:
     tensors = {"codes": torch.from_numpy(codes.codes), "item_of_key": torch.from_numpy(trie.item_of_key)}
     if codes.centroids is not None:
         tensors["centroids"] = codes.centroids.contiguous()
-    out = run_dir / files.IDS
     with files.atomic_path(run_dir / files.TRIE) as tmp:
         trie.save(tmp)
     companions = [files.TRIE, files.IDS_STATS, files.IDS_PLOT]
@@ -72,7 +83,7 @@ def run(cfg: Config) -> Path:
     plot(stats, codes.codes, run_dir / files.IDS_PLOT)
     with files.atomic_path(out) as tmp:
         save_file(tensors, str(tmp))
-    files.write_manifest(out, "ids", to_dict(cfg), {files.EMBEDDINGS: embed_manifest["sha256"]},
+    files.write_manifest(out, "ids", to_dict(cfg), {files.EMBEDDINGS: embed_manifest["sha256"]}, recipe=recipe,
                          companions={name: files.sha256_file(run_dir / name) for name in companions})
     print(describe(summary))
     print(f"ids: {len(codes.codes)} identifiers of length {layout.length} -> {out}")
@@ -107,6 +118,21 @@ def _check(x: torch.Tensor, cfg: Config) -> None:
         raise CartError(f"ids.clusters={ids_cfg.clusters} is more than the {n} items: lower it")
     if ids_cfg.scheme == "rqkmeans" and ids_cfg.codebook_size > n:  # each level is a K-Means of all the items' residuals
         raise CartError(f"ids.codebook_size={ids_cfg.codebook_size} is more than the {n} items: lower it")
+    if ids_cfg.scheme in ("cart", "rq"):
+        parts = rqvae_bytes(ids_cfg, x.shape[1])
+        sizes = ", then ".join(f"{key}={getattr(ids_cfg, key.split('.')[1])}" for key in parts)
+        require_memory(sum(parts.values()), torch.device("cpu"), f"the RQ-VAE, sized most by {sizes},")
+
+
+def rqvae_bytes(ids_cfg, dim: int) -> dict[str, int]:
+    """About the memory the RQ-VAE's training takes, float32, by the setting that sizes each part (the
+    largest first): its MLPs with their gradients and Adam's moments and a batch's activations, and its
+    codebooks with their running averages and a batch's distances to every code."""
+    batch = ids_cfg.rqvae_batch_size
+    mlps = 4 * (4 * 2 * (dim + ids_cfg.rqvae_latent) * ids_cfg.rqvae_hidden + 4 * batch * ids_cfg.rqvae_hidden)
+    codebooks = 4 * ids_cfg.levels * ids_cfg.codebook_size * (3 * ids_cfg.rqvae_latent + 4 * batch)
+    parts = {"ids.rqvae_hidden": mlps, "ids.codebook_size": codebooks}
+    return dict(sorted(parts.items(), key=lambda part: -part[1]))
 
 
 def _item(cfg: Config, row: int) -> str:

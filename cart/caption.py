@@ -21,13 +21,21 @@ from cart.errors import CartError
 from cart.images import load_rgb
 
 
-def run(cfg: Config) -> Path:
-    """Caption every image of the run's corpus; return the path of `captions.jsonl`."""
+def run(cfg: Config, force: bool = False) -> Path:
+    """Caption every image of the run's corpus; return the path of `captions.jsonl`. Captions of the same
+    corpus and settings are kept; other ones a model was trained on are replaced only with `force`."""
     caption_cfg = cfg.caption
     records = [r for r in corpus.read(cfg.run_dir) if r["modality"] == "image"]
     _, corpus_manifest = files.verified_input(cfg.run_dir, files.CORPUS)
     if not records:
         raise CartError(f"{cfg.run_dir / files.CORPUS}: no image items to caption")
+    captioner_folder(caption_cfg.model)
+    settings = {k: v for k, v in to_dict(cfg)["caption"].items() if k not in ("batch_size", "device", "save_every")}
+    recipe = {"corpus": corpus_manifest["sha256"], "caption": settings}
+    out = cfg.run_dir / files.CAPTIONS
+    if files.check_replace(cfg.run_dir, files.CAPTIONS, recipe, force):
+        print(f"caption: {out} is up to date (the same corpus and caption settings; --force captions again)")
+        return out
     captioner = load_captioner(caption_cfg.model, caption_cfg.device)
 
     def caption(start: int, stop: int) -> dict:
@@ -51,23 +59,29 @@ def run(cfg: Config) -> Path:
     joined = shards.map_in_shards(len(records), caption_cfg.batch_size * caption_cfg.save_every, caption,
                                   cfg.run_dir / files.CAPTIONS_PARTIAL, state, "caption")
     if joined is None:  # another process of `accelerate launch`: the main one writes
-        return cfg.run_dir / files.CAPTIONS
+        return out
     lines = shards.tensors_to_texts(joined)
-    out = cfg.run_dir / files.CAPTIONS
     files.write_text(out, "".join(lines))
-    files.write_manifest(out, "caption", to_dict(cfg), {files.CORPUS: corpus_manifest["sha256"]}, items=len(lines))
+    files.write_manifest(out, "caption", to_dict(cfg), {files.CORPUS: corpus_manifest["sha256"]}, recipe=recipe,
+                         items=len(lines))
     shutil.rmtree(cfg.run_dir / files.CAPTIONS_PARTIAL, ignore_errors=True)
     print(f"caption: {len(lines)} images captioned with {caption_cfg.model} -> {out}")
     return out
 
 
-def load_captioner(folder: str, device: str):
-    from transformers import pipeline
-
+def captioner_folder(folder: str) -> Path:
+    """The local model folder `caption.model` names, refusing one without a model config."""
     path = Path(folder).expanduser() if folder else None
     if path is None or not (path / "config.json").exists():
         raise CartError(f"caption.model: no model config.json in {folder or '(not set)'}: give a local "
                         f"image-to-text model folder (e.g. a BLIP captioning model)")
+    return path
+
+
+def load_captioner(folder: str, device: str):
+    from transformers import pipeline
+
+    path = captioner_folder(folder)
     try:
         return pipeline("image-text-to-text", model=str(path), device=pick_device(device), local_files_only=True)
     except (OSError, ValueError) as e:

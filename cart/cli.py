@@ -2,8 +2,9 @@
 
 It seeds Python, NumPy and torch from `seed` before a stage runs; the stages that must not depend on
 what ran before reseed their own draws from the config (training's initial weights and its dropout
-per batch, the RQ-VAE, the generators). Errors meant for the user (CartError) print as one line,
-without a traceback.
+per batch, the RQ-VAE, the generators). A stage holds its run folder while it writes it (one writer at a
+time). Errors meant for the user (CartError), a file the system refuses and memory that runs out print
+as one line, without a traceback, and exit with code 2.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ STAGES = {
     "eval": ("cart.evaluate", "R@1/5/10 and MRR@10 of CART and the baselines on the held-out queries, an HTML report"),
     "pipeline": ("cart.pipeline", "run every stage in order (the demo)"),
 }
+# stages whose output later stages are built from: replacing it takes --force
+FORCE = {"corpus": "replace the run's corpus even when later stages were built from it",
+         "embed": "recompute the embeddings even when later stages were built from them",
+         "ids": "rebuild the identifiers even when a model was trained on them",
+         "caption": "caption again even when a model was trained on the captions",
+         "pipeline": "let every stage replace what later stages were built from"}
 RETRIEVE_HELP = "ranked items for query texts (arguments, --file, or one a line on stdin)"
 GENERATE_HELP = "retrieve images for a prompt and generate from them (preview, OmniGen, SDXL + IP-Adapter)"
 
@@ -57,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. embed.batch_size=16")
         if name == "corpus":
             sub.add_argument("--on-bad", choices=("stop", "skip"), help="stop at the first bad item (default) or skip bad items")
-            sub.add_argument("--force", action="store_true",
-                             help="replace the run's corpus even when later stages were built from it")
+        if name in FORCE:
+            sub.add_argument("--force", action="store_true", help=FORCE[name])
     retrieve = commands.add_parser("retrieve", help=RETRIEVE_HELP, description=RETRIEVE_HELP)
     retrieve.add_argument("--run", required=True, help="a trained run folder, e.g. checkpoints/emoji")
     retrieve.add_argument("queries", nargs="*", metavar="QUERY")
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides)
     if getattr(args, "on_bad", None):
         overrides.append(f"corpus.on_bad={args.on_bad}")
-    options = {"force": args.force} if args.command == "corpus" else {}
+    options = {"force": args.force} if args.command in FORCE else {}
     _guarded(args.command, lambda: _stage(args.command, args.config, overrides, options))
 
 
@@ -101,21 +108,36 @@ def _guarded(command: str, work) -> None:
     try:
         work()
     except CartError as e:
-        print(f"cart {command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(command, str(e))
+    except OSError as e:  # the system refused a file: a read-only folder, a full disk, a path under /proc
+        _fail(command, f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+    except MemoryError:
+        _fail(command, "ran out of memory: lower the sizes (ids.*, model.*) or batch sizes of the config")
+    except RuntimeError as e:  # torch's allocators raise RuntimeError
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        _fail(command, f"ran out of memory ({str(e).splitlines()[0][:200]}): lower the sizes (ids.*, model.*) or "
+                       f"batch sizes of the config")
     except KeyboardInterrupt:
         print(f"cart {command}: interrupted", file=sys.stderr)
         sys.exit(130)
 
 
+def _fail(command: str, message: str) -> None:
+    print(f"cart {command}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _stage(command: str, config: str | None, overrides: list[str], options: dict) -> None:
+    from cart import files
     from cart.config import load_config
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, named=True)
     _seed(cfg.seed)
     module = importlib.import_module(STAGES[command][0])
     start = time.perf_counter()
-    module.run(cfg, **options)
+    with files.run_lock(cfg.run_dir, f"cart {command}"):
+        module.run(cfg, **options)
     if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the first process reports
         print(f"cart {command}: done in {time.perf_counter() - start:.1f} s")
 
@@ -126,7 +148,7 @@ def _generate(args) -> None:
     overrides = list(args.overrides)
     if args.subquery or args.split:
         overrides.append("generate.mode=subqueries")
-    cfg = load_config(args.config, overrides)  # before the heavy imports: a bad value fails at once
+    cfg = load_config(args.config, overrides, named=args.run is None)  # before the heavy imports: fails at once
     from cart import generate
 
     cfg.generate.subqueries = args.subquery or cfg.generate.subqueries
@@ -155,8 +177,7 @@ def _retrieve(args) -> None:
     transformers_logging.disable_progress_bar()  # no "Loading weights" bar in front of the results
     retriever = Retriever.load(args.run, beam_width=args.beams, rerank=args.rerank)
     for query, hits in zip(queries, retriever.search(queries, k=args.k, batch_size=args.batch_size)):
-        warning = None if retriever.reads(query) else (
-            f"no word of the query {query!r} is known to the model's tokenizer: these results mean nothing")
+        warning = retriever.warning(query)
         if warning:
             print(f"cart retrieve: warning: {warning}", file=sys.stderr)
         print(json.dumps({"query": query, "hits": [vars(h) for h in hits]} | ({"warning": warning} if warning else {}),

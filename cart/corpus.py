@@ -24,6 +24,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import filetype
 from PIL import Image
 from tqdm import tqdm
 
@@ -39,8 +40,6 @@ EXTENSIONS = {
 }
 MANIFEST_COLUMNS = ("id", "modality", "path", "texts", "split")
 REQUIRED_COLUMNS = ("id", "path", "texts")
-# files built from the corpus: a corpus with other content would leave them stale
-LATER_OUTPUTS = (files.EMBEDDINGS, files.IDS, files.MODEL_WEIGHTS)
 
 
 class BadItem(Exception):
@@ -49,7 +48,8 @@ class BadItem(Exception):
 
 def run(cfg: Config, force: bool = False) -> Path:
     """Build `corpus.jsonl` in the run folder from `cfg.corpus`; return its path. A corpus with other content
-    than the run's present one, whose later stages were built from it, is refused unless `force`."""
+    than the run's present one, whose later stages were built from it, is refused unless `force`
+    (`files.check_replace`)."""
     corpus_cfg = cfg.corpus
     corpus_cfg = dataclasses.replace(corpus_cfg, path=os.path.expanduser(corpus_cfg.path),
                                      media_root=os.path.expanduser(corpus_cfg.media_root))
@@ -81,32 +81,20 @@ def run(cfg: Config, force: bool = False) -> Path:
         raise CartError(f"corpus: no usable items in {corpus_cfg.path or corpus_cfg.source}")
     out = cfg.run_dir / files.CORPUS
     content = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
-    _refuse_replacing_a_used_corpus(cfg.run_dir, content, force)
+    recipe = {"content": hashlib.sha256(content).hexdigest()}
+    if files.check_replace(cfg.run_dir, files.CORPUS, recipe, force):
+        print(f"corpus: {out} is up to date (the same {len(records)} items)")
+        return out
     with files.atomic_path(out) as tmp:
         tmp.write_bytes(content)
     inputs = {Path(corpus_cfg.path).name: files.sha256_file(corpus_cfg.path)} if Path(corpus_cfg.path).is_file() else {}
     if corpus_cfg.source == "emoji":
         inputs = dict(emoji.PACKAGES)
     stats = summarize(records)
-    files.write_manifest(out, "corpus", to_dict(cfg), inputs, stats=stats, skipped=skipped)
+    files.write_manifest(out, "corpus", to_dict(cfg), inputs, recipe=recipe, stats=stats, skipped=skipped)
     kinds = ", ".join(f"{n} {k}" for k, n in stats["texts"].items())
     print(f"corpus: {len(records)} items ({kinds}); {len(skipped)} skipped -> {out}")
     return out
-
-
-def _refuse_replacing_a_used_corpus(run_dir: Path, content: bytes, force: bool) -> None:
-    """A corpus with other content replaces the run's present one only when no later stage used it, or with
-    `force`; either way the replacement is said out loud."""
-    out = run_dir / files.CORPUS
-    if not out.exists() or files.sha256_file(out) == hashlib.sha256(content).hexdigest():
-        return
-    used = [name for name in LATER_OUTPUTS if (run_dir / name).exists()]
-    if used and not force:
-        raise CartError(f"{out} exists with other content, and {', '.join(used)} were built from it: choose "
-                        f"another run name (run=NAME), or `cart corpus --force` to replace it (then rerun the "
-                        f"later stages)")
-    print(f"cart corpus: replacing {out}, which had other content" + (f" ({', '.join(used)} are now stale)" if used else ""),
-          file=sys.stderr)
 
 
 def read(run_dir: Path) -> list[dict]:
@@ -129,6 +117,8 @@ def _check(record: dict, seen: dict, where: str, check_media: bool) -> None:
     item_id = record.get("id")
     if not isinstance(item_id, str) or not item_id.strip():
         raise BadItem(f"missing item id: {item_id!r}")
+    if not item_id.isprintable():  # an id is printed in tables and written in files, one line each
+        raise BadItem(f"item id {item_id!r} is not one printable line (a line break or control character)")
     if item_id in seen:
         raise BadItem(f"duplicate item id {item_id!r} (first at {seen[item_id]})")
     if record.get("modality") not in MODALITIES:
@@ -142,6 +132,11 @@ def _check(record: dict, seen: dict, where: str, check_media: bool) -> None:
                 image.load()  # a full decode: verify() alone misses truncated files
         except Exception as e:  # PIL raises several types for broken files
             raise BadItem(f"unreadable or truncated image {path}: {e}") from None
+    elif check_media:  # audio and video are decoded by the encoder; here their format is told from the bytes
+        kind = filetype.guess(str(path))
+        if kind is None or not kind.mime.startswith(record["modality"] + "/"):
+            found = kind.mime if kind else f"no known {record['modality']} format"
+            raise BadItem(f"the {record['modality']} item's file {path} holds {found}")
     if not record["texts"]:
         raise BadItem("no text: an item needs at least one training text or held-out query")
     for i, text in enumerate(record["texts"]):
@@ -180,10 +175,16 @@ def media_path(root: Path, value) -> str:
         raise BadItem(f"path should be a file name, got {value!r}")
     if Path(value).is_absolute():
         return value
-    path, inside = os.path.normpath(root / value), os.path.abspath(root)
-    if os.path.commonpath([os.path.abspath(path), inside]) != inside:
+    path = os.path.normpath(root / value)
+    if not inside(root, path):
         raise BadItem(f"path {value!r} leaves the media root {root} (an absolute path may point elsewhere)")
     return path
+
+
+def inside(root: Path, path: str) -> bool:
+    """Whether `path` lies under `root` once every link is followed (a link out of the root leaves it)."""
+    root = os.path.realpath(root)
+    return os.path.commonpath([os.path.realpath(path), root]) == root
 
 
 def _read_utf8(path: Path) -> str:
@@ -356,6 +357,9 @@ def _folder(corpus_cfg: CorpusConfig):
     root = Path(corpus_cfg.path)
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()):
         where = str(path)
+        if not inside(root, str(path)):
+            yield where, BadItem(f"a link to {os.path.realpath(path)}, outside the folder {root}")
+            continue
         texts = []
         sidecar = path.with_suffix(".txt")
         if sidecar.exists():

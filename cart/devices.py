@@ -1,10 +1,13 @@
-"""The torch device a setting names ("auto": CUDA when there is one), for every stage that runs a model."""
+"""The torch device a setting names ("auto": CUDA when there is one), for every stage that runs a model, and
+the memory it has free."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+
+from cart.errors import CartError
 
 
 def pick_device(name: str) -> torch.device:
@@ -14,3 +17,26 @@ def pick_device(name: str) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         return torch.device("cpu")
     return torch.device(name)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device`: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def require_memory(need: int | None, device: torch.device, what: str) -> None:
+    """Refuse, before allocating it, work that needs more memory than `device` has free (`what` says which
+    settings size it)."""
+    free = free_memory(device)
+    if need is not None and need > free:
+        raise CartError(f"{what} needs about {need / 2**30:,.1f} GiB, but {device.type} has {free / 2**30:,.1f} "
+                        f"GiB free: lower it")

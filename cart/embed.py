@@ -25,8 +25,9 @@ from cart.devices import pick_device
 from cart.errors import CartError
 
 
-def run(cfg: Config) -> Path:
-    """Write `embeddings.safetensors` for the run's corpus; return its path."""
+def run(cfg: Config, force: bool = False) -> Path:
+    """Write `embeddings.safetensors` for the run's corpus; return its path. Embeddings of the same corpus
+    and settings are kept; other ones that later stages were built from are replaced only with `force`."""
     run_dir, embed_cfg = cfg.run_dir, cfg.embed
     records = corpus.read(run_dir)
     _, corpus_manifest = files.verified_input(run_dir, files.CORPUS)
@@ -36,6 +37,10 @@ def run(cfg: Config) -> Path:
         held_out = data.held_out_texts(records, cfg)
         records = data.without_texts(records, held_out)
         extra["validation_left_out"] = data.held_out_digest(held_out)
+    made_from = recipe(cfg, corpus_manifest["sha256"], extra)
+    if files.check_replace(run_dir, files.EMBEDDINGS, made_from, force):
+        print(f"embed: {out} is up to date (the same corpus and embed settings; --force computes it again)")
+        return out
     if embed_cfg.encoder == "precomputed":
         matrix = encoders.load_precomputed(embed_cfg.weights, [r["id"] for r in records])
     else:
@@ -49,11 +54,21 @@ def run(cfg: Config) -> Path:
         save_file({"embeddings": matrix}, str(tmp))
     files.write_manifest(
         out, "embed", to_dict(cfg), {files.CORPUS: corpus_manifest["sha256"]},
+        recipe=made_from,
         encoder=embed_cfg.encoder, items=len(matrix), dim=matrix.shape[1], **extra,
     )
     shutil.rmtree(run_dir / files.EMBEDDINGS_PARTIAL, ignore_errors=True)
     print(f"embed: {len(matrix)} x {matrix.shape[1]} ({embed_cfg.encoder}) -> {out}")
     return out
+
+
+def recipe(cfg: Config, corpus_sha: str, extra: dict) -> dict:
+    """What decides the embeddings: the corpus, the encoder and its weights (not the batch size, device or
+    save frequency)."""
+    settings = {k: v for k, v in to_dict(cfg)["embed"].items() if k not in ("batch_size", "device", "save_every")}
+    weights = Path(cfg.embed.weights).expanduser()
+    return {"corpus": corpus_sha, "embed": settings, **extra,
+            "weights_sha256": files.sha256_file(weights) if cfg.embed.weights and weights.is_file() else None}
 
 
 def _encode(records: list[dict], cfg: Config, corpus_sha: str, extra: dict) -> torch.Tensor | None:

@@ -2,18 +2,25 @@
 
 Stages talk only through files in `checkpoints/<run>/`. Each file `X.ext` has a
 manifest `X.manifest.json` beside it: the stage that wrote it, the file's
-sha256, the sha256 of every input it was built from, the resolved config and
-the package version. A stage refuses an input whose own manifest does not
-match it (edited or half-written) and an output built from other inputs.
+sha256, the sha256 of every input it was built from, the resolved config, the
+package version and a checksum of the manifest's own content. A stage refuses
+an input whose own manifest does not match it (edited or half-written), an
+output built from other inputs, and to replace an output that later outputs
+were built from (`check_replace`). One stage at a time writes a run folder
+(`run_lock`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +47,7 @@ EVAL = "eval.json"  # metrics of CART and the baselines per held-out query set
 HITS = "hits.jsonl"  # per query: each method's ranked items and the rank of the first right one
 EVAL_PARTIAL = "eval.partial"  # resumable shards of each method's rankings while `cart eval` runs
 REPORT = "report.html"
+LOCK = ".lock"  # held (flock) by the stage writing the run folder; names it and its PID
 
 # Which command writes each file, for "run X first" messages.
 WRITER = {CORPUS: "cart corpus", EMBEDDINGS: "cart embed", IDS: "cart ids", CAPTIONS: "cart caption",
@@ -48,9 +56,11 @@ WRITER = {CORPUS: "cart corpus", EMBEDDINGS: "cart embed", IDS: "cart ids", CAPT
 
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`, else remove it."""
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`, else remove it.
+    What a killed writer of `path` left (its temporary) is removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -59,6 +69,30 @@ def atomic_path(path: Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID runs (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
+
+
+def remove_dead_temporaries(folder: Path, name: str | None = None) -> None:
+    """Remove the temporaries `.<name>.tmp-<PID>` (files or folders; of any name when None) in `folder`
+    whose process is gone: a kill left them, and no one will finish them."""
+    pattern = re.compile(rf"\.{re.escape(name) if name else '.+'}\.tmp-(\d+)")
+    for entry in Path(folder).glob(f".{glob.escape(name) if name else '*'}.tmp-*"):
+        match = pattern.fullmatch(entry.name)
+        if match and int(match[1]) != os.getpid() and not process_alive(int(match[1])):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def staging_folder(path: Path) -> Path:
@@ -148,7 +182,8 @@ def manifest_path(path: Path) -> Path:
 
 
 def write_manifest(path: Path, stage: str, config: dict, inputs: dict[str, str], **extra) -> dict:
-    """Record what `path` is and what it was built from (`inputs`: file name -> sha256)."""
+    """Record what `path` is and what it was built from (`inputs`: file name -> sha256), with a checksum
+    of the record itself (`manifest_sha256`), so that an edited manifest is refused like an edited file."""
     manifest = {
         "stage": stage,
         "file": Path(path).name,
@@ -159,8 +194,35 @@ def write_manifest(path: Path, stage: str, config: dict, inputs: dict[str, str],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
+    manifest = json.loads(json.dumps(manifest))  # as it will read back (tuples become lists)
+    manifest["manifest_sha256"] = _content_sha(manifest)
     write_text(manifest_path(path), json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _content_sha(manifest: dict) -> str:
+    """sha256 of a manifest's content, its own checksum left out, in a canonical form."""
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of the stage output `path`, refusing one that is missing, unreadable or edited."""
+    where, writer = manifest_path(path), WRITER.get(_run_name(path), "the stage that wrote it")
+    try:
+        manifest = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise CartError(f"{where} is missing or unreadable: rerun `{writer}`") from None
+    if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _content_sha(manifest):
+        raise CartError(f"{where} does not match its own checksum (edited by hand, or written by an older cart): "
+                        f"rerun `{writer}`")
+    return manifest
+
+
+def _run_name(path: Path) -> str:
+    """`path`'s name inside the run folder (`model/model.safetensors` for the model's weights)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name == MODEL else path.name
 
 
 def verified_input(run_dir: Path, name: str) -> tuple[Path, dict]:
@@ -168,10 +230,7 @@ def verified_input(run_dir: Path, name: str) -> tuple[Path, dict]:
     path = Path(run_dir) / name
     if not path.exists():
         raise CartError(f"{path} is missing: run `{WRITER.get(name, 'the stage that writes it')}` first")
-    try:
-        manifest = json.loads(manifest_path(path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        raise CartError(f"{manifest_path(path)} is missing or unreadable: rerun `{WRITER.get(name)}`") from None
+    manifest = read_manifest(path)
     if manifest.get("sha256") != sha256_file(path):
         raise CartError(f"{path} does not match its manifest (edited by hand?): rerun `{WRITER.get(name)}`")
     return path, manifest
@@ -201,3 +260,98 @@ def require_built_from(output: dict, output_name: str, run_dir: Path, input_name
             f"{Path(run_dir) / output_name} was built from another {input_name}: "
             f"rerun `{WRITER.get(output_name)}`"
         )
+
+
+def check_replace(run_dir: Path, name: str, recipe: dict, force: bool) -> bool:
+    """Before a stage writes `name`: True when the present one is whole and was made from `recipe` (the
+    inputs and settings that decide its content; `write_manifest(..., recipe=recipe)` records it), so the
+    stage has nothing to do (unless `force`). A present `name` is replaced freely when nothing was built
+    from it, or when it is stale itself (its own inputs changed); otherwise only with `force`, which says
+    what goes stale, and without it a CartError says what was built from it."""
+    path = Path(run_dir) / name
+    if not path.exists():
+        return False
+    sha = sha256_file(path)
+    try:
+        manifest = read_manifest(path)
+    except CartError:
+        manifest = {}  # a damaged manifest: nothing here is known to be up to date
+    recipe = json.loads(json.dumps(recipe))
+    if manifest.get("sha256") == sha and manifest.get("recipe") == recipe and not force:
+        return True
+    users = built_from(run_dir, name, sha)
+    if not users or not _inputs_current(run_dir, manifest.get("inputs", {})):
+        return False
+    command = WRITER.get(name, "the stage")
+    if not force:
+        raise CartError(f"{path} exists, made from other inputs or settings, and {', '.join(users)} were built "
+                        f"from it: choose another run name (run=NAME), or `{command} --force` to replace it (then "
+                        f"rerun the later stages)")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{command}: --force: replacing {path}; {', '.join(users)}, built from it, will be stale",
+              file=sys.stderr)
+    return False
+
+
+def built_from(run_dir: Path, name: str, sha: str) -> list[str]:
+    """The outputs of the run folder whose manifests name the version `sha` of `name` among their inputs."""
+    run_dir = Path(run_dir)
+    users = []
+    for where in sorted([*run_dir.glob("*.manifest.json"), *(run_dir / MODEL).glob("*.manifest.json")]):
+        try:
+            manifest = json.loads(where.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        output = where.parent / str(manifest.get("file"))
+        if isinstance(manifest, dict) and manifest.get("inputs", {}).get(name) == sha and output.exists():
+            users.append(_run_name(output))
+    return users
+
+
+def _inputs_current(run_dir: Path, inputs: dict) -> bool:
+    """Whether each input that is a file of the run folder is still the version named in `inputs`."""
+    for input_name, sha in inputs.items():
+        path = Path(run_dir) / input_name
+        if input_name in WRITER and path.exists():
+            try:
+                if read_manifest(path).get("sha256") != sha:
+                    return False
+            except CartError:
+                return False
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: Path, command: str):
+    """Hold the run folder while `command` writes it: a second writer gets a one-line error naming the
+    holder and its PID. The lock is the kernel's (flock): a killed holder's lock is free at once, so the
+    next run takes it over. Under `accelerate launch` the first process holds it for all. A folder made
+    here and left empty is removed again."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK, "a+", encoding="utf-8")
+    except OSError as e:
+        raise CartError(f"cannot write the run folder {run_dir}: {e.strerror or e} (output_dir and run name it)") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise CartError(f"{run_dir} is being written by {holder}: wait for it to end, or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"`{command}` (PID {os.getpid()})\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+            shutil.rmtree(run_dir, ignore_errors=True)

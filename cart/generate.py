@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -217,15 +218,15 @@ def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> t
     generate_cfg = cfg.generate
     if generate_cfg.mode == "subqueries":
         queries, written = subqueries_for(prompt, cfg)
-        if generate_cfg.selection == "hybrid":
-            hybrid = _hybrid(retriever, queries, generate_cfg.images, generate_cfg.pareto_beta)
-            if hybrid is not None:
-                return queries, hybrid[0], hybrid[1] | written
-            print("generate: no caption contains any sub-query: the generative selection instead")
     else:
         queries = list(generate_cfg.concepts) or [prompt]
-    k = retriever.beam_width
-    results = retriever.search(queries, k=k)
+    warn_unread(retriever, queries)
+    if generate_cfg.mode == "subqueries" and generate_cfg.selection == "hybrid":
+        hybrid = _hybrid(retriever, queries, generate_cfg.images, generate_cfg.pareto_beta)
+        if hybrid is not None:
+            return queries, hybrid[0], hybrid[1] | written
+        print("generate: no caption contains any sub-query: the generative selection instead")
+    results = retriever.search(queries, k=retriever.beam_width)
     found: dict[int, Retrieved] = {}
     for query, hits in zip(queries, results):
         for hit in hits:
@@ -240,6 +241,14 @@ def retrieve_for_generation(retriever: Retriever, prompt: str, cfg: Config) -> t
         return queries, chosen, {"selection": "generative", "candidates": len(candidates)} | written
     return queries, in_turn([[found[h.row] for h in hits] for hits in results], generate_cfg.images), \
         {"selection": "in turn", "candidates": len(candidates)}
+
+
+def warn_unread(retriever: Retriever, queries: list[str]) -> None:
+    """Warn of each query the model cannot read (emoji only, say): what it retrieves means nothing."""
+    for query in queries:
+        warning = retriever.warning(query)
+        if warning:
+            print(f"cart generate: warning: {warning}", file=sys.stderr)
 
 
 def in_turn(ranked: list[list[Retrieved]], cap: int) -> list[Retrieved]:
@@ -277,8 +286,10 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
     else:
         queries, chosen, selection = retrieve_for_generation(retriever, prompt, cfg)
         images = only_images(retriever, chosen, prompt)
-    out_dir = _new_folder(run_dir / "generations", generate_cfg.name or _slug(prompt))
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    parent, name = run_dir / "generations", generate_cfg.name or _slug(prompt)
+    parent.mkdir(parents=True, exist_ok=True)
+    files.remove_dead_temporaries(parent)  # what killed generations left
+    tmp = parent / f".{name}.tmp-{os.getpid()}"
     try:
         tmp.mkdir()
         if critic is None:
@@ -289,21 +300,26 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
             made, rounds = imagerag(retriever, generator, critic, prompt, cfg, tmp)
             queries, images = rounds[-1]["queries"], [Retrieved(**r) for r in rounds[-1]["retrieved"]]
             selection = {"selection": f"ImageRAG's loop, {len(rounds)} round(s)"}
-        outputs = [out_dir / path.relative_to(tmp) for path in made]
-        record = {"prompt": prompt, "mode": generate_cfg.mode, "queries": queries, "selection": selection,
-                  "retrieved": [asdict(c) for c in images],
-                  "generator": generate_cfg.generator, "settings": generator.settings(), "seed": cfg.seed,
-                  "outputs": [str(p) for p in outputs], "run": str(run_dir)}
-        if rounds is not None:
-            record["rounds"] = [r | {"outputs": [str(out_dir / Path(o).relative_to(tmp)) for o in r["outputs"]]}
-                                for r in rounds]
-            record["rounds_board"] = str(out_dir / "rounds.png")
-        files.write_text(tmp / "record.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_dir)  # over the empty folder reserved for it
+
+        def record(out_dir: Path) -> dict:
+            """What the generation in `tmp` is, its files named where they will be: under `out_dir`."""
+            def moved(path) -> str:
+                return str(out_dir / Path(path).relative_to(tmp))
+
+            written = {"prompt": prompt, "mode": generate_cfg.mode, "queries": queries, "selection": selection,
+                       "retrieved": [asdict(c) for c in images],
+                       "generator": generate_cfg.generator, "settings": generator.settings(), "seed": cfg.seed,
+                       "outputs": [moved(p) for p in made], "run": str(run_dir)}
+            if rounds is not None:
+                written["rounds"] = [r | {"outputs": [moved(o) for o in r["outputs"]]} for r in rounds]
+                written["rounds_board"] = str(out_dir / "rounds.png")
+            return written
+
+        out_dir = _publish(tmp, parent, name, record)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        out_dir.rmdir()
         raise
+    outputs = [out_dir / path.relative_to(tmp) for path in made]
     print(f"generate: {len(images)} retrieved image(s) -> {generate_cfg.generator}: {', '.join(str(p) for p in outputs)}")
     print(f"generate: record -> {out_dir / 'record.json'}")
     return out_dir
@@ -344,6 +360,7 @@ def imagerag(retriever: Retriever, generator, critic, prompt: str, cfg: Config,
             return made, rounds
         queries = ([description for _, description in verdict.missing][: g.concepts_per_round]
                    if verdict.missing is not None else [prompt])
+        warn_unread(retriever, queries)
         hits = retriever.search(queries, k=retriever.beam_width)
         ranked = [[Retrieved(h.id, h.path, h.row, h.score, {q: h.score}, [q]) for h in found
                    if retriever.records[h.row]["modality"] == "image"] for q, found in zip(queries, hits)]
@@ -355,15 +372,19 @@ def imagerag(retriever: Retriever, generator, critic, prompt: str, cfg: Config,
             return made, rounds
 
 
-def _new_folder(parent: Path, name: str) -> Path:
-    """Reserve a new empty folder `name` under `parent`, or `name-2`, `name-3`, ... when it is taken."""
-    parent.mkdir(parents=True, exist_ok=True)
+def _publish(tmp: Path, parent: Path, name: str, record) -> Path:
+    """Rename the finished generation `tmp` to `name` under `parent`, or `name-2`, `name-3`, ... when that is
+    taken (an empty folder, which a killed older cart left, is not), with `record(folder)` as its
+    record.json: the folder appears whole or not at all, and never replaces an earlier generation."""
     for n in itertools.count(1):
         folder = parent / (name if n == 1 else f"{name}-{n}")
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            continue
+        files.write_text(tmp / "record.json", json.dumps(record(folder), indent=2, ensure_ascii=False) + "\n")
         try:
-            folder.mkdir()
+            os.rename(tmp, folder)  # refused when another generation took the name meanwhile
             return folder
-        except FileExistsError:
+        except OSError:
             continue
 
 

@@ -37,6 +37,9 @@ def load(run_dir: Path) -> tuple[CartT5, object, Identifiers]:
         files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, name)
     ids = build_ids.load(run_dir)
     model = CartT5.from_pretrained(run_dir / files.MODEL, local_files_only=True).eval()
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise CartError(f"{run_dir / files.MODEL_WEIGHTS} holds NaN or infinite weights: it answers nothing; "
+                        f"train again with a lower train.learning_rate")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / files.MODEL, local_files_only=True)
     return model, tokenizer, ids
 
@@ -46,13 +49,14 @@ def load_tokenizer(cfg: Config):
 
     model_cfg = cfg.model
     source = model_cfg.tokenizer or model_cfg.pretrained or "minilm"
+    key = "model.tokenizer" if model_cfg.tokenizer or not model_cfg.pretrained else "model.pretrained"
     folder = minilm_dir() if source == "minilm" else Path(source).expanduser()
     if not folder.is_dir():
-        raise CartError(f"model.tokenizer: folder not found: {folder}")
+        raise CartError(f"{key}: folder not found: {folder}")
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise CartError(f"model.tokenizer: cannot load a tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+        raise CartError(f"{key}: cannot load a tokenizer from {folder}: {str(e).splitlines()[0]}") from None
 
 
 def build_model(cfg: Config, level_sizes: list[int], text_vocab_size: int,
@@ -62,9 +66,7 @@ def build_model(cfg: Config, level_sizes: list[int], text_vocab_size: int,
     model_cfg = cfg.model
     if model_cfg.geometry and geometry is None:
         raise ValueError("model.geometry needs the identifier geometry to start from")
-    options = dict(fine_fusion=model_cfg.fine_fusion, level_softmax=model_cfg.level_softmax,
-                   geometry_scale=model_cfg.geometry_scale,
-                   geometry_dim=geometry.shape[1] if model_cfg.geometry else 0)
+    options = _options(cfg, geometry.shape[1] if model_cfg.geometry else 0)
     if model_cfg.pretrained:
         folder = Path(model_cfg.pretrained).expanduser()
         if not (folder / "config.json").exists():
@@ -73,15 +75,7 @@ def build_model(cfg: Config, level_sizes: list[int], text_vocab_size: int,
         if model_cfg.geometry:
             model.geometry.data.copy_(geometry)
         return model
-    text_encoder = None
-    if model_cfg.encoder == "minilm":  # the config checked d_model and the tokenizer
-        text_encoder = json.loads((minilm_dir() / "config.json").read_text(encoding="utf-8"))
-    config = cart_config(text_vocab_size=text_vocab_size, level_sizes=level_sizes, fusion=model_cfg.fusion, **options,
-                         text_encoder=text_encoder, freeze_encoder=model_cfg.freeze_encoder, tune_layers=model_cfg.tune_layers,
-                         d_model=model_cfg.d_model, d_kv=model_cfg.d_model // model_cfg.num_heads, d_ff=model_cfg.d_ff,
-                         num_layers=model_cfg.num_layers,
-                         num_decoder_layers=model_cfg.num_decoder_layers, num_heads=model_cfg.num_heads, dropout_rate=model_cfg.dropout)
-    model = CartT5(config)
+    model = CartT5(_built_config(cfg, level_sizes, text_vocab_size, options))
     if model_cfg.encoder == "minilm":  # the whole pretrained encoder, as sentence-transformers loads it
         weights = load_file(str(minilm_dir() / "model.safetensors"))
         missing, _ = model.encoder.bert.load_state_dict({k: v for k, v in weights.items() if not k.startswith("pooler")},
@@ -93,6 +87,38 @@ def build_model(cfg: Config, level_sizes: list[int], text_vocab_size: int,
     if model_cfg.geometry:
         model.geometry.data.copy_(geometry)
     return model
+
+
+def _options(cfg: Config, geometry_dim: int) -> dict:
+    """CartT5's options beyond T5's sizes, as `model.*` says."""
+    model_cfg = cfg.model
+    return dict(fine_fusion=model_cfg.fine_fusion, level_softmax=model_cfg.level_softmax,
+                geometry_scale=model_cfg.geometry_scale, geometry_dim=geometry_dim if model_cfg.geometry else 0)
+
+
+def _built_config(cfg: Config, level_sizes: list[int], text_vocab_size: int, options: dict):
+    """The T5 config of a CartT5 built from `model.*`'s sizes (not from a pretrained T5)."""
+    model_cfg = cfg.model
+    text_encoder = None
+    if model_cfg.encoder == "minilm":  # the config checked d_model and the tokenizer
+        text_encoder = json.loads((minilm_dir() / "config.json").read_text(encoding="utf-8"))
+    return cart_config(text_vocab_size=text_vocab_size, level_sizes=level_sizes, fusion=model_cfg.fusion, **options,
+                       text_encoder=text_encoder, freeze_encoder=model_cfg.freeze_encoder, tune_layers=model_cfg.tune_layers,
+                       d_model=model_cfg.d_model, d_kv=model_cfg.d_model // model_cfg.num_heads, d_ff=model_cfg.d_ff,
+                       num_layers=model_cfg.num_layers, num_decoder_layers=model_cfg.num_decoder_layers,
+                       num_heads=model_cfg.num_heads, dropout_rate=model_cfg.dropout)
+
+
+def training_bytes(cfg: Config, level_sizes: list[int], text_vocab_size: int, geometry_dim: int) -> int | None:
+    """About the memory training's model takes before any batch: its weights, their gradients and AdamW's two
+    moments, float32 (counted on torch's meta device, which allocates nothing). None for a pretrained T5,
+    whose size its checkpoint already proves."""
+    if cfg.model.pretrained:
+        return None
+    with torch.device("meta"):
+        model = CartT5(_built_config(cfg, level_sizes, text_vocab_size, _options(cfg, geometry_dim)))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * (sum(p.numel() for p in model.parameters()) + 3 * trained)
 
 
 def identifier_geometry(run_dir: Path, ids: Identifiers) -> torch.Tensor:

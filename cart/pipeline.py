@@ -10,8 +10,11 @@ from cart.config import Config
 from cart.retriever import Retriever, format_hits
 
 
-def run(cfg: Config) -> Path:
-    outputs = [corpus.run(cfg), embed.run(cfg), build_ids.run(cfg), train.run(cfg), evaluate.run(cfg)]
+def run(cfg: Config, force: bool = False) -> Path:
+    """Every stage in order; what is up to date is kept, and `force` lets a stage replace an output that
+    later ones were built from."""
+    outputs = [corpus.run(cfg, force), embed.run(cfg, force), build_ids.run(cfg, force), train.run(cfg),
+               evaluate.run(cfg)]
     history = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text(encoding="utf-8"))["history"]
     print("\nvalidation by epoch (training-derived texts held out of training; the held-out query sets are not "
           "used), R@1 / R@10 / MRR@10:")

@@ -14,7 +14,6 @@ log-probability.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +59,7 @@ class Retriever:
         if not run_dir.is_dir():
             raise CartError(f"run folder not found: {run_dir}")
         model, tokenizer, ids = model_io.load(run_dir)
-        manifest = json.loads(files.manifest_path(run_dir / files.MODEL_WEIGHTS).read_text(encoding="utf-8"))
+        manifest = files.read_manifest(run_dir / files.MODEL_WEIGHTS)
         config = manifest["config"]
         beam_width = config["retrieve"]["beam_width"] if beam_width is None else beam_width
         if beam_width < 1:
@@ -92,12 +91,17 @@ class Retriever:
         rerank = self.reranker is not None if rerank is None else rerank
         if rerank and self.reranker is None:
             raise CartError("this retriever was loaded without rerank: Retriever.load(run, rerank=True)")
+        for name, value in (("k", k), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise CartError(f"{name} must be a whole number, got {value!r}")
         if k > self.beam_width:
             raise CartError(f"k={k} is larger than the beam width {self.beam_width}: pass a larger beam width")
         if k < 1:
             raise CartError(f"k must be at least 1, got {k}")
         if batch_size < 1:
             raise CartError(f"batch size must be at least 1, got {batch_size}")
+        if isinstance(queries, str) or not isinstance(queries, (list, tuple)):
+            raise CartError(f"queries must be a list of texts, got {type(queries).__name__}")
         for i, query in enumerate(queries):
             if not isinstance(query, str) or not query.strip():
                 raise CartError(f"query {i + 1} is empty")
@@ -128,10 +132,18 @@ class Retriever:
                                  max_tokens=self.max_query_tokens, device=self.device)
 
     def reads(self, query: str) -> bool:
-        """False when the tokenizer knows nothing in `query` (every token unknown, e.g. a script or emoji
-        outside its vocabulary): the model then sees the same empty input for every such query."""
+        """False when the tokenizer knows no word in `query` (every token unknown, e.g. a script or emoji
+        outside its vocabulary, or a special token such as [CLS]): the model then sees the same empty input
+        for every such query."""
         tokens = self.tokenizer(query, add_special_tokens=False)["input_ids"]
-        return any(token != self.tokenizer.unk_token_id for token in tokens)
+        return any(token not in self.tokenizer.all_special_ids for token in tokens)
+
+    def warning(self, query: str) -> str | None:
+        """What to tell the user about `query` before its results: None, or that they mean nothing."""
+        if self.reads(query):
+            return None
+        return (f"the model's tokenizer knows no word of the query {query!r} (only unknown characters or special "
+                f"tokens): these results mean nothing")
 
 
 def _reranker(run_dir: Path, manifest: dict, device: torch.device):

@@ -36,10 +36,11 @@ from cart import build_ids, corpus, data, files, scoring
 from cart.build_ids import Identifiers
 from cart.config import Config, to_dict
 from cart.decoding import decode_texts
+from cart.devices import require_memory
 from cart.encoders import query_encoder
 from cart.errors import CartError
 from cart.losses import cart_loss
-from cart.model_io import build_model, identifier_geometry, load_tokenizer
+from cart.model_io import build_model, identifier_geometry, load_tokenizer, training_bytes
 from cart.rerank import WEIGHTS, item_embeddings, rerank
 from cart.scoring import DEPTH
 
@@ -108,6 +109,10 @@ def run(cfg: Config) -> Path:
     with torch.random.fork_rng():  # the initial weights depend on the seed alone, however the run started
         torch.manual_seed(cfg.seed)
         geometry = identifier_geometry(run_dir, ids) if cfg.model.geometry else None
+        need = training_bytes(cfg, ids.layout.level_sizes, len(tokenizer), 0 if geometry is None else geometry.shape[1])
+        require_memory(need, accelerator.device, f"the model (model.d_model={cfg.model.d_model}, model.d_ff="
+                                                 f"{cfg.model.d_ff}, {cfg.model.num_layers} + {cfg.model.num_decoder_layers}"
+                                                 f" layers), its gradients and AdamW's moments")
         model = build_model(cfg, ids.layout.level_sizes, len(tokenizer), geometry).to(accelerator.device)
     cache = None
     if train_cfg.cache_encoder and getattr(model.encoder, "frozen", False):
@@ -186,6 +191,7 @@ def run(cfg: Config) -> Path:
             with accelerator.accumulate(model):
                 ranking = train_cfg.rank_weight if progress.epoch >= train_cfg.rank_after else 0.0
                 loss = cart_loss(model, batch, train_cfg.rdrop_weight, ranking)
+                _require_finite_loss(accelerator, loss.total, progress, cfg)
                 accelerator.backward(loss.total)
                 optimizer.step()
                 scheduler.step()
@@ -203,14 +209,14 @@ def run(cfg: Config) -> Path:
                                  "kl": loss.kl.item(), "rank": loss.rank.item(), "learning_rate": scheduler.get_last_lr()[0],
                                  "pairs_per_second": pairs_per_second}, step=progress.step)
             if progress.step % train_cfg.save_every == 0:
-                _save_state(accelerator, run_dir, progress, train_cfg.keep_states)
+                _save_state(accelerator, model, run_dir, progress, train_cfg.keep_states)
         progress.epoch += 1
         progress.batches_done = 0
         score, reranked = _validate(accelerator, model, tokenizer, ids, validation, progress)
         if progress.record(score, reranked):
             _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
         stop = progress.stale >= train_cfg.patience > 0
-        _save_state(accelerator, run_dir, progress, train_cfg.keep_states)
+        _save_state(accelerator, model, run_dir, progress, train_cfg.keep_states)
     bar.close()
     if progress.best_step == 0:  # no validation happened (no epochs left): keep what we have
         _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
@@ -341,9 +347,32 @@ def _validate(accelerator, model, tokenizer, ids, validation: Validation, progre
     return score, reranked
 
 
+def _require_finite_loss(accelerator, loss: torch.Tensor, progress: Progress, cfg: Config) -> None:
+    """Stop training at a loss that is NaN or infinite (on any process), before it reaches the weights:
+    what was saved before stays the last good state and model."""
+    finite = torch.isfinite(loss.detach()).reshape(1).float()
+    if accelerator.num_processes > 1:  # every process stops together, or the others wait for it forever
+        finite = accelerator.gather(finite).min()
+    if finite.item() == 1:
+        return
+    kept = [str(p) for p in (_latest_state(cfg.run_dir), cfg.run_dir / files.MODEL) if p is not None and p.exists()]
+    raise CartError(f"the loss became NaN or infinite at step {progress.step + 1} (epoch {progress.epoch + 1}, batch "
+                    f"{progress.batches_done + 1}): training stopped, "
+                    + (f"keeping {' and '.join(kept)}" if kept else "nothing was saved yet")
+                    + f"; lower train.learning_rate ({cfg.train.learning_rate}) or check the data")
+
+
+def _require_finite_weights(model, progress: Progress) -> None:
+    """Refuse to save weights that are NaN or infinite (a step that diverged): they would answer nothing."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise CartError(f"the weights are not finite after step {progress.step}: training diverged and nothing "
+                        f"was saved; lower train.learning_rate and start again")
+
+
 def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progress: Progress) -> None:
     """Write the model, its tokenizer and its manifest (which hashes every file of the folder) under a
     temporary name, then publish them as `model/` in one step: a model always exists, old or new."""
+    _require_finite_weights(model, progress)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = cfg.run_dir / files.MODEL
@@ -359,9 +388,10 @@ def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progre
     accelerator.wait_for_everyone()
 
 
-def _save_state(accelerator, run_dir: Path, progress: Progress, keep: int) -> None:
+def _save_state(accelerator, model, run_dir: Path, progress: Progress, keep: int) -> None:
     """Every process saves into a temporary folder, then the first publishes it as state/step_N: a folder
     named step_N is complete."""
+    _require_finite_weights(model, progress)
     out = run_dir / files.STATE / f"step_{progress.step}"
     tmp = files.staging_folder(out)
     if accelerator.is_main_process:

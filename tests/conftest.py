@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -81,14 +82,31 @@ def unit_rows(matrix) -> bool:
     return bool(np.allclose(np.linalg.norm(np.asarray(matrix), axis=1), 1.0, atol=1e-5))
 
 
+def dead_pid() -> int:
+    """The PID of a process that has ended (what a kill -9 leaves behind in a temporary's name)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def silent_wav(path: Path) -> Path:
+    """A WAV file of 10 ms of silence (16 kHz, 16-bit mono)."""
+    with wave.open(str(path), "wb") as clip:
+        clip.setnchannels(1), clip.setsampwidth(2), clip.setframerate(16000), clip.writeframes(b"\0\0" * 160)
+    return path
+
+
 def prepare_run(root: Path, modality: str = "image"):
     """A run ready for `cart train` under root: corpus (12 items, 3 training texts each, 2 held-out items),
     random precomputed embeddings, ids. Returns config(*overrides) for it; config.overrides holds its own.
-    `modality`: what the items are (their files stay the same images: the embeddings are precomputed)."""
+    `modality`: what the items are, image or audio (a short silent WAV each: the embeddings are precomputed)."""
     from cart import build_ids, corpus, embed
 
     make_media(root)
-    rows = [{"id": f"item{i}", "modality": modality, "path": f"media/img{i % 6}.png",
+    if modality == "audio":
+        for i in range(6):
+            silent_wav(root / f"media/img{i}.wav")
+    suffix = {"image": "png", "audio": "wav"}[modality]
+    rows = [{"id": f"item{i}", "modality": modality, "path": f"media/img{i % 6}.{suffix}",
              "texts": [f"{c} number {i}", f"shape {i}", f"{c} thing {i // 2}"], "split": "test" if i >= 10 else "train"}
             for i, c in enumerate(COLOURS * 2)]
     manifest = write_jsonl(root / "manifest.jsonl", rows)

@@ -1,10 +1,19 @@
-"""Every subcommand meets a bad number the same way: exit code 2 and one line on stderr, no traceback."""
+"""The command line against a hostile user: every subcommand meets a bad number the same way (exit code 2 and
+one line on stderr, no traceback), and no command ruins a trained run."""
 
+import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
+from cart import build_ids, corpus, embed, files
+from cart.errors import CartError
+from cart.retriever import Retriever
 from conftest import ROOT
 
 CONFIG = ["--config", "configs/emoji.yaml"]
@@ -33,3 +42,67 @@ def test_bad_numbers_are_one_line_errors(args, message):
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"cart {args[0]}: error: ") and message in done.stderr
     assert done.stdout == ""
+
+
+def copy_of(trained, tmp_path):
+    """A copy of the session's tiny trained run under tmp_path; config(*overrides) for it."""
+    source = trained().run_dir
+    shutil.copytree(source, tmp_path / "runs" / source.name, symlinks=True)
+    return lambda *extra: trained(f"output_dir={tmp_path / 'runs'}", *extra)
+
+
+def test_rerunning_a_stage_never_replaces_what_a_trained_model_was_built_from(trained, tmp_path, capsys):
+    config = copy_of(trained, tmp_path)
+    run_dir = config().run_dir
+    names = (files.CORPUS, files.EMBEDDINGS, files.IDS, files.TRIE, files.MODEL_WEIGHTS)
+    before = {name: files.sha256_file(run_dir / name) for name in names}
+    corpus.run(config())
+    embed.run(config())
+    build_ids.run(config())
+    assert capsys.readouterr().out.count("is up to date") == 3  # the same inputs and settings: nothing to do
+    np.save(tmp_path / "other.npy", np.random.default_rng(1).normal(size=(12, 8)).astype(np.float32))
+    with pytest.raises(CartError, match=rf"{run_dir}/embeddings.safetensors exists, made from other inputs or "
+                                        r"settings, and ids.safetensors.* were built from it: .*`cart embed --force`"):
+        embed.run(config(f"embed.weights={tmp_path / 'other.npy'}"))
+    with pytest.raises(CartError, match=r"ids.safetensors exists, made from other inputs or settings, and "
+                                        r".*model/model.safetensors.* were built from it: .*`cart ids --force`"):
+        build_ids.run(config("ids.codebook_size=3"))
+    assert {name: files.sha256_file(run_dir / name) for name in names} == before
+    assert Retriever.load(run_dir).search("red number 0")[0]  # the trained run still answers
+    done = subprocess.run([sys.executable, "-m", "cart", "ids", "--config", "configs/tiny.yaml", *trained.overrides,
+                           f"output_dir={tmp_path / 'runs'}", "ids.codebook_size=3"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "`cart ids --force`" in done.stderr
+    build_ids.run(config("ids.codebook_size=3"), force=True)
+    assert "model/model.safetensors" in capsys.readouterr().err.split("built from it, will be stale")[0]
+    with pytest.raises(CartError, match="was built from another ids.safetensors"):
+        Retriever.load(run_dir)
+
+
+def test_an_edited_model_manifest_is_refused(trained, tmp_path):
+    run_dir = copy_of(trained, tmp_path)().run_dir
+    where = files.manifest_path(run_dir / files.MODEL_WEIGHTS)
+    manifest = json.loads(where.read_text())
+    where.write_text(json.dumps(manifest | {"rerank_weight": 1.0}, indent=2))
+    with pytest.raises(CartError, match="model.manifest.json does not match its own checksum"):
+        Retriever.load(run_dir)
+    manifest["config"]["retrieve"]["beam_width"] = 3
+    where.write_text(json.dumps(manifest, indent=2))
+    done = subprocess.run([sys.executable, "-m", "cart", "retrieve", "--run", str(run_dir), "red"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "does not match its own checksum" in done.stderr and done.stdout == ""
+
+
+def test_a_model_with_non_finite_weights_is_never_loaded(trained, tmp_path):
+    run_dir = copy_of(trained, tmp_path)().run_dir
+    path = run_dir / files.MODEL_WEIGHTS
+    manifest = json.loads(files.manifest_path(path).read_text())
+    weights = load_file(str(path))
+    name = next(iter(weights))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(path), metadata={"format": "pt"})
+    kept = {k: v for k, v in manifest.items() if k not in ("stage", "file", "sha256", "inputs", "config",
+                                                            "cart_version", "created", "manifest_sha256")}
+    files.write_manifest(path, manifest["stage"], manifest["config"], manifest["inputs"], **kept)  # as if saved so
+    with pytest.raises(CartError, match="model.safetensors holds NaN or infinite weights"):
+        Retriever.load(run_dir)

@@ -5,7 +5,7 @@ import pytest
 
 from cart import corpus, files
 from cart.errors import CartError
-from conftest import COLOURS, make_image, write_jsonl
+from conftest import COLOURS, make_image, silent_wav, write_jsonl
 
 
 def texts_of(records, kind):
@@ -224,6 +224,8 @@ def test_csv_header_must_name_known_columns(tiny_config, tmp_path, media, header
     ({"texts": ["red", 3]}, "texts\\[1\\] should be a string, got int 3"),
     ({"texts": [{"text": "red", "kind": "query"}]}, "texts\\[0\\]: a query needs the name of its query set"),
     ({"split": 3}, "split should be a string, got 3"),
+    ({"id": "../../evil\nid"}, r"item id '../../evil\\nid' is not one printable line"),
+    ({"id": "tab\there"}, r"item id 'tab\\there' is not one printable line"),
 ])
 def test_jsonl_items_without_usable_text_or_id_are_bad_input(tiny_config, tmp_path, media, change, message):
     row = {"id": "a", "modality": "image", "path": "media/img0.png", "texts": ["red"]} | change
@@ -251,6 +253,38 @@ def test_media_paths_stay_inside_the_media_root_unless_absolute(tiny_config, tmp
         corpus.run(tiny_config("corpus.source=karpathy", f"corpus.path={tmp_path / 'k.json'}"))
 
 
+def test_a_link_inside_the_media_root_that_points_outside_it_is_refused(tiny_config, tmp_path, media):
+    outside = make_image(tmp_path / "elsewhere" / "x.png")
+    (media / "link.png").symlink_to(outside)
+    (media / "inner.png").symlink_to(media / "img1.png")  # a link that stays inside is fine
+    path = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "path": "inner.png", "texts": ["green"]},
+                                              {"id": "b", "path": "link.png", "texts": ["elsewhere"]}])
+    with pytest.raises(CartError, match=r"m.jsonl line 2: path 'link.png' leaves the media root"):
+        corpus.run(tiny_config(f"corpus.path={path}", f"corpus.media_root={media}"))
+    records = corpus.read(corpus.run(tiny_config(f"corpus.path={path}", f"corpus.media_root={media}",
+                                                 "corpus.on_bad=skip")).parent)
+    assert [r["path"] for r in records] == [str(media / "inner.png")]
+    for image in media.glob("*.png"):
+        image.with_suffix(".txt").write_text("a shape\n")
+    with pytest.raises(CartError, match=r"link.png: a link to .*elsewhere/x.png, outside the folder"):
+        corpus.run(tiny_config("corpus.source=folder", f"corpus.path={media}"))
+
+
+@pytest.mark.parametrize("modality", ["audio", "video"])
+def test_an_audio_or_video_item_must_hold_audio_or_video(tiny_config, tmp_path, media, modality):
+    silent_wav(tmp_path / "tone.wav")
+    (tmp_path / "notes.mp3").write_text("not audio at all")
+    path = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "modality": modality, "path": "media/img0.png",
+                                               "texts": ["red"]}])
+    with pytest.raises(CartError, match=f"m.jsonl line 1: the {modality} item's file .*img0.png holds image/png"):
+        corpus.run(tiny_config(f"corpus.path={path}"))
+    write_jsonl(path, [{"id": "a", "modality": modality, "path": "notes.mp3", "texts": ["red"]}])
+    with pytest.raises(CartError, match=f"notes.mp3 holds no known {modality} format"):
+        corpus.run(tiny_config(f"corpus.path={path}"))
+    write_jsonl(path, [{"id": "a", "modality": "audio", "path": "tone.wav", "texts": ["a tone"]}])
+    assert corpus.read(corpus.run(tiny_config(f"corpus.path={path}")).parent)[0]["modality"] == "audio"
+
+
 def test_corpus_path_of_the_wrong_kind_is_one_clear_error(tiny_config, tmp_path, media, manifest):
     with pytest.raises(CartError, match="is a folder: corpus.source=manifest reads a file"):
         corpus.run(tiny_config(f"corpus.path={tmp_path}"))
@@ -269,11 +303,12 @@ def test_a_corpus_used_by_later_stages_is_not_replaced_silently(tiny_config, tmp
     before = (cfg.run_dir / files.CORPUS).read_bytes()
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     write_jsonl(manifest, rows[:-1])
-    with pytest.raises(CartError, match="corpus.jsonl exists with other content, and embeddings.safetensors were "
-                                        r"built from it: choose another run name \(run=NAME\), or `cart corpus --force`"):
+    with pytest.raises(CartError, match="corpus.jsonl exists, made from other inputs or settings, and "
+                                        r"embeddings.safetensors were built from it: choose another run name "
+                                        r"\(run=NAME\), or `cart corpus --force`"):
         corpus.run(cfg)
     assert (cfg.run_dir / files.CORPUS).read_bytes() == before
     capsys.readouterr()
     corpus.run(cfg, force=True)
     assert len(corpus.read(cfg.run_dir)) == 5
-    assert "(embeddings.safetensors are now stale)" in capsys.readouterr().err
+    assert "embeddings.safetensors, built from it, will be stale" in capsys.readouterr().err

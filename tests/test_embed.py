@@ -9,7 +9,7 @@ from cart import corpus, embed, encoders, evaluate, files
 from cart.encoders import imagebind
 from cart.cli import main
 from cart.errors import CartError
-from conftest import ROOT, TINY_IMAGEBIND, launch_two_processes, one_thread, unit_rows, write_jsonl
+from conftest import ROOT, TINY_IMAGEBIND, launch_two_processes, one_thread, silent_wav, unit_rows, write_jsonl
 
 
 def embeddings(run_dir):
@@ -99,7 +99,7 @@ def test_embed_refuses_a_stale_or_missing_corpus(tiny_config, manifest):
 
 
 def test_encoder_without_the_modality_is_a_clear_error(tiny_config, tmp_path, media):
-    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    silent_wav(tmp_path / "a.wav")
     path = write_jsonl(tmp_path / "m.jsonl", [
         {"id": "i", "modality": "image", "path": "media/img0.png", "texts": ["x"]},
         {"id": "s", "modality": "audio", "path": "a.wav", "texts": ["y"]},
@@ -117,6 +117,17 @@ def test_precomputed_through_the_stage(tiny_config, manifest, tmp_path):
     cfg.embed.encoder, cfg.embed.weights = "precomputed", str(tmp_path / "e.npy")
     embed.run(cfg)
     assert embeddings(cfg.run_dir).shape == (6, 4) and unit_rows(embeddings(cfg.run_dir))
+
+
+def test_precomputed_embeddings_must_be_real_numbers(tiny_config, manifest, tmp_path):
+    cfg = tiny_config(f"corpus.path={manifest}", "embed.encoder=precomputed", f"embed.weights={tmp_path / 'e.npy'}")
+    corpus.run(cfg)
+    np.save(tmp_path / "e.npy", np.array([["a", "b"]] * 6))
+    with pytest.raises(CartError, match="e.npy: holds <U1 values; embeddings are real numbers"):
+        embed.run(cfg)
+    np.save(tmp_path / "e.npy", np.array([[{"a": 1}]] * 6, dtype=object))
+    with pytest.raises(CartError, match="e.npy: cannot read it as a NumPy array: Object arrays cannot be loaded"):
+        embed.run(cfg)
 
 
 def test_imagebind_through_the_stage(tiny_config, manifest, tmp_path):

@@ -19,7 +19,7 @@ from cart.errors import CartError
 from cart.generators import OmniGen
 from cart.images import load_rgb
 from cart.retriever import Retriever
-from conftest import ROOT, prepare_run
+from conftest import ROOT, dead_pid, prepare_run
 
 PYTHON = sys.executable
 
@@ -449,3 +449,27 @@ def test_cli_generate_with_subqueries(trained):
     assert record["mode"] == "subqueries" and record["queries"] == ["red thing 1", "shape 2"]
     bad = subprocess.run([PYTHON, "-m", "cart", "generate", "", "--run", str(run_dir)], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "cart generate: error: empty prompt: give the text to generate from"
+
+
+def test_what_a_killed_generation_left_is_cleared_and_its_name_reused(trained):
+    parent = trained().run_dir / "generations"
+    parent.mkdir(exist_ok=True)
+    (parent / "killed").mkdir()  # the empty folder an older cart reserved before it was killed
+    leftover = parent / f".killed.tmp-{dead_pid()}"
+    leftover.mkdir()
+    (leftover / "generated.png").write_bytes(b"half")
+    out = generate.run(trained("generate.name=killed"), prompt="red")
+    assert out == parent / "killed" and (out / "record.json").is_file() and not leftover.exists()
+    again = generate.run(trained("generate.name=killed"), prompt="red")  # never over an earlier generation
+    assert again == parent / "killed-2"
+    record = json.loads((again / "record.json").read_text())
+    assert all(Path(p).is_file() and Path(p).parent == again for p in record["outputs"])
+    assert not [p for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_prompt_the_model_cannot_read_is_warned_of(trained, capsys):
+    generate.run(trained("generate.name=unread"), prompt="\U0001f431\U0001f680")
+    assert ("cart generate: warning: the model's tokenizer knows no word of the query '\U0001f431\U0001f680'"
+            in capsys.readouterr().err)
+    generate.run(trained("generate.name=read"), prompt="red thing 1")
+    assert "warning" not in capsys.readouterr().err

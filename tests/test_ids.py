@@ -256,7 +256,9 @@ def test_ids_built_from_other_embeddings_are_refused(embedded_run, tmp_path):
     build_ids.run(cfg)
     np.save(tmp_path / "other.npy", np.random.default_rng(0).random((6, 5), dtype=np.float32))
     cfg.embed.encoder, cfg.embed.weights = "precomputed", str(tmp_path / "other.npy")
-    embed.run(cfg)
+    with pytest.raises(CartError, match="ids.safetensors were built from it: .* `cart embed --force`"):
+        embed.run(cfg)
+    embed.run(cfg, force=True)
     with pytest.raises(CartError, match="ids.safetensors was built from another embeddings.safetensors: rerun `cart ids`"):
         build_ids.load(cfg.run_dir)
     (cfg.run_dir / files.TRIE).write_bytes(b"junk")
@@ -334,3 +336,10 @@ def test_balanced_kmeans_spreads_an_overused_cluster_and_refines_centroids():
     largest = [np.bincount(built.codes[:, level]).max() for level in range(3)]
     assert largest == [20, 25, 25]  # an even share of 100 items over 5 clusters, then over 4 codes
     assert len(np.unique(built.codes, axis=0)) == 100
+
+
+@pytest.mark.parametrize("key", ["ids.codebook_size", "ids.rqvae_hidden"])
+def test_an_rqvae_too_large_for_the_machine_is_refused_naming_its_key(embedded_run, tiny_config, manifest, key):
+    with pytest.raises(CartError, match=rf"the RQ-VAE, sized most by {key}=1000000000000, then ids.\w+=\d+, needs "
+                                        rf"about [\d,.]+ GiB, but cpu has [\d,.]+ GiB free: lower it"):
+        build_ids.run(tiny_config(f"corpus.path={manifest}", f"{key}=1000000000000"))

@@ -57,7 +57,7 @@ def test_retriever_errors_are_clear(trained, tmp_path):
 def test_a_model_of_other_identifiers_is_refused_at_load(tmp_path):
     config = prepare_run(tmp_path)
     train.run(config("train.epochs=1"))
-    build_ids.run(config("ids.codebook_size=3"))
+    build_ids.run(config("ids.codebook_size=3"), force=True)
     with pytest.raises(CartError, match="was built from another ids.safetensors"):
         Retriever.load(config().run_dir)
 
@@ -238,6 +238,12 @@ def test_api_refuses_zero_k_beams_and_batch_size(trained):
         retriever.search("red", k=0)
     with pytest.raises(CartError, match="batch size must be at least 1, got 0"):
         retriever.search("red", batch_size=0)
+    with pytest.raises(CartError, match="k must be a whole number, got 2.5"):
+        retriever.search("red", k=2.5)
+    with pytest.raises(CartError, match="batch_size must be a whole number, got '8'"):
+        retriever.search("red", batch_size="8")
+    with pytest.raises(CartError, match="queries must be a list of texts, got int"):
+        retriever.search(3)
     with pytest.raises(CartError, match="beam width must be at least 1, got 0"):
         Retriever.load(run_dir, beam_width=0)
 
@@ -246,11 +252,12 @@ def test_a_query_the_tokenizer_cannot_read_is_flagged(trained):
     retriever = Retriever.load(trained().run_dir)
     assert retriever.reads("red number 0") and retriever.reads("red 日本")
     assert not retriever.reads("\U0001f431 \U0001f680") and not retriever.reads("\U00020000\U00020001")  # emoji, rare CJK
+    assert not retriever.reads("[CLS] [SEP]") and not retriever.reads("[UNK][PAD]")  # special tokens only
     done = subprocess.run([PYTHON, "-m", "cart", "retrieve", "--run", str(trained().run_dir), "--json", "-k", "2",
                            "\U0001f431\U0001f680", "red"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert "no word of the query '\U0001f431\U0001f680' is known" in rows[0]["warning"] and "warning" not in rows[1]
+    assert "knows no word of the query '\U0001f431\U0001f680'" in rows[0]["warning"] and "warning" not in rows[1]
     assert done.stderr.strip().splitlines() == [f"cart retrieve: warning: {rows[0]['warning']}"]
 
 

@@ -84,7 +84,7 @@ def test_train_writes_a_loadable_model_states_and_an_honest_validation_split(rea
 def test_a_model_trained_on_other_identifiers_is_refused(ready_run):
     cfg = ready_run("train.epochs=1")
     train.run(cfg)
-    build_ids.run(ready_run("ids.clusters=2"))
+    build_ids.run(ready_run("ids.clusters=2"), force=True)
     with pytest.raises(CartError, match="was built from another ids.safetensors: rerun `cart train`"):
         model_io.load(cfg.run_dir)
 
@@ -341,7 +341,7 @@ def test_subset_queries_never_use_a_validation_text(ready_run):
 
 
 def test_greedy_validation_and_resuming_with_another_beam_width(ready_run):
-    cfg = ready_run("train.epochs=1", "retrieve.beam_width=1")
+    cfg = ready_run("train.epochs=1", "retrieve.beam_width=1", "retrieve.top_k=1")
     train.run(cfg)
     history = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())["history"]
     assert len(history) == 1 and 0 <= history[0]["validation"]["texts"]["R@1"] <= 1
@@ -432,3 +432,32 @@ def test_the_encoders_top_layer_is_tuned_after_the_frozen_epochs_only(ready_run)
         assert torch.equal(ours, value) != name.startswith("encoder.layer.5."), name
     history = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())["history"]
     assert len(history) == 2
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_loss_and_saves_nothing_of_it(ready_run):
+    cfg = ready_run("train.learning_rate=1e9", "train.epochs=3")
+    with pytest.raises(CartError, match=r"the loss became NaN or infinite at step (\d+) \(epoch 1, batch \1\): "
+                                        r"training stopped, (keeping .*state/step_\d+|nothing was saved yet); "
+                                        r"lower train.learning_rate \(1000000000.0\) or check the data"):
+        train.run(cfg)
+    for state in train._states(cfg.run_dir):  # what was saved is what came before the loss went wrong
+        assert all(torch.isfinite(w).all() for w in load_file(str(state / "model.safetensors")).values())
+    with pytest.raises(CartError, match="model.safetensors is missing: run `cart train` first"):
+        model_io.load(cfg.run_dir)  # never a model that answers nothing
+    diverged = torch.nn.Linear(2, 2)
+    diverged.weight.data[0, 0] = float("inf")
+    with pytest.raises(CartError, match="the weights are not finite after step 7: training diverged and nothing was "
+                                        "saved"):
+        train._require_finite_weights(diverged, train.Progress({}, step=7))
+
+
+def test_a_model_too_large_for_the_machine_is_refused_before_it_is_built(ready_run):
+    with pytest.raises(CartError, match=r"the model \(model.d_model=100000000, model.d_ff=64, 2 \+ 2 layers\), its "
+                                        r"gradients and AdamW's moments needs about [\d,.]+ GiB, but cpu has [\d,.]+ "
+                                        r"GiB free: lower it"):
+        train.run(ready_run("model.d_model=100000000"))
+
+
+def test_a_missing_pretrained_t5_names_its_key(ready_run):
+    with pytest.raises(CartError, match="model.pretrained: folder not found: /nope"):
+        train.run(ready_run("model.pretrained=/nope"))

@@ -66,7 +66,13 @@ def load_precomputed(path: str, ids: list[str]) -> torch.Tensor:
             metadata = f.metadata() or {}
         file_ids = json.loads(metadata["ids"]) if "ids" in metadata else None
     elif file.suffix == ".npy":
-        matrix = torch.from_numpy(np.load(file))
+        try:
+            array = np.load(file)
+        except (ValueError, OSError) as e:  # object arrays (allow_pickle is off), a file that is not .npy
+            raise CartError(f"{file}: cannot read it as a NumPy array: {str(e).splitlines()[0]}") from None
+        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+            raise CartError(f"{file}: holds {array.dtype} values; embeddings are real numbers")
+        matrix = torch.from_numpy(array)
         sidecar = file.with_suffix(".ids.txt")
         if sidecar.exists():
             file_ids = sidecar.read_text(encoding="utf-8").split("\n")
