@@ -109,6 +109,9 @@ def _guarded(command: str, work) -> None:
         work()
     except CartError as e:
         _fail(command, str(e))
+    except BrokenPipeError:  # the reader went away (`cart retrieve ... | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        sys.exit(1)
     except OSError as e:  # the system refused a file: a read-only folder, a full disk, a path under /proc
         _fail(command, f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
     except MemoryError:

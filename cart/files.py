@@ -288,7 +288,7 @@ def check_replace(run_dir: Path, name: str, recipe: dict, force: bool) -> bool:
                         f"from it: choose another run name (run=NAME), or `{command} --force` to replace it (then "
                         f"rerun the later stages)")
     if os.environ.get("RANK", "0") == "0":
-        print(f"{command}: --force: replacing {path}; {', '.join(users)}, built from it, will be stale",
+        print(f"{command}: --force: {path} will be replaced; {', '.join(users)}, built from it, will then be stale",
               file=sys.stderr)
     return False
 

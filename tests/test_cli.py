@@ -74,7 +74,7 @@ def test_rerunning_a_stage_never_replaces_what_a_trained_model_was_built_from(tr
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "`cart ids --force`" in done.stderr
     build_ids.run(config("ids.codebook_size=3"), force=True)
-    assert "model/model.safetensors" in capsys.readouterr().err.split("built from it, will be stale")[0]
+    assert "model/model.safetensors" in capsys.readouterr().err.split("built from it, will then be stale")[0]
     with pytest.raises(CartError, match="was built from another ids.safetensors"):
         Retriever.load(run_dir)
 

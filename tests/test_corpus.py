@@ -311,4 +311,4 @@ def test_a_corpus_used_by_later_stages_is_not_replaced_silently(tiny_config, tmp
     capsys.readouterr()
     corpus.run(cfg, force=True)
     assert len(corpus.read(cfg.run_dir)) == 5
-    assert "embeddings.safetensors, built from it, will be stale" in capsys.readouterr().err
+    assert "embeddings.safetensors, built from it, will then be stale" in capsys.readouterr().err

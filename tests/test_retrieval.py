@@ -76,6 +76,14 @@ def test_cli_retrieve_prints_a_table_json_and_reads_stdin(trained):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "cart retrieve: error: k=12 is larger than the beam width 10: pass a larger beam width")
+    # a reader that goes away (`| head -1`) ends it quietly
+    reader = subprocess.Popen([PYTHON, "-m", "cart", "retrieve", "--run", run_dir, "--file", "-"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader.stdin.write("red number 0\n" * 200)  # 200 x 5 lines of about 100 bytes: more than a pipe holds
+    reader.stdin.close()
+    assert reader.stdout.readline() == "red number 0\n"
+    reader.stdout.close()
+    assert reader.wait(timeout=120) == 1 and reader.stderr.read() == ""
 
 
 def test_eval_writes_metrics_hits_and_a_report_that_agree(trained):
