@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     retrieve.add_argument("--json", action="store_true", help="one JSON object a query instead of a table")
     retrieve.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
                           help="re-rank the beam's candidates by embedding cosine (default: the run's retrieve.rerank)")
+    retrieve.add_argument("--rerank-candidates", type=positive, default=None,
+                          help="beams whose candidates rerank re-orders (default: the run's retrieve.rerank_candidates)")
     generate = commands.add_parser("generate", help=GENERATE_HELP, description=GENERATE_HELP)
     generate.add_argument("prompt")
     generate.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. generate.images=2")
@@ -178,7 +180,8 @@ def _retrieve(args) -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # no "Loading weights" bar in front of the results
-    retriever = Retriever.load(args.run, beam_width=args.beams, rerank=args.rerank)
+    retriever = Retriever.load(args.run, beam_width=args.beams, rerank=args.rerank,
+                               rerank_candidates=args.rerank_candidates)
     for query, hits in zip(queries, retriever.search(queries, k=args.k, batch_size=args.batch_size)):
         warning = retriever.warning(query)
         if warning:

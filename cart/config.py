@@ -76,9 +76,18 @@ class CorpusConfig:
     media_root: str = ""  # where relative media paths point; default: the folder holding `path`
     split: str = "train"  # split given to every item when the source has none (coco, manifest, folder)
     query_splits: list[str] = field(default_factory=lambda: ["test"])  # these splits' texts are held-out queries
+    # these splits' texts are validation queries (kind `validation`): never trained on, never a test; `cart train`
+    # chooses on them (the `V` split)
+    validation_splits: list[str] = field(default_factory=lambda: ["val"])
     check_media: bool = True  # decode every image so truncated files are caught here, not mid-training
     on_bad: Literal["stop", "skip"] = "stop"  # skip: leave bad items out and report each one
     cache_dir: str = "~/.cache/cart"  # emoji: the npm packages are fetched and unpacked here
+
+    def __post_init__(self):
+        both = set(self.query_splits) & set(self.validation_splits)
+        if both:
+            raise InvalidValue("validation_splits", f"and corpus.query_splits both name {sorted(both)}: a split's "
+                                                    f"texts are held out for testing or for validation, not both")
 
 
 @dataclass
@@ -257,13 +266,18 @@ class RetrieveConfig:
     top_k: int = 10  # items `cart retrieve` prints per query (at most beam_width of them)
     batch_size: int = 32  # queries `cart retrieve` and `Retriever.search` decode together (on the GPU if any)
     examples: list[str] = field(default_factory=list)  # queries `cart pipeline` retrieves for at the end (the demo)
-    # CART + rerank: the beam's candidates re-scored by cosine(query, item) of the run's own embeddings (the query
-    # by the same encoder's text side) + w * log-probability, w chosen on validation by `cart train`; needs
-    # embed.encoder minilm-text or imagebind. `cart eval` reports it beside pure CART
+    # CART + rerank: the candidates of a beam search with rerank_candidates beams re-scored by cosine(query, item)
+    # of the run's own embeddings (the query by the same encoder's text side) + w * log-probability, w chosen on
+    # validation by `cart train`; needs embed.encoder minilm-text or imagebind. `cart eval` reports it beside
+    # pure CART (beam_width beams)
     rerank: bool = False
+    rerank_candidates: int = 10  # at least beam_width: a wider beam only for the rerank's candidates
 
     def __post_init__(self):
         at_least(self, 1, "beam_width", "top_k", "batch_size")
+        if self.rerank_candidates < self.beam_width:
+            raise InvalidValue("rerank_candidates", f"({self.rerank_candidates}) must be at least retrieve.beam_width "
+                                                    f"({self.beam_width})")
         if self.top_k > self.beam_width:
             raise InvalidValue("top_k", f"({self.top_k}) must be at most retrieve.beam_width ({self.beam_width}): "
                                         f"beam search finds no more items than it has beams")

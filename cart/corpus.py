@@ -9,8 +9,10 @@ Writes `checkpoints/<run>/corpus.jsonl`, one record per line:
      "meta": {...}}
 
 Text kinds: `caption` (a training query), `generated` (added by `cart caption`),
-`query` (held out; `set` names the query set). Items of `corpus.query_splits`
-have their texts held out as queries of a set named after the split.
+`query` (held out for testing; `set` names the query set), `validation` (held out for
+choosing: never trained on, never a test). Items of `corpus.query_splits` have their
+texts held out as queries of a set named after the split; items of
+`corpus.validation_splits` (`val`) as validation queries.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ EXTENSIONS = {
 }
 MANIFEST_COLUMNS = ("id", "modality", "path", "texts", "split")
 REQUIRED_COLUMNS = ("id", "path", "texts")
+KINDS = ("caption", "generated", "query", "validation")
 
 
 class BadItem(Exception):
@@ -145,20 +148,23 @@ def _check(record: dict, seen: dict, where: str, check_media: bool) -> None:
             raise BadItem(f"texts[{i}] should be a string, got {type(value).__name__} {value!r}")
         if not text["text"].strip():
             raise BadItem(f"empty text (texts[{i}])")
-        if text.get("kind") not in ("caption", "generated", "query"):
-            raise BadItem(f"texts[{i}]: unknown kind {text.get('kind')!r} (expected caption, generated or query)")
+        if text.get("kind") not in KINDS:
+            raise BadItem(f"texts[{i}]: unknown kind {text.get('kind')!r} (expected {', '.join(KINDS)})")
         if text["kind"] == "query" and not (isinstance(text.get("set"), str) and text["set"].strip()):
             raise BadItem(f"texts[{i}]: a query needs the name of its query set (\"set\")")
 
 
 def _texts(strings: list, split: str, corpus_cfg: CorpusConfig) -> list[dict]:
-    """Plain strings become captions, or held-out queries for items of a query split."""
+    """Plain strings become captions, held-out queries for items of a query split, or validation queries
+    for items of a validation split."""
     out = []
     for s in strings:
         if isinstance(s, dict):
             out.append(s)
         elif split in corpus_cfg.query_splits:
             out.append({"text": s, "kind": "query", "set": split})
+        elif split in corpus_cfg.validation_splits:
+            out.append({"text": s, "kind": "validation"})
         else:
             out.append({"text": s, "kind": "caption"})
     return out

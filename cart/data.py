@@ -1,8 +1,11 @@
 """Training data: (query text, item) pairs, the validation splits, batches of like length, and the frozen
 encoder's layer outputs computed once per text.
 
-Every training text of an item (kinds `caption`, `generated`) is a query for it. Two validation splits are
-carved from them (held-out query sets are never read):
+Every training text of an item (kinds `caption`, `generated`) is a query for it. The validation splits
+(held-out query sets are never read) are the corpus's own validation queries and two carved from the
+training texts:
+- `V`: the texts of kind `validation` (for the emoji set, the names other vendors give an emoji; for
+  Karpathy splits, the `val` captions), worded as users word queries, unlike the tags;
 - `texts`: whole training texts held out (a tag, or the joined tags), `train.validation_fraction` of the
   pairs (at most `train.validation_max`), from items with 2+ texts, each keeping one. They are also left
   out of the text `cart embed` embeds for an item (`minilm-text`), so identifiers do not know them either;
@@ -41,7 +44,7 @@ class Pairs:
 @dataclass
 class Splits:
     train: Pairs
-    validation: dict[str, Pairs]  # split name ("texts", "names") -> its pairs
+    validation: dict[str, Pairs]  # split name ("V", "texts", "names") -> its pairs
     relevant: dict[str, set[int]]  # lower-cased query -> every item having it as a training text (right answers)
 
 
@@ -108,7 +111,7 @@ def without_texts(records: list[dict], held_out: list[tuple[int, str]]) -> list[
 
 
 def split_pairs(records: list[dict], cfg: Config) -> Splits:
-    """Training pairs from every training text, the two validation splits, and every query's right answers."""
+    """Training pairs from every training text, the validation splits, and every query's right answers."""
     train_cfg = cfg.train
     relevant = items_by_text(records, TRAINING_KINDS)
     texts_of = [training_texts(record) for record in records]
@@ -122,7 +125,14 @@ def split_pairs(records: list[dict], cfg: Config) -> Splits:
             if (row, text) not in held_out:
                 train.texts.append(text)
                 train.items.append(row)
-    validation = {"texts": Pairs([text for _, text in sorted(held_out)], [row for row, _ in sorted(held_out)])}
+    given = Pairs([], [])
+    for row, record in enumerate(records):
+        for text in dict.fromkeys(t["text"] for t in record["texts"] if t["kind"] == "validation"):
+            given.texts.append(text)
+            given.items.append(row)
+            relevant.setdefault(text.lower(), set()).add(row)  # one name of several items: each is right
+    validation = {"V": given,
+                  "texts": Pairs([text for _, text in sorted(held_out)], [row for row, _ in sorted(held_out)])}
     by_item: dict[int, list[str]] = {}
     for text, row in zip(train.texts, train.items):
         by_item.setdefault(row, []).append(text)

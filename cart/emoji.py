@@ -6,7 +6,13 @@ emoji that have a Twemoji image and an emojibase entry (hexcode matched with
 FE0F removed; skin-tone variants are not top-level entries, so they stay out).
 Training texts are the English CLDR tags, one per tag plus all tags joined;
 held-out query set A is the English label, set B the GitHub, iamcal and
-joypixels shortcodes that differ from the label and every tag.
+joypixels shortcodes that differ from the label and every tag, set T a seeded
+5% of the tags (at most one an item, never its label; the joined tags leave it
+out too: the in-domain test). Validation queries (set V, never trained on, never
+a test) are the names other vendors give the same emoji: emojibase's own,
+legacy and CLDR shortcodes and the Unicode name in emoji-datasource, each kept
+only if, normalised (lower case, every run of other characters one space), it
+equals no held-out query and no training text of any emoji.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import random
+import re
 import shutil
 import subprocess
 import tarfile
@@ -29,7 +37,9 @@ PACKAGES = {
 }
 # Only these parts of each tarball are unpacked (the sprite sheets alone are 50 MB).
 KEEP = ("package/emoji.json", "package/img/twitter/64/", "package/en/data.json", "package/en/shortcodes/")
-SHORTCODE_SETS = ("github", "iamcal", "joypixels")
+SHORTCODE_SETS = ("github", "iamcal", "joypixels")  # set B
+VALIDATION_SHORTCODE_SETS = ("emojibase", "emojibase-legacy", "cldr")  # set V, with emoji-datasource's names
+HELD_OUT_TAGS = 0.05  # set T: this share of all tags, drawn with a fixed seed (the benchmark's, not the run's)
 TEXT_SOURCE = "Twemoji artwork (c) Twitter/X, CC-BY 4.0; text from Unicode CLDR via emojibase-data (MIT)"
 
 
@@ -79,24 +89,24 @@ def load_items(cache_dir: str | Path) -> list[dict]:
     }
     shortcodes = {
         name: json.loads((text / f"en/shortcodes/{name}.json").read_text(encoding="utf-8"))
-        for name in SHORTCODE_SETS
+        for name in SHORTCODE_SETS + VALIDATION_SHORTCODE_SETS
     }
+    found = [(emoji, entry) for emoji in json.loads((images / "emoji.json").read_text(encoding="utf-8"))
+             for entry in [emojibase.get(emoji["unified"].upper().replace("-FE0F", ""))]
+             if emoji.get("has_img_twitter") and entry is not None]
+    held_out = _held_out_tags([(entry["label"], entry.get("tags", [])) for _, entry in found])
     items = []
-    for emoji in json.loads((images / "emoji.json").read_text(encoding="utf-8")):
-        entry = emojibase.get(emoji["unified"].upper().replace("-FE0F", ""))
-        if not emoji.get("has_img_twitter") or entry is None:
-            continue
+    for i, (emoji, entry) in enumerate(found):
         label, tags = entry["label"], entry.get("tags", [])
-        captions = list(dict.fromkeys(tags + [" ".join(tags)]))
+        trained = [tag for tag in tags if tag != held_out.get(i)]
+        captions = list(dict.fromkeys(trained + [" ".join(trained)]))
         seen = {label.lower(), *(t.lower() for t in tags)}
         set_b = []
-        for name in SHORTCODE_SETS:
-            codes = shortcodes[name].get(entry["hexcode"], [])
-            for code in [codes] if isinstance(codes, str) else codes:
-                query = code.replace("_", " ")
-                if query.lower() not in seen:
-                    seen.add(query.lower())
-                    set_b.append(query)
+        for code in _codes(shortcodes, SHORTCODE_SETS, entry["hexcode"]):
+            query = code.replace("_", " ")
+            if query.lower() not in seen:
+                seen.add(query.lower())
+                set_b.append(query)
         items.append({
             "id": Path(emoji["image"]).stem,
             "modality": "image",
@@ -104,7 +114,44 @@ def load_items(cache_dir: str | Path) -> list[dict]:
             "split": "train",
             "texts": [{"text": t, "kind": "caption"} for t in captions]
             + [{"text": label, "kind": "query", "set": "A"}]
-            + [{"text": q, "kind": "query", "set": "B"} for q in set_b],
+            + [{"text": q, "kind": "query", "set": "B"} for q in set_b]
+            + ([{"text": held_out[i], "kind": "query", "set": "T"}] if i in held_out else []),
             "meta": {"label": label, "tags": tags, "emoji": entry["emoji"]},
         })
+    taken = {normalized(t["text"]) for item in items for t in item["texts"]}  # every training text and query
+    for item, (emoji, entry) in zip(items, found):
+        names = [*_codes(shortcodes, VALIDATION_SHORTCODE_SETS, entry["hexcode"]), emoji.get("name") or ""]
+        for name in dict.fromkeys(normalized(n) for n in names):
+            if name and name not in taken:
+                item["texts"].append({"text": name, "kind": "validation"})
     return items
+
+
+def normalized(text: str) -> str:
+    """Lower case, every run of characters other than letters and digits one space: "Clock_Face-7" -> "clock
+    face 7"."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def _codes(shortcodes: dict, sets: tuple[str, ...], hexcode: str) -> list[str]:
+    """An emoji's shortcodes in the given sets, in order (a set gives one string or a list)."""
+    out = []
+    for name in sets:
+        codes = shortcodes[name].get(hexcode, [])
+        out += [codes] if isinstance(codes, str) else codes
+    return out
+
+
+def _held_out_tags(entries: list[tuple[str, list[str]]]) -> dict[int, str]:
+    """Set T: item -> the tag it holds out, HELD_OUT_TAGS of all tags drawn with a fixed seed, at most one an
+    item, from items with 2+ tags, never a tag equal to the item's label."""
+    candidates = [(i, tag) for i, (label, tags) in enumerate(entries) if len(tags) > 1
+                  for tag in tags if tag.lower() != label.lower()]
+    random.Random("emoji/T").shuffle(candidates)
+    wanted = round(HELD_OUT_TAGS * sum(len(tags) for _, tags in entries))
+    held_out: dict[int, str] = {}
+    for i, tag in candidates:
+        if len(held_out) == wanted:
+            break
+        held_out.setdefault(i, tag)
+    return held_out

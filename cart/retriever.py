@@ -7,9 +7,9 @@
 
 A query is encoded, decoded by beam search constrained to the run's identifiers, and every finished
 identifier mapped back to its corpus item: the retriever can only ever return real items. With rerank
-(`retrieve.rerank`, `Retriever.load(run, rerank=True)`), the beam's candidates are re-ordered by
-`cart.rerank`: cosine of the query's and the item's embeddings + the weight `cart train` chose times the
-log-probability.
+(`retrieve.rerank`, `Retriever.load(run, rerank=True)`), the candidates of a beam search with
+`retrieve.rerank_candidates` beams are re-ordered by `cart.rerank`: cosine of the query's and the item's
+embeddings + the weight `cart train` chose times the log-probability.
 """
 
 from __future__ import annotations
@@ -40,19 +40,21 @@ class Hit:
 class Retriever:
     def __init__(self, model, tokenizer, ids, records: list[dict], *, beam_width: int, max_query_tokens: int,
                  device: torch.device, top_k: int = 10, batch_size: int = RetrieveConfig.batch_size,
-                 manifest: dict | None = None, reranker=None):
+                 manifest: dict | None = None, reranker=None, rerank_candidates: int | None = None):
         self.model = model.to(device).eval()
         self.tokenizer, self.ids, self.records = tokenizer, ids, records
         self.beam_width, self.max_query_tokens, self.device = beam_width, max_query_tokens, device
+        self.rerank_candidates = max(beam_width, rerank_candidates or beam_width)  # the rerank's beams
         self.top_k, self.batch_size = top_k, batch_size  # the run's defaults
         self.manifest = manifest or {}  # the model's: its sha256, the inputs it was trained on, its config
         self.reranker = reranker  # (query encoder, item embeddings, weight) when reranking
 
     @classmethod
     def load(cls, run_dir: str | Path, beam_width: int | None = None, device: str = "auto",
-             rerank: bool | None = None) -> "Retriever":
-        """The run's best model, tokenizer, identifiers and corpus; beam width, query length and rerank
-        default to the values the model was trained and validated with."""
+             rerank: bool | None = None, rerank_candidates: int | None = None) -> "Retriever":
+        """The run's best model, tokenizer, identifiers and corpus; beam width, query length, rerank and its
+        candidates (never fewer than the beam width) default to the values the model was trained and
+        validated with."""
         from cart import model_io
 
         run_dir = Path(run_dir)
@@ -64,6 +66,8 @@ class Retriever:
         beam_width = config["retrieve"]["beam_width"] if beam_width is None else beam_width
         if beam_width < 1:
             raise CartError(f"beam width must be at least 1, got {beam_width}")
+        if rerank_candidates is None:  # runs trained before the setting re-ranked the beam itself
+            rerank_candidates = config["retrieve"].get("rerank_candidates", beam_width)
         device = pick_device(device)
         rerank = config["retrieve"].get("rerank", False) if rerank is None else rerank
         reranker = _reranker(run_dir, manifest, device) if rerank else None
@@ -71,7 +75,7 @@ class Retriever:
                    max_query_tokens=config["model"]["max_query_tokens"], device=device,
                    top_k=config["retrieve"]["top_k"],
                    batch_size=config["retrieve"].get("batch_size", RetrieveConfig.batch_size),
-                   manifest=manifest, reranker=reranker)
+                   manifest=manifest, reranker=reranker, rerank_candidates=rerank_candidates)
 
     def search(self, queries: str | list[str], k: int | None = None, batch_size: int | None = None) -> list[list[Hit]]:
         """Ranked items for each query, best first (fewer than k when the beams found fewer); k and the
@@ -85,8 +89,8 @@ class Retriever:
     def search_rows(self, queries: list[str], k: int, batch_size: int | None = None,
                     rerank: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(Q, k) corpus rows (-1 where the beams found fewer than k items) and their log-probabilities
-        (with rerank, the whole beam re-ordered by the rerank score, and that score). `batch_size` and
-        `rerank`: default the retriever's."""
+        (with rerank, the candidates of `rerank_candidates` beams re-ordered by the rerank score, and that
+        score). `batch_size` and `rerank`: default the retriever's."""
         batch_size = self.batch_size if batch_size is None else batch_size
         rerank = self.reranker is not None if rerank is None else rerank
         if rerank and self.reranker is None:
@@ -94,8 +98,9 @@ class Retriever:
         for name, value in (("k", k), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise CartError(f"{name} must be a whole number, got {value!r}")
-        if k > self.beam_width:
-            raise CartError(f"k={k} is larger than the beam width {self.beam_width}: pass a larger beam width")
+        beams = self.rerank_candidates if rerank else self.beam_width
+        if k > beams:
+            raise CartError(f"k={k} is larger than the beam width {beams}: pass a larger beam width")
         if k < 1:
             raise CartError(f"k must be at least 1, got {k}")
         if batch_size < 1:
@@ -108,7 +113,7 @@ class Retriever:
         rows, scores = [], []
         for start in range(0, len(queries), batch_size):
             items, item_scores = decode_texts(self.model, self.tokenizer, self.ids.trie, queries[start: start + batch_size],
-                                              beams=self.beam_width, top_k=self.beam_width if rerank else k,
+                                              beams=beams, top_k=beams if rerank else k,
                                               max_tokens=self.max_query_tokens, device=self.device)
             if rerank:
                 encoder, embeddings, weight = self.reranker

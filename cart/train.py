@@ -257,16 +257,18 @@ def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, di
 
 
 def ranked_items(model, tokenizer, ids: Identifiers, texts: list[str], cfg: Config, device: torch.device,
-                 depth: int = DEPTH, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """The top `depth` items of constrained beam search (fewer with fewer beams) for each text, and their
-    log-probabilities: (n, depth) each, -1 / -inf where the beams found fewer."""
-    depth = min(depth, cfg.retrieve.beam_width)
+                 depth: int = DEPTH, beams: int | None = None, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """The top `depth` items of constrained beam search with `beams` beams (default `retrieve.beam_width`;
+    fewer items with fewer beams) for each text, and their log-probabilities: (n, depth) each, -1 / -inf where
+    the beams found fewer."""
+    beams = beams or cfg.retrieve.beam_width
+    depth = min(depth, beams)
     rows, scores = np.full((len(texts), depth), -1), np.full((len(texts), depth), -np.inf)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of like length pad less
     for start in range(0, len(texts), batch_size):
         batch = order[start: start + batch_size]
         rows[batch], scores[batch] = decode_texts(model, tokenizer, ids.trie, [texts[i] for i in batch],
-                                                  beams=cfg.retrieve.beam_width, top_k=depth,
+                                                  beams=beams, top_k=depth,
                                                   max_tokens=cfg.model.max_query_tokens, device=device)
     return rows, scores
 
@@ -276,34 +278,36 @@ TRAIN_SAMPLE = 200  # training pairs decoded after each epoch for the training-q
 
 class Validation:
     """The validation splits' figures after an epoch: R@1, R@5, R@10, MRR@10 of beam search and, with
-    `retrieve.rerank`, of the beam's candidates re-ranked (`cart.rerank`) at each weight of WEIGHTS; each
-    process decodes its share of the queries."""
+    `retrieve.rerank`, of the candidates of a beam search with `retrieve.rerank_candidates` beams re-ranked
+    (`cart.rerank`) at each weight of WEIGHTS; each process decodes its share of the queries."""
 
     def __init__(self, splits: data.Splits, cfg: Config, items: torch.Tensor | None, device: torch.device):
         """items: the run's item embeddings (`rerank.item_embeddings`), needed with `retrieve.rerank`."""
         self.splits, self.cfg = splits, cfg
         self.queries = self.items = None
+        self.beams: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the last decode, when rerank can reuse it
         if cfg.retrieve.rerank:  # the run's own embeddings, and the validation queries by the same encoder
             self.items = items
             texts = sorted({text for pairs in splits.validation.values() for text in pairs.texts})
             vectors = query_encoder(cfg.embed, device).encode_text(texts) if texts else torch.zeros(0)
             self.queries = dict(zip(texts, vectors))
 
-    def __call__(self, accelerator, model, tokenizer, ids) -> tuple[dict, dict | None, float]:
-        """(figures per split, the rerank weight and its figures or None, training-query R@1)."""
-        totals, reranked = {}, {}
+    def _mine(self, accelerator, pairs: data.Pairs) -> tuple[list[str], list[set[int]]]:
+        """This process's share of a split's queries and each one's right answers."""
+        texts = [pairs.texts[i] for i in range(accelerator.process_index, len(pairs.texts), accelerator.num_processes)]
+        return texts, [self.splits.relevant[t.lower()] for t in texts]
+
+    def __call__(self, accelerator, model, tokenizer, ids) -> tuple[dict, float]:
+        """(figures per split, training-query R@1) of beam search."""
+        totals = {}
+        reuse = self.queries is not None and self.cfg.retrieve.rerank_candidates == self.cfg.retrieve.beam_width
         for name, pairs in self.splits.validation.items():
-            mine = list(range(accelerator.process_index, len(pairs.texts), accelerator.num_processes))
-            texts = [pairs.texts[i] for i in mine]
-            relevant = [self.splits.relevant[t.lower()] for t in texts]
-            # with rerank, the whole beam: retrieval re-ranks all its candidates
-            depth = self.cfg.retrieve.beam_width if self.queries is not None else DEPTH
-            rows, scores = ranked_items(model, tokenizer, ids, texts, self.cfg, accelerator.device, depth)
+            texts, relevant = self._mine(accelerator, pairs)
+            # the whole beam when rerank will re-rank these very candidates
+            rows, scores = ranked_items(model, tokenizer, ids, texts, self.cfg, accelerator.device,
+                                        self.cfg.retrieve.beam_width if reuse else DEPTH)
+            self.beams = {**self.beams, name: (rows, scores)} if reuse else {}
             totals[name] = scoring.totals(rows[:, :DEPTH], relevant)
-            if self.queries is not None:
-                queries = torch.stack([self.queries[t] for t in texts]) if texts else torch.zeros(0, self.items.shape[1])
-                reranked[name] = np.stack([scoring.totals(rerank(rows, scores, queries, self.items, w)[0][:, :DEPTH],
-                                                          relevant) for w in WEIGHTS])
         train = self.splits.train  # how well it fits its own training queries: a sample tells enough
         sample = random.Random(self.cfg.seed).sample(range(len(train.texts)), min(len(train.texts), TRAIN_SAMPLE))
         mine = sample[accelerator.process_index::accelerator.num_processes]
@@ -311,13 +315,26 @@ class Validation:
         totals["train"] = scoring.totals(rows, [self.splits.relevant[train.texts[i].lower()] for i in mine])
         summed = {name: self._sum(accelerator, t) for name, t in totals.items()}
         figures = {name: scoring.from_totals(t) for name, t in summed.items() if name != "train"}
-        rerank_figures = None
-        if reranked:
-            reranked = {name: self._sum(accelerator, t) for name, t in reranked.items()}
-            by_weight = [{name: scoring.from_totals(t[i]) for name, t in reranked.items()} for i in range(len(WEIGHTS))]
-            best = max(range(len(WEIGHTS)), key=lambda i: np.mean([f["MRR@10"] for f in by_weight[i].values()]))
-            rerank_figures = {"weight": WEIGHTS[best], **by_weight[best]}
-        return figures, rerank_figures, scoring.from_totals(summed["train"])["R@1"]
+        return figures, scoring.from_totals(summed["train"])["R@1"]
+
+    def reranked(self, accelerator, model, tokenizer, ids) -> dict | None:
+        """The rerank weight of WEIGHTS with the best MRR@10 averaged over the splits, and its figures per split
+        (None with no split): the candidates of `retrieve.rerank_candidates` beams (the last decode of
+        `__call__` when it was as wide) re-ordered."""
+        candidates, reranked = self.cfg.retrieve.rerank_candidates, {}
+        for name, pairs in self.splits.validation.items():
+            texts, relevant = self._mine(accelerator, pairs)
+            rows, scores = self.beams.get(name) or ranked_items(model, tokenizer, ids, texts, self.cfg,
+                                                                accelerator.device, candidates, candidates)
+            queries = torch.stack([self.queries[t] for t in texts]) if texts else torch.zeros(0, self.items.shape[1])
+            reranked[name] = np.stack([scoring.totals(rerank(rows, scores, queries, self.items, w)[0][:, :DEPTH],
+                                                      relevant) for w in WEIGHTS])
+        if not reranked:
+            return None
+        reranked = {name: self._sum(accelerator, t) for name, t in reranked.items()}
+        by_weight = [{name: scoring.from_totals(t[i]) for name, t in reranked.items()} for i in range(len(WEIGHTS))]
+        best = max(range(len(WEIGHTS)), key=lambda i: np.mean([f["MRR@10"] for f in by_weight[i].values()]))
+        return {"weight": WEIGHTS[best], **by_weight[best]}
 
     @staticmethod
     def _sum(accelerator, totals: np.ndarray) -> np.ndarray:
@@ -327,12 +344,16 @@ class Validation:
 
 def _validate(accelerator, model, tokenizer, ids, validation: Validation, progress: Progress) -> tuple[float | None, dict | None]:
     """The validation figures after an epoch, logged, printed and added to the history: the score (MRR@10
-    of beam search averaged over the splits; None with no split) and the rerank figures at their best weight."""
+    of beam search averaged over the splits, V, texts and names alike; None with no split) and, for an epoch
+    whose score beats the best so far (its model is kept), the rerank figures at their best weight."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
-    figures, reranked, train_r1 = validation(accelerator, unwrapped, tokenizer, ids)
-    unwrapped.train()
+    figures, train_r1 = validation(accelerator, unwrapped, tokenizer, ids)
     score = float(np.mean([f["MRR@10"] for f in figures.values()])) if figures else None
+    reranked = None  # only for the model that will be kept: its weight is the one saved with it
+    if validation.queries is not None and score is not None and score > progress.best_score:
+        reranked = validation.reranked(accelerator, unwrapped, tokenizer, ids)
+    unwrapped.train()
     progress.history.append({"epoch": progress.epoch, "step": progress.step, "validation": figures, "score": score,
                              "train_r1": train_r1, **({"rerank": reranked} if reranked else {})})
     accelerator.log({"train_r1": train_r1, **({"validation_score": score} if figures else {}),

@@ -18,10 +18,10 @@ def test_every_shipped_config_loads(path):
 
 def test_overrides_are_typed_and_nested():
     cfg = load_config(ROOT / "configs/emoji.yaml", ["embed.batch_size=7", "train.learning_rate=1e-3",
-                                                     "corpus.query_splits=[val, test]", "model.fusion=false"])
+                                                     "corpus.query_splits=[dev, test]", "model.fusion=false"])
     assert cfg.embed.batch_size == 7
     assert cfg.train.learning_rate == pytest.approx(1e-3)
-    assert cfg.corpus.query_splits == ["val", "test"]
+    assert cfg.corpus.query_splits == ["dev", "test"]
     assert cfg.model.fusion is False
 
 

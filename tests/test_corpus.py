@@ -44,10 +44,18 @@ def test_karpathy_split_json(tiny_config, tmp_path, media):
     path = tmp_path / "dataset_flickr30k.json"
     path.write_text(json.dumps(data))
     records = corpus.read(corpus.run(tiny_config("corpus.source=karpathy", f"corpus.path={path}",
-                                                 f"corpus.media_root={media}", "corpus.query_splits=[val, test]")).parent)
+                                                 f"corpus.media_root={media}")).parent)
     assert [r["id"] for r in records] == ["img0", "img1", "img2", "img3"]
     assert [r["split"] for r in records] == ["train", "restval", "val", "test"]
     assert texts_of(records, "caption") == {"img0": ["caption 0"], "img1": ["caption 1"], "img2": [], "img3": []}
+    # val captions are validation queries (never trained on, never a test), test captions held-out queries
+    assert [(t["kind"], t.get("set")) for r in records for t in r["texts"]] == [
+        ("caption", None), ("caption", None), ("validation", None), ("query", "test")]
+    with pytest.raises(CartError, match=r"corpus.validation_splits and corpus.query_splits both name \['val'\]"):
+        tiny_config("corpus.query_splits=[val, test]")
+    records = corpus.read(corpus.run(tiny_config("corpus.source=karpathy", f"corpus.path={path}", "run=both",
+                                                 f"corpus.media_root={media}", "corpus.query_splits=[val, test]",
+                                                 "corpus.validation_splits=[]")).parent)
     assert [t.get("set") for r in records for t in r["texts"]] == [None, None, "val", "test"]
 
 

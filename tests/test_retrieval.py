@@ -302,7 +302,8 @@ def reranked(tmp_path_factory):
     make_media(root)
     rows = [{"id": f"item{i}", "path": f"media/img{i % 6}.png",
              "texts": [f"{c} number {i}", f"shape {i}", f"{c} thing {i // 2}",
-                       {"text": f"a {c} shape {i}", "kind": "query", "set": "A"}]}
+                       {"text": f"a {c} shape {i}", "kind": "query", "set": "A"},
+                       {"text": f"{c} item {i}", "kind": "validation"}]}
             for i, c in enumerate(COLOURS * 2)]
     overrides = [f"output_dir={root / 'runs'}", f"corpus.path={write_jsonl(root / 'm.jsonl', rows)}",
                  "embed.encoder=minilm-text", "ids.clusters=3", "retrieve.rerank=true", "eval.baselines=[]"]
@@ -321,11 +322,14 @@ def test_rerank_weight_is_chosen_on_validation_and_reorders_the_beam(reranked):
     from cart.rerank import WEIGHTS
 
     run_dir = reranked().run_dir
-    history = json.loads((run_dir / files.TRAIN_LOG).read_text())["history"]
-    assert all(row["rerank"]["weight"] in WEIGHTS for row in history)
+    log = json.loads((run_dir / files.TRAIN_LOG).read_text())
+    assert all(set(row["validation"]) == {"V", "texts"} for row in log["history"])  # the corpus's own split too
+    # the weight is chosen for each epoch whose model is kept, and saved with the best one
+    kept = [row for row in log["history"] if "rerank" in row]
+    assert kept and kept[-1]["step"] == log["best_step"] and all(row["rerank"]["weight"] in WEIGHTS for row in kept)
     retriever = Retriever.load(run_dir)
     weight = retriever.manifest["rerank_weight"]
-    assert weight in WEIGHTS and retriever.reranker is not None
+    assert weight == kept[-1]["rerank"]["weight"] and retriever.reranker is not None
     queries = ["red number 0", "shape 3", "green thing 1"]
     beam_rows, beam_scores = retriever.search_rows(queries, 10, rerank=False)
     rows, scores = retriever.search_rows(queries, 5, rerank=True)
@@ -337,6 +341,27 @@ def test_rerank_weight_is_chosen_on_validation_and_reorders_the_beam(reranked):
         order = np.argsort(-expected, kind="stable")[:5]
         assert rows[i][: len(order)].tolist() == beam_rows[i][found][order].tolist()
         assert np.allclose(scores[i][: len(order)], expected[order], atol=1e-5)
+
+
+def test_rerank_reorders_the_candidates_of_a_wider_beam_of_its_own(reranked):
+    from cart import corpus, embed
+
+    wide = reranked("run=wide", "retrieve.rerank_candidates=12")
+    for stage in (corpus, embed, build_ids, train):  # validation decodes the rerank's 12 beams apart from CART's 10
+        stage.run(wide)
+    log = json.loads((wide.run_dir / files.TRAIN_LOG).read_text())
+    assert [row for row in log["history"] if "rerank" in row][-1]["step"] == log["best_step"]
+    retriever = Retriever.load(wide.run_dir)
+    assert (retriever.beam_width, retriever.rerank_candidates) == (10, 12)
+    queries = ["red number 0", "shape 3"]
+    rows, _ = retriever.search_rows(queries, 12, rerank=True)
+    wider, _ = Retriever.load(wide.run_dir, beam_width=12).search_rows(queries, 12, rerank=False)
+    assert all(sorted(r[r >= 0]) == sorted(w[w >= 0]) for r, w in zip(rows, wider))  # the same 12 candidates
+    assert retriever.search_rows(queries, 10, rerank=False)[0].shape == (2, 10)  # pure CART: its own 10 beams
+    with pytest.raises(CartError, match="k=13 is larger than the beam width 12"):
+        retriever.search_rows(queries, 13, rerank=True)
+    with pytest.raises(CartError, match=r"retrieve.rerank_candidates \(8\) must be at least retrieve.beam_width"):
+        reranked("retrieve.rerank_candidates=8")
 
 
 def test_eval_reports_cart_and_cart_with_rerank_side_by_side(reranked):

@@ -404,6 +404,20 @@ def test_name_shaped_validation_queries_are_never_trained_on(ready_run):
         assert any(" ".join(p) == text for k in (2, 3) for p in itertools.permutations(own, k))  # its own tags
 
 
+def test_the_corpus_validation_queries_are_a_split_never_trained_on(ready_run):
+    cfg = ready_run("train.subset_queries=6", "train.validation_names=4")
+    records = corpus.read(cfg.run_dir)
+    for row, text in ((0, "crimson square"), (1, "Crimson Square"), (2, "red number 0 shape 0")):
+        records[row]["texts"].append({"text": text, "kind": "validation"})
+    splits = data.split_pairs(records, cfg)
+    given = splits.validation["V"]
+    assert given.texts == ["crimson square", "Crimson Square", "red number 0 shape 0"] and given.items == [0, 1, 2]
+    assert splits.relevant["crimson square"] == {0, 1}  # one name of two items: either is right
+    trained = {text.lower() for text in splits.train.texts}
+    assert not {text.lower() for text in given.texts} & trained  # no subset of item 0's tags repeats it either
+    assert list(splits.validation) == ["V", "texts", "names"]
+
+
 def test_item_text_embeddings_leave_out_the_validation_texts(ready_run, tmp_path):
     cfg = ready_run("embed.encoder=minilm-text", "corpus.query_splits=[]")  # every item has training texts
     corpus.run(cfg, force=True)
