@@ -82,8 +82,13 @@ class CorpusConfig:
     check_media: bool = True  # decode every image so truncated files are caught here, not mid-training
     on_bad: Literal["stop", "skip"] = "stop"  # skip: leave bad items out and report each one
     cache_dir: str = "~/.cache/cart"  # emoji: the npm packages are fetched and unpacked here
+    # emoji: the share of all tags held out as the in-domain test set T (0: none, every tag trained on, as the
+    # benchmark's reference baselines were measured)
+    test_tags: float = 0.05
 
     def __post_init__(self):
+        at_least(self, 0, "test_tags")
+        below(self, 0.5, "test_tags")
         both = set(self.query_splits) & set(self.validation_splits)
         if both:
             raise InvalidValue("validation_splits", f"and corpus.query_splits both name {sorted(both)}: a split's "

@@ -210,7 +210,7 @@ def _read_json(path: Path):
 
 
 def _emoji(corpus_cfg: CorpusConfig):
-    for i, record in enumerate(emoji.load_items(corpus_cfg.cache_dir)):
+    for i, record in enumerate(emoji.load_items(corpus_cfg.cache_dir, corpus_cfg.test_tags)):
         yield f"emoji item {i} ({record['id']})", record
 
 

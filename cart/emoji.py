@@ -7,8 +7,8 @@ FE0F removed; skin-tone variants are not top-level entries, so they stay out).
 Training texts are the English CLDR tags, one per tag plus all tags joined;
 held-out query set A is the English label, set B the GitHub, iamcal and
 joypixels shortcodes that differ from the label and every tag, set T a seeded
-5% of the tags (at most one an item, never its label; the joined tags leave it
-out too: the in-domain test). Validation queries (set V, never trained on, never
+5% of the tags (`corpus.test_tags`; at most one an item, never its label; the
+joined tags leave it out too: the in-domain test). Validation queries (set V, never trained on, never
 a test) are the names other vendors give the same emoji: emojibase's own,
 legacy and CLDR shortcodes and the Unicode name in emoji-datasource, each kept
 only if, normalised (lower case, every run of other characters one space), it
@@ -39,7 +39,7 @@ PACKAGES = {
 KEEP = ("package/emoji.json", "package/img/twitter/64/", "package/en/data.json", "package/en/shortcodes/")
 SHORTCODE_SETS = ("github", "iamcal", "joypixels")  # set B
 VALIDATION_SHORTCODE_SETS = ("emojibase", "emojibase-legacy", "cldr")  # set V, with emoji-datasource's names
-HELD_OUT_TAGS = 0.05  # set T: this share of all tags, drawn with a fixed seed (the benchmark's, not the run's)
+TEST_SEED = "emoji/T"  # set T is drawn with the benchmark's own seed, not the run's: every run tests on the same
 TEXT_SOURCE = "Twemoji artwork (c) Twitter/X, CC-BY 4.0; text from Unicode CLDR via emojibase-data (MIT)"
 
 
@@ -79,8 +79,9 @@ def _fetch(spec: str, integrity: str, folder: Path) -> None:
         unpacked.rename(folder)  # atomic: the cache holds a whole package or nothing
 
 
-def load_items(cache_dir: str | Path) -> list[dict]:
-    """The 1,911 emoji as corpus records (see cart.corpus for the record format)."""
+def load_items(cache_dir: str | Path, test_tags: float = 0.05) -> list[dict]:
+    """The 1,911 emoji as corpus records (see cart.corpus for the record format); `test_tags` of all tags
+    held out as set T."""
     folders = fetch_packages(cache_dir)
     images, text = folders["emoji-datasource-twitter"], folders["emojibase-data"]
     emojibase = {
@@ -94,7 +95,7 @@ def load_items(cache_dir: str | Path) -> list[dict]:
     found = [(emoji, entry) for emoji in json.loads((images / "emoji.json").read_text(encoding="utf-8"))
              for entry in [emojibase.get(emoji["unified"].upper().replace("-FE0F", ""))]
              if emoji.get("has_img_twitter") and entry is not None]
-    held_out = _held_out_tags([(entry["label"], entry.get("tags", [])) for _, entry in found])
+    held_out = _held_out_tags([(entry["label"], entry.get("tags", [])) for _, entry in found], test_tags)
     items = []
     for i, (emoji, entry) in enumerate(found):
         label, tags = entry["label"], entry.get("tags", [])
@@ -142,13 +143,13 @@ def _codes(shortcodes: dict, sets: tuple[str, ...], hexcode: str) -> list[str]:
     return out
 
 
-def _held_out_tags(entries: list[tuple[str, list[str]]]) -> dict[int, str]:
-    """Set T: item -> the tag it holds out, HELD_OUT_TAGS of all tags drawn with a fixed seed, at most one an
-    item, from items with 2+ tags, never a tag equal to the item's label."""
+def _held_out_tags(entries: list[tuple[str, list[str]]], share: float) -> dict[int, str]:
+    """Set T: item -> the tag it holds out, `share` of all tags drawn with TEST_SEED, at most one an item, from
+    items with 2+ tags, never a tag equal to the item's label."""
     candidates = [(i, tag) for i, (label, tags) in enumerate(entries) if len(tags) > 1
                   for tag in tags if tag.lower() != label.lower()]
-    random.Random("emoji/T").shuffle(candidates)
-    wanted = round(HELD_OUT_TAGS * sum(len(tags) for _, tags in entries))
+    random.Random(TEST_SEED).shuffle(candidates)
+    wanted = round(share * sum(len(tags) for _, tags in entries))
     held_out: dict[int, str] = {}
     for i, tag in candidates:
         if len(held_out) == wanted:

@@ -200,6 +200,14 @@ def write_manifest(path: Path, stage: str, config: dict, inputs: dict[str, str],
     return manifest
 
 
+def update_manifest(path: Path, **changes) -> dict:
+    """Change fields of the (verified) manifest of `path`, its checksum made anew."""
+    manifest = {k: v for k, v in read_manifest(path).items() if k != "manifest_sha256"} | changes
+    manifest["manifest_sha256"] = _content_sha(json.loads(json.dumps(manifest)))
+    write_text(manifest_path(path), json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def _content_sha(manifest: dict) -> str:
     """sha256 of a manifest's content, its own checksum left out, in a canonical form."""
     content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}

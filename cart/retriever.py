@@ -157,6 +157,9 @@ def _reranker(run_dir: Path, manifest: dict, device: torch.device):
     from cart.encoders import query_encoder
 
     weight = manifest.get("rerank_weight")
+    if weight is None and manifest["config"]["retrieve"].get("rerank"):
+        raise CartError(f"{run_dir / files.MODEL_WEIGHTS} has no rerank weight yet (training ends by choosing it): "
+                        f"run `cart train` again to finish")
     if weight is None:
         raise CartError(f"{run_dir / files.MODEL_WEIGHTS} was trained without a rerank weight: train with "
                         f"retrieve.rerank=true to rerank")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from cart import build_ids, corpus, data, files, scoring
 from cart.build_ids import Identifiers
+from cart.cart_t5 import CartT5
 from cart.config import Config, to_dict
 from cart.decoding import decode_texts
 from cart.devices import require_memory
@@ -58,18 +59,17 @@ class Progress:
     best_score: float = -1.0
     best_step: int = 0  # 0: no model saved yet
     stale: int = 0  # validations since the best one
-    rerank_weight: float | None = None  # chosen at the best step
+    rerank_weight: float | None = None  # chosen for the kept model once training ends (`retrieve.rerank`)
     history: list[dict] = field(default_factory=list)  # every validation
 
-    def record(self, score: float | None, reranked: dict | None) -> bool:
+    def record(self, score: float | None) -> bool:
         """Note an epoch's validation score; True when its model is to be kept (the best so far, or the
         newest when nothing is validated)."""
         if score is None:
             self.best_step = self.step
             return True
         if score > self.best_score:
-            self.best_score, self.best_step, self.stale = score, self.step, 0
-            self.rerank_weight = reranked["weight"] if reranked else None
+            self.best_score, self.best_step, self.stale, self.rerank_weight = score, self.step, 0, None
             return True
         self.stale += 1
         return False
@@ -212,21 +212,25 @@ def run(cfg: Config) -> Path:
                 _save_state(accelerator, model, run_dir, progress, train_cfg.keep_states)
         progress.epoch += 1
         progress.batches_done = 0
-        score, reranked = _validate(accelerator, model, tokenizer, ids, validation, progress)
-        if progress.record(score, reranked):
+        score = _validate(accelerator, model, tokenizer, ids, validation, progress)
+        if progress.record(score):
             _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
         stop = progress.stale >= train_cfg.patience > 0
         _save_state(accelerator, model, run_dir, progress, train_cfg.keep_states)
     bar.close()
     if progress.best_step == 0:  # no validation happened (no epochs left): keep what we have
         _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
+    reranked = None
+    if validation.queries is not None:  # `retrieve.rerank`: the kept model's weight, chosen once
+        reranked = _choose_rerank_weight(accelerator, validation, tokenizer, ids, progress)
     accelerator.end_training()
     out = run_dir / files.MODEL
     if accelerator.is_main_process:
         summary = {"best_validation_score": progress.best_score, "best_step": progress.best_step,
                    "steps": progress.step, "epochs": progress.epoch, "history": progress.history,
                    "training_pairs": len(train_pairs.texts),
-                   "validation_pairs": {name: len(p.texts) for name, p in splits.validation.items()}}
+                   "validation_pairs": {name: len(p.texts) for name, p in splits.validation.items()},
+                   **({"rerank": reranked} if reranked else {})}
         files.write_text(run_dir / files.TRAIN_LOG, json.dumps(summary, indent=2) + "\n")
         print(f"train: best validation score {progress.best_score:.3f} at step {progress.best_step} -> {out}")
     return out
@@ -277,15 +281,14 @@ TRAIN_SAMPLE = 200  # training pairs decoded after each epoch for the training-q
 
 
 class Validation:
-    """The validation splits' figures after an epoch: R@1, R@5, R@10, MRR@10 of beam search and, with
+    """The validation splits' figures: R@1, R@5, R@10, MRR@10 of beam search after each epoch and, with
     `retrieve.rerank`, of the candidates of a beam search with `retrieve.rerank_candidates` beams re-ranked
-    (`cart.rerank`) at each weight of WEIGHTS; each process decodes its share of the queries."""
+    (`cart.rerank`) at each weight of WEIGHTS for the kept model; each process decodes its share."""
 
     def __init__(self, splits: data.Splits, cfg: Config, items: torch.Tensor | None, device: torch.device):
         """items: the run's item embeddings (`rerank.item_embeddings`), needed with `retrieve.rerank`."""
         self.splits, self.cfg = splits, cfg
         self.queries = self.items = None
-        self.beams: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the last decode, when rerank can reuse it
         if cfg.retrieve.rerank:  # the run's own embeddings, and the validation queries by the same encoder
             self.items = items
             texts = sorted({text for pairs in splits.validation.values() for text in pairs.texts})
@@ -300,14 +303,10 @@ class Validation:
     def __call__(self, accelerator, model, tokenizer, ids) -> tuple[dict, float]:
         """(figures per split, training-query R@1) of beam search."""
         totals = {}
-        reuse = self.queries is not None and self.cfg.retrieve.rerank_candidates == self.cfg.retrieve.beam_width
         for name, pairs in self.splits.validation.items():
             texts, relevant = self._mine(accelerator, pairs)
-            # the whole beam when rerank will re-rank these very candidates
-            rows, scores = ranked_items(model, tokenizer, ids, texts, self.cfg, accelerator.device,
-                                        self.cfg.retrieve.beam_width if reuse else DEPTH)
-            self.beams = {**self.beams, name: (rows, scores)} if reuse else {}
-            totals[name] = scoring.totals(rows[:, :DEPTH], relevant)
+            rows, _ = ranked_items(model, tokenizer, ids, texts, self.cfg, accelerator.device)
+            totals[name] = scoring.totals(rows, relevant)
         train = self.splits.train  # how well it fits its own training queries: a sample tells enough
         sample = random.Random(self.cfg.seed).sample(range(len(train.texts)), min(len(train.texts), TRAIN_SAMPLE))
         mine = sample[accelerator.process_index::accelerator.num_processes]
@@ -319,13 +318,12 @@ class Validation:
 
     def reranked(self, accelerator, model, tokenizer, ids) -> dict | None:
         """The rerank weight of WEIGHTS with the best MRR@10 averaged over the splits, and its figures per split
-        (None with no split): the candidates of `retrieve.rerank_candidates` beams (the last decode of
-        `__call__` when it was as wide) re-ordered."""
+        (None with no split): the candidates of `retrieve.rerank_candidates` beams re-ordered."""
         candidates, reranked = self.cfg.retrieve.rerank_candidates, {}
         for name, pairs in self.splits.validation.items():
             texts, relevant = self._mine(accelerator, pairs)
-            rows, scores = self.beams.get(name) or ranked_items(model, tokenizer, ids, texts, self.cfg,
-                                                                accelerator.device, candidates, candidates)
+            rows, scores = ranked_items(model, tokenizer, ids, texts, self.cfg, accelerator.device, candidates,
+                                        candidates)
             queries = torch.stack([self.queries[t] for t in texts]) if texts else torch.zeros(0, self.items.shape[1])
             reranked[name] = np.stack([scoring.totals(rerank(rows, scores, queries, self.items, w)[0][:, :DEPTH],
                                                       relevant) for w in WEIGHTS])
@@ -342,30 +340,43 @@ class Validation:
                                   reduction="sum").cpu().numpy()
 
 
-def _validate(accelerator, model, tokenizer, ids, validation: Validation, progress: Progress) -> tuple[float | None, dict | None]:
-    """The validation figures after an epoch, logged, printed and added to the history: the score (MRR@10
-    of beam search averaged over the splits, V, texts and names alike; None with no split) and, for an epoch
-    whose score beats the best so far (its model is kept), the rerank figures at their best weight."""
+def _validate(accelerator, model, tokenizer, ids, validation: Validation, progress: Progress) -> float | None:
+    """The validation figures after an epoch, logged, printed and added to the history; returns the score:
+    MRR@10 of beam search averaged over the splits, V, texts and names alike (None with no split)."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     figures, train_r1 = validation(accelerator, unwrapped, tokenizer, ids)
-    score = float(np.mean([f["MRR@10"] for f in figures.values()])) if figures else None
-    reranked = None  # only for the model that will be kept: its weight is the one saved with it
-    if validation.queries is not None and score is not None and score > progress.best_score:
-        reranked = validation.reranked(accelerator, unwrapped, tokenizer, ids)
     unwrapped.train()
+    score = float(np.mean([f["MRR@10"] for f in figures.values()])) if figures else None
     progress.history.append({"epoch": progress.epoch, "step": progress.step, "validation": figures, "score": score,
-                             "train_r1": train_r1, **({"rerank": reranked} if reranked else {})})
+                             "train_r1": train_r1})
     accelerator.log({"train_r1": train_r1, **({"validation_score": score} if figures else {}),
                      **{f"{name}_{k}": v for name, f in figures.items() for k, v in f.items()}}, step=progress.step)
     shown = "; ".join(f"{name} R@1 {f['R@1']:.3f} R@10 {f['R@10']:.3f} MRR@10 {f['MRR@10']:.3f}"
                       for name, f in figures.items())
-    if reranked:
-        shown += f"; + rerank (weight {reranked['weight']}) " + "; ".join(
-            f"{name} R@1 {f['R@1']:.3f}" for name, f in reranked.items() if name != "weight")
     accelerator.print(f"train: epoch {progress.epoch} step {progress.step}: validation {shown or 'none'}; "
                       f"training-query R@1 {train_r1:.3f}")
-    return score, reranked
+    return score
+
+
+def _choose_rerank_weight(accelerator, validation: Validation, tokenizer, ids, progress: Progress) -> dict | None:
+    """With `retrieve.rerank`, once training ends: the rerank weight of the kept model, chosen on the
+    validation splits (one decode with `retrieve.rerank_candidates` beams), written into its manifest;
+    returns it with its figures (None with no validation split)."""
+    accelerator.wait_for_everyone()
+    run_dir = validation.cfg.run_dir
+    kept = CartT5.from_pretrained(run_dir / files.MODEL, local_files_only=True).to(accelerator.device).eval()
+    reranked = validation.reranked(accelerator, kept, tokenizer, ids)
+    if reranked is None:
+        return None
+    progress.rerank_weight = reranked["weight"]
+    if accelerator.is_main_process:
+        files.update_manifest(run_dir / files.MODEL_WEIGHTS, rerank_weight=reranked["weight"])
+    accelerator.wait_for_everyone()
+    accelerator.print(f"train: rerank weight {reranked['weight']} ({validation.cfg.retrieve.rerank_candidates} "
+                      f"candidates): " + "; ".join(f"{name} R@1 {f['R@1']:.3f} MRR@10 {f['MRR@10']:.3f}"
+                                                    for name, f in reranked.items() if name != "weight"))
+    return reranked
 
 
 def _require_finite_loss(accelerator, loss: torch.Tensor, progress: Progress, cfg: Config) -> None:
@@ -403,7 +414,7 @@ def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progre
         tokenizer.save_pretrained(tmp)
         weights = Path(files.MODEL_WEIGHTS).name
         files.write_manifest(tmp / weights, "train", to_dict(cfg), inputs, step=progress.step,
-                             validation_score=progress.best_score, rerank_weight=progress.rerank_weight,
+                             validation_score=progress.best_score, rerank_weight=None,  # chosen at the end
                              companions=files.folder_hashes(tmp, files.MODEL, leave_out=(weights,)))
         files.publish_folder(tmp, out)
     accelerator.wait_for_everyone()

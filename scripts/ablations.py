@@ -36,6 +36,8 @@ VARIANTS = {  # name -> (config file, overrides)
     "with identifier geometry": (CONFIG, ["model.geometry=true"]),
     "rqkmeans ids": (CONFIG, ["ids.scheme=rqkmeans", "ids.codebook_size=256"]),
     "w/o fusion + R-Drop": (CONFIG, ["model.fusion=false", "train.rdrop_weight=1.0"]),
+    # issue 25: chosen on the split V as well
+    "w/o fusion + R-Drop + geometry": (CONFIG, ["model.fusion=false", "train.rdrop_weight=1.0", "model.geometry=true"]),
     "with a ranking phase": (CONFIG, ["train.rank_weight=1.0", "train.rank_after=9"]),
     "with residual counter": (CONFIG, ["ids.counter=residual"]),
     # issue 15: residual K-Means with balanced levels (the emoji setting with the fewest collisions)
@@ -94,23 +96,24 @@ def main() -> None:
             ids = json.loads((run_dir / "ids.json").read_text())
             best = next(h for h in trained["history"] if h["step"] == trained["best_step"])
             rows.append({"variant": name, "seed": seed, "seconds": seconds, "epochs": trained["epochs"],
-                         "validation": best["validation"], "train_r1": best["train_r1"],
+                         "validation": best["validation"], "score": best["score"], "train_r1": best["train_r1"],
                          "collision_rate": ids["stats"].get("collision_rate"),
                          "largest_group": ids["stats"].get("largest_group"),
                          "identifier_length": len(ids["level_sizes"]),
-                         **{f"{method}|{s}_{k}": methods[method][s][k] for method in methods for s in ("A", "B")
-                            for k in ("R@1", "R@10", "MRR@10")}})
+                         **{f"{method}|{s}_{k}": figures[k] for method in methods for s, figures in methods[method].items()
+                            if s != "latency_ms_batch_1" for k in ("R@1", "R@10", "MRR@10")}})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps(rows, indent=2))
-    print("\n| variant | seed | A R@1 | A R@10 | A MRR@10 | B R@1 | B R@10 | B MRR@10 | validation texts / names MRR@10 "
-          "| collisions | train s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    sets = [s for s in ("A", "B", "T") if any(f"CART|{s}_R@1" in r for r in rows)]
+    print(f"\n| variant | seed | " + " | ".join(f"{s} R@1 / R@10 / MRR@10" for s in sets)
+          + " | validation MRR@10 (score) | collisions | train s |")
+    print("| --- | --- | " + "--- | " * len(sets) + "--- | --- | --- |")
     for r in rows:
-        v = r["validation"]
-        print(f"| {r['variant']} | {r['seed']} | " + " | ".join(f"{r[f'CART|{s}_{k}']:.3f}" for s in ("A", "B")
-                                                           for k in ("R@1", "R@10", "MRR@10"))
-              + f" | {v['texts']['MRR@10']:.3f} / {v.get('names', {}).get('MRR@10', float('nan')):.3f}"
-              f" | {r['collision_rate']:.3f} | {r['seconds']['train']:.0f} |")
+        shown = " / ".join(f"{name} {f['MRR@10']:.3f}" for name, f in r["validation"].items())
+        print(f"| {r['variant']} | {r['seed']} | "
+              + " | ".join(" / ".join(f"{r.get(f'CART|{s}_{k}', float('nan')):.3f}" for k in ("R@1", "R@10", "MRR@10"))
+                           for s in sets)
+              + f" | {shown} ({r['score']:.3f}) | {r['collision_rate']:.3f} | {r['seconds']['train']:.0f} |")
 
 
 if __name__ == "__main__":

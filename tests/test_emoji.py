@@ -57,6 +57,13 @@ def test_set_t_holds_out_tags_and_v_is_other_vendors_names_that_no_other_text_re
     assert emoji.normalized("Clock_Face-Seven  O'Clock") == "clock face seven o clock"
 
 
+def test_without_set_t_every_tag_is_trained_on():
+    cat = next(i for i in emoji.load_items(CorpusConfig().cache_dir, test_tags=0) if i["id"] == "1f431")
+    assert [t["text"] for t in cat["texts"] if t["kind"] == "caption"] == [
+        "animal", "cat", "face", "kitten", "kitty", "pet", "animal cat face kitten kitty pet"]
+    assert not [t for t in cat["texts"] if t.get("set") == "T"]
+
+
 def test_skin_tone_variants_are_left_out(items):
     # U+1F3FB..U+1F3FF are the tone modifiers: alone they are swatch emoji, after another code point a variant
     tones = ("-1f3fb", "-1f3fc", "-1f3fd", "-1f3fe", "-1f3ff")

@@ -324,12 +324,11 @@ def test_rerank_weight_is_chosen_on_validation_and_reorders_the_beam(reranked):
     run_dir = reranked().run_dir
     log = json.loads((run_dir / files.TRAIN_LOG).read_text())
     assert all(set(row["validation"]) == {"V", "texts"} for row in log["history"])  # the corpus's own split too
-    # the weight is chosen for each epoch whose model is kept, and saved with the best one
-    kept = [row for row in log["history"] if "rerank" in row]
-    assert kept and kept[-1]["step"] == log["best_step"] and all(row["rerank"]["weight"] in WEIGHTS for row in kept)
+    # the weight is chosen once training ends, for the kept model, and written into its manifest
+    assert log["rerank"]["weight"] in WEIGHTS and set(log["rerank"]) == {"weight", "V", "texts"}
     retriever = Retriever.load(run_dir)
     weight = retriever.manifest["rerank_weight"]
-    assert weight == kept[-1]["rerank"]["weight"] and retriever.reranker is not None
+    assert weight == log["rerank"]["weight"] and retriever.reranker is not None
     queries = ["red number 0", "shape 3", "green thing 1"]
     beam_rows, beam_scores = retriever.search_rows(queries, 10, rerank=False)
     rows, scores = retriever.search_rows(queries, 5, rerank=True)
@@ -347,11 +346,10 @@ def test_rerank_reorders_the_candidates_of_a_wider_beam_of_its_own(reranked):
     from cart import corpus, embed
 
     wide = reranked("run=wide", "retrieve.rerank_candidates=12")
-    for stage in (corpus, embed, build_ids, train):  # validation decodes the rerank's 12 beams apart from CART's 10
+    for stage in (corpus, embed, build_ids, train):  # the weight is chosen on the rerank's 12 beams
         stage.run(wide)
-    log = json.loads((wide.run_dir / files.TRAIN_LOG).read_text())
-    assert [row for row in log["history"] if "rerank" in row][-1]["step"] == log["best_step"]
     retriever = Retriever.load(wide.run_dir)
+    assert retriever.manifest["rerank_weight"] == json.loads((wide.run_dir / files.TRAIN_LOG).read_text())["rerank"]["weight"]
     assert (retriever.beam_width, retriever.rerank_candidates) == (10, 12)
     queries = ["red number 0", "shape 3"]
     rows, _ = retriever.search_rows(queries, 12, rerank=True)
@@ -362,6 +360,11 @@ def test_rerank_reorders_the_candidates_of_a_wider_beam_of_its_own(reranked):
         retriever.search_rows(queries, 13, rerank=True)
     with pytest.raises(CartError, match=r"retrieve.rerank_candidates \(8\) must be at least retrieve.beam_width"):
         reranked("retrieve.rerank_candidates=8")
+    files.update_manifest(wide.run_dir / files.MODEL_WEIGHTS, rerank_weight=None)  # killed before the weight
+    with pytest.raises(CartError, match="has no rerank weight yet .*: run `cart train` again to finish"):
+        Retriever.load(wide.run_dir)
+    train.run(wide)  # resumed: training is over, the weight is chosen again
+    assert Retriever.load(wide.run_dir).manifest["rerank_weight"] is not None
 
 
 def test_eval_reports_cart_and_cart_with_rerank_side_by_side(reranked):
