@@ -42,10 +42,13 @@ class BM25:
         self.model.index([tokenize(item_document(r)) for r in records], show_progress=False)
         self.size = len(records)
 
+    def scores(self, queries: list[str]) -> np.ndarray:
+        """(Q, N) every item's BM25 score for each query (0 for a query with no word)."""
+        return np.stack([self.model.get_scores(tokens) if tokens else np.zeros(self.size, dtype=np.float32)
+                         for tokens in map(tokenize, queries)])
+
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores = np.stack([self.model.get_scores(tokens) if tokens else np.zeros(self.size, dtype=np.float32)
-                           for tokens in map(tokenize, queries)])
-        return _top_k(scores, k)
+        return _top_k(self.scores(queries), k)
 
 
 class MiniLM:

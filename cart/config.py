@@ -246,6 +246,9 @@ class TrainConfig:
     tune_after: int = 0  # epochs of frozen warm-up before the encoder's model.tune_layers top layers train
     encoder_learning_rate: float = 5e-5  # their peak learning rate (warm-up, then the cosine to the last step)
     patience: int = 3  # stop after this many validations without a better validation score (0: never stop early)
+    # the first epoch validated (and so kept or not): earlier ones only train, as validation costs a share of
+    # each epoch (the last epoch is always validated)
+    validate_from: int = 1
     save_every: int = 200  # optimiser steps between resumable states (and at every epoch end)
     keep_states: int = 2  # newest state/step_N folders kept
     log_every: int = 10  # optimiser steps between tracker logs
@@ -253,7 +256,7 @@ class TrainConfig:
 
     def __post_init__(self):
         at_least(self, 1, "epochs", "batch_size", "gradient_accumulation", "save_every", "keep_states", "log_every",
-                 "rank_negatives")
+                 "rank_negatives", "validate_from")
         at_least(self, 0, "weight_decay", "warmup_steps", "rdrop_weight", "rank_weight", "validation_fraction", "validation_max",
                  "validation_names", "subset_queries", "patience")
         at_least(self, 2, "subset_size")
@@ -493,6 +496,11 @@ def _merged(base: dict, changes: dict) -> dict:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, source: str) -> Config:
+    """The Config of a resolved dict (a manifest's `config`), every key and value checked again."""
+    return _build(Config, data, source, prefix="")
 
 
 def _build(cls, data: dict, source: str, prefix: str):

@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cart import corpus, files
+from cart import corpus, data, files
 from cart.config import RetrieveConfig
 from cart.decoding import decode_texts, score_identifiers
-from cart.rerank import item_embeddings
-from cart.rerank import rerank as reorder
 from cart.devices import pick_device
 from cart.errors import CartError
+from cart.rerank import Reranker, item_embeddings, lexical_index
 
 
 @dataclass
@@ -40,14 +39,14 @@ class Hit:
 class Retriever:
     def __init__(self, model, tokenizer, ids, records: list[dict], *, beam_width: int, max_query_tokens: int,
                  device: torch.device, top_k: int = 10, batch_size: int = RetrieveConfig.batch_size,
-                 manifest: dict | None = None, reranker=None, rerank_candidates: int | None = None):
+                 manifest: dict | None = None, reranker: Reranker | None = None, rerank_candidates: int | None = None):
         self.model = model.to(device).eval()
         self.tokenizer, self.ids, self.records = tokenizer, ids, records
         self.beam_width, self.max_query_tokens, self.device = beam_width, max_query_tokens, device
         self.rerank_candidates = max(beam_width, rerank_candidates or beam_width)  # the rerank's beams
         self.top_k, self.batch_size = top_k, batch_size  # the run's defaults
         self.manifest = manifest or {}  # the model's: its sha256, the inputs it was trained on, its config
-        self.reranker = reranker  # (query encoder, item embeddings, weight) when reranking
+        self.reranker = reranker  # when reranking
 
     @classmethod
     def load(cls, run_dir: str | Path, beam_width: int | None = None, device: str = "auto",
@@ -70,8 +69,9 @@ class Retriever:
             rerank_candidates = config["retrieve"].get("rerank_candidates", beam_width)
         device = pick_device(device)
         rerank = config["retrieve"].get("rerank", False) if rerank is None else rerank
-        reranker = _reranker(run_dir, manifest, device) if rerank else None
-        return cls(model, tokenizer, ids, corpus.read(run_dir), beam_width=beam_width,
+        records = corpus.read(run_dir)
+        reranker = _reranker(run_dir, manifest, records, device) if rerank else None
+        return cls(model, tokenizer, ids, records, beam_width=beam_width,
                    max_query_tokens=config["model"]["max_query_tokens"], device=device,
                    top_k=config["retrieve"]["top_k"],
                    batch_size=config["retrieve"].get("batch_size", RetrieveConfig.batch_size),
@@ -116,9 +116,7 @@ class Retriever:
                                               beams=beams, top_k=beams if rerank else k,
                                               max_tokens=self.max_query_tokens, device=self.device)
             if rerank:
-                encoder, embeddings, weight = self.reranker
-                items, item_scores = reorder(items, item_scores, encoder.encode_text(queries[start: start + batch_size]),
-                                             embeddings, weight)
+                items, item_scores = self.reranker(queries[start: start + batch_size], items, item_scores)
             rows.append(items[:, :k])
             scores.append(item_scores[:, :k])
         if not rows:
@@ -131,8 +129,8 @@ class Retriever:
         item's identifier under the model (what beam search reports when it finds it)."""
         rows = np.asarray(rows, dtype=np.int64)
         if self.reranker is not None:
-            encoder, embeddings, _ = self.reranker
-            return (encoder.encode_text(queries).float() @ embeddings[torch.from_numpy(rows)].float().T).numpy()
+            vectors = self.reranker.encoder.encode_text(queries).float()
+            return (vectors @ self.reranker.items[torch.from_numpy(rows)].float().T).numpy()
         return score_identifiers(self.model, self.tokenizer, queries, self.ids.tokens[rows],
                                  max_tokens=self.max_query_tokens, device=self.device)
 
@@ -151,9 +149,10 @@ class Retriever:
                 f"tokens): these results mean nothing")
 
 
-def _reranker(run_dir: Path, manifest: dict, device: torch.device):
-    """(the query encoder, the run's item embeddings, the weight training chose) for rerank."""
-    from cart.config import EmbedConfig
+def _reranker(run_dir: Path, manifest: dict, records: list[dict], device: torch.device) -> Reranker:
+    """The rerank of the run: its query encoder, item embeddings and BM25 index of the training texts it
+    trained on, and the weights training chose."""
+    from cart.config import from_dict
     from cart.encoders import query_encoder
 
     weight = manifest.get("rerank_weight")
@@ -164,7 +163,10 @@ def _reranker(run_dir: Path, manifest: dict, device: torch.device):
         raise CartError(f"{run_dir / files.MODEL_WEIGHTS} was trained without a rerank weight: train with "
                         f"retrieve.rerank=true to rerank")
     files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, files.EMBEDDINGS)  # the ones it chose w on
-    return query_encoder(EmbedConfig(**manifest["config"]["embed"]), device), item_embeddings(run_dir), weight
+    cfg = from_dict(manifest["config"], str(files.manifest_path(run_dir / files.MODEL_WEIGHTS)))
+    records, _ = data.with_generated_captions(run_dir, records)
+    return Reranker(query_encoder(cfg.embed, device), item_embeddings(run_dir), lexical_index(records, cfg),
+                    weight, manifest.get("rerank_lexical_weight", 0.0))
 
 
 def format_hits(query: str, hits: list[Hit]) -> str:

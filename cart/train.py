@@ -42,7 +42,7 @@ from cart.encoders import query_encoder
 from cart.errors import CartError
 from cart.losses import cart_loss
 from cart.model_io import build_model, identifier_geometry, load_tokenizer, training_bytes
-from cart.rerank import WEIGHTS, item_embeddings, rerank
+from cart.rerank import GRID, Reranker, item_embeddings, lexical_index, rerank
 from cart.scoring import DEPTH
 
 
@@ -60,6 +60,7 @@ class Progress:
     best_step: int = 0  # 0: no model saved yet
     stale: int = 0  # validations since the best one
     rerank_weight: float | None = None  # chosen for the kept model once training ends (`retrieve.rerank`)
+    rerank_lexical_weight: float | None = None  # beside it
     history: list[dict] = field(default_factory=list)  # every validation
 
     def record(self, score: float | None) -> bool:
@@ -69,7 +70,8 @@ class Progress:
             self.best_step = self.step
             return True
         if score > self.best_score:
-            self.best_score, self.best_step, self.stale, self.rerank_weight = score, self.step, 0, None
+            self.best_score, self.best_step, self.stale = score, self.step, 0
+            self.rerank_weight = self.rerank_lexical_weight = None
             return True
         self.stale += 1
         return False
@@ -122,7 +124,9 @@ def run(cfg: Config) -> Path:
                           f"({cache.bytes / 2**20:.0f} MiB)")
     # the run's item embeddings, read once: rerank's candidates and the ranking loss's negatives come from them
     items = item_embeddings(run_dir) if cfg.retrieve.rerank or train_cfg.rank_weight > 0 else None
-    validation = Validation(splits, cfg, items, accelerator.device)
+    reranker = Reranker(query_encoder(cfg.embed, accelerator.device), items, lexical_index(records, cfg)) \
+        if cfg.retrieve.rerank else None
+    validation = Validation(splits, cfg, reranker)
     negatives = data.HardNegatives(items, train_pairs, splits.relevant, train_cfg.rank_negatives) \
         if train_cfg.rank_weight > 0 else None
     max_tokens = cfg.model.max_query_tokens
@@ -212,16 +216,17 @@ def run(cfg: Config) -> Path:
                 _save_state(accelerator, model, run_dir, progress, train_cfg.keep_states)
         progress.epoch += 1
         progress.batches_done = 0
-        score = _validate(accelerator, model, tokenizer, ids, validation, progress)
-        if progress.record(score):
-            _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
+        if progress.epoch >= min(train_cfg.validate_from, train_cfg.epochs):
+            score = _validate(accelerator, model, tokenizer, ids, validation, progress)
+            if progress.record(score):
+                _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
         stop = progress.stale >= train_cfg.patience > 0
         _save_state(accelerator, model, run_dir, progress, train_cfg.keep_states)
     bar.close()
     if progress.best_step == 0:  # no validation happened (no epochs left): keep what we have
         _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
     reranked = None
-    if validation.queries is not None:  # `retrieve.rerank`: the kept model's weight, chosen once
+    if validation.reranker is not None:  # `retrieve.rerank`: the kept model's weights, chosen once
         reranked = _choose_rerank_weight(accelerator, validation, tokenizer, ids, progress)
     accelerator.end_training()
     out = run_dir / files.MODEL
@@ -283,17 +288,11 @@ TRAIN_SAMPLE = 200  # training pairs decoded after each epoch for the training-q
 class Validation:
     """The validation splits' figures: R@1, R@5, R@10, MRR@10 of beam search after each epoch and, with
     `retrieve.rerank`, of the candidates of a beam search with `retrieve.rerank_candidates` beams re-ranked
-    (`cart.rerank`) at each weight of WEIGHTS for the kept model; each process decodes its share."""
+    (`cart.rerank`) at each pair of weights of GRID for the kept model; each process decodes its share."""
 
-    def __init__(self, splits: data.Splits, cfg: Config, items: torch.Tensor | None, device: torch.device):
-        """items: the run's item embeddings (`rerank.item_embeddings`), needed with `retrieve.rerank`."""
-        self.splits, self.cfg = splits, cfg
-        self.queries = self.items = None
-        if cfg.retrieve.rerank:  # the run's own embeddings, and the validation queries by the same encoder
-            self.items = items
-            texts = sorted({text for pairs in splits.validation.values() for text in pairs.texts})
-            vectors = query_encoder(cfg.embed, device).encode_text(texts) if texts else torch.zeros(0)
-            self.queries = dict(zip(texts, vectors))
+    def __init__(self, splits: data.Splits, cfg: Config, reranker: Reranker | None = None):
+        """reranker: the run's rerank (its weights to be chosen), with `retrieve.rerank`."""
+        self.splits, self.cfg, self.reranker = splits, cfg, reranker
 
     def _mine(self, accelerator, pairs: data.Pairs) -> tuple[list[str], list[set[int]]]:
         """This process's share of a split's queries and each one's right answers."""
@@ -317,22 +316,23 @@ class Validation:
         return figures, scoring.from_totals(summed["train"])["R@1"]
 
     def reranked(self, accelerator, model, tokenizer, ids) -> dict | None:
-        """The rerank weight of WEIGHTS with the best MRR@10 averaged over the splits, and its figures per split
-        (None with no split): the candidates of `retrieve.rerank_candidates` beams re-ordered."""
-        candidates, reranked = self.cfg.retrieve.rerank_candidates, {}
+        """The rerank weights of GRID (log-probability, lexical) with the best MRR@10 averaged over the splits,
+        and their figures per split (None with no split): the candidates of `retrieve.rerank_candidates`
+        beams re-ordered."""
+        candidates, totals = self.cfg.retrieve.rerank_candidates, {}
         for name, pairs in self.splits.validation.items():
             texts, relevant = self._mine(accelerator, pairs)
             rows, scores = ranked_items(model, tokenizer, ids, texts, self.cfg, accelerator.device, candidates,
                                         candidates)
-            queries = torch.stack([self.queries[t] for t in texts]) if texts else torch.zeros(0, self.items.shape[1])
-            reranked[name] = np.stack([scoring.totals(rerank(rows, scores, queries, self.items, w)[0][:, :DEPTH],
-                                                      relevant) for w in WEIGHTS])
-        if not reranked:
+            cosine, lexical = self.reranker.features(texts, rows) if texts else (rows * 0.0, rows * 0.0)
+            totals[name] = np.stack([scoring.totals(rerank(rows, scores, cosine, lexical, w, v)[0][:, :DEPTH], relevant)
+                                     for w, v in GRID])
+        if not totals:
             return None
-        reranked = {name: self._sum(accelerator, t) for name, t in reranked.items()}
-        by_weight = [{name: scoring.from_totals(t[i]) for name, t in reranked.items()} for i in range(len(WEIGHTS))]
-        best = max(range(len(WEIGHTS)), key=lambda i: np.mean([f["MRR@10"] for f in by_weight[i].values()]))
-        return {"weight": WEIGHTS[best], **by_weight[best]}
+        totals = {name: self._sum(accelerator, t) for name, t in totals.items()}
+        by_weights = [{name: scoring.from_totals(t[i]) for name, t in totals.items()} for i in range(len(GRID))]
+        best = max(range(len(GRID)), key=lambda i: np.mean([f["MRR@10"] for f in by_weights[i].values()]))
+        return {"weight": GRID[best][0], "lexical_weight": GRID[best][1], **by_weights[best]}
 
     @staticmethod
     def _sum(accelerator, totals: np.ndarray) -> np.ndarray:
@@ -369,13 +369,15 @@ def _choose_rerank_weight(accelerator, validation: Validation, tokenizer, ids, p
     reranked = validation.reranked(accelerator, kept, tokenizer, ids)
     if reranked is None:
         return None
-    progress.rerank_weight = reranked["weight"]
+    progress.rerank_weight, progress.rerank_lexical_weight = reranked["weight"], reranked["lexical_weight"]
     if accelerator.is_main_process:
-        files.update_manifest(run_dir / files.MODEL_WEIGHTS, rerank_weight=reranked["weight"])
+        files.update_manifest(run_dir / files.MODEL_WEIGHTS, rerank_weight=reranked["weight"],
+                              rerank_lexical_weight=reranked["lexical_weight"])
     accelerator.wait_for_everyone()
-    accelerator.print(f"train: rerank weight {reranked['weight']} ({validation.cfg.retrieve.rerank_candidates} "
-                      f"candidates): " + "; ".join(f"{name} R@1 {f['R@1']:.3f} MRR@10 {f['MRR@10']:.3f}"
-                                                    for name, f in reranked.items() if name != "weight"))
+    accelerator.print(f"train: rerank weights {reranked['weight']} (log-probability), {reranked['lexical_weight']} "
+                      f"(BM25), {validation.cfg.retrieve.rerank_candidates} candidates: "
+                      + "; ".join(f"{name} R@1 {f['R@1']:.3f} MRR@10 {f['MRR@10']:.3f}"
+                                  for name, f in reranked.items() if isinstance(f, dict)))
     return reranked
 
 
@@ -414,7 +416,8 @@ def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progre
         tokenizer.save_pretrained(tmp)
         weights = Path(files.MODEL_WEIGHTS).name
         files.write_manifest(tmp / weights, "train", to_dict(cfg), inputs, step=progress.step,
-                             validation_score=progress.best_score, rerank_weight=None,  # chosen at the end
+                             validation_score=progress.best_score, rerank_weight=None,  # both chosen at the end
+                             rerank_lexical_weight=None,
                              companions=files.folder_hashes(tmp, files.MODEL, leave_out=(weights,)))
         files.publish_folder(tmp, out)
     accelerator.wait_for_everyone()
@@ -451,10 +454,11 @@ def _latest_state(run_dir: Path) -> Path | None:
 
 def _resume_settings(cfg: Config, inputs: dict) -> dict:
     """What a state must share with this run to be resumed: the inputs and every setting that changes the
-    weights (not the epoch count, patience, tracker, save/log frequencies, or validation's beam width)."""
+    weights (not the epoch count, patience, when validation starts, tracker, save/log frequencies, or
+    validation's beam width)."""
     settings = to_dict(cfg)
     train = {k: v for k, v in settings["train"].items()
-             if k not in ("epochs", "patience", "tracker", "save_every", "keep_states", "log_every")}
+             if k not in ("epochs", "patience", "validate_from", "tracker", "save_every", "keep_states", "log_every")}
     return json.loads(json.dumps({"inputs": inputs, "model": settings["model"], "train": train, "seed": cfg.seed}))
 
 

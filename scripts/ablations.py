@@ -105,7 +105,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps(rows, indent=2))
     sets = [s for s in ("A", "B", "T") if any(f"CART|{s}_R@1" in r for r in rows)]
-    print(f"\n| variant | seed | " + " | ".join(f"{s} R@1 / R@10 / MRR@10" for s in sets)
+    print("\n| variant | seed | " + " | ".join(f"{s} R@1 / R@10 / MRR@10" for s in sets)
           + " | validation MRR@10 (score) | collisions | train s |")
     print("| --- | --- | " + "--- | " * len(sets) + "--- | --- | --- |")
     for r in rows:

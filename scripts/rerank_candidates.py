@@ -1,6 +1,6 @@
 """Choose `retrieve.rerank_candidates` on the validation splits against its cost: for each candidate count C,
-the candidates of a C-beam search re-ranked at every rerank weight (the weight chosen on validation, as
-`cart train` chooses it), the figures per validation split at that weight, and the cost of `CART + rerank`
+the candidates of a C-beam search re-ranked at every pair of rerank weights (chosen on validation, as
+`cart train` chooses them), the figures per validation split at that weight, and the cost of `CART + rerank`
 with C beams in ms a query at batch 1 and batch 32 (the median of three rounds in which the counts take
 turns), all in one run. Held-out query sets are never read.
 Prints JSON.
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     from cart import corpus, data, scoring
     from cart.config import load_config
-    from cart.rerank import WEIGHTS, rerank
+    from cart.rerank import GRID, rerank
     from cart.retriever import Retriever
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,10 +41,8 @@ def main() -> None:
     cfg = load_config(None, [f"train={json.dumps(stored['train'])}", f"seed={stored['seed']}"])
     records, _ = data.with_generated_captions(Path(args.run), corpus.read(Path(args.run)))
     splits = data.split_pairs(records, cfg)  # the splits `cart train` validated on
-    encoder, items, trained_weight = retriever.reranker
-    texts = sorted({t for pairs in splits.validation.values() for t in pairs.texts})
-    vectors = dict(zip(texts, encoder.encode_text(texts)))
-    results = {"run": args.run, "weight_chosen_in_training": trained_weight,
+    reranker = retriever.reranker
+    results = {"run": args.run, "weights_chosen_in_training": [reranker.weight, reranker.lexical_weight],
                "validation_queries": {name: len(p.texts) for name, p in splits.validation.items()}, "counts": {}}
     pool = [t for pairs in splits.validation.values() for t in pairs.texts]
     timed = random.Random(0).sample(pool, min(len(pool), 4 * args.timed))
@@ -54,18 +51,18 @@ def main() -> None:
         decoded = {name: retriever.search_rows(pairs.texts, count, batch_size=128, rerank=False)
                    if count <= retriever.beam_width else _wide(retriever, pairs.texts, count)
                    for name, pairs in splits.validation.items()}
-        by_weight = []
-        for weight in WEIGHTS:
+        features = {name: reranker.features(pairs.texts, decoded[name][0]) for name, pairs in splits.validation.items()}
+        by_weights = []
+        for weights in GRID:
             figures = {}
             for name, pairs in splits.validation.items():
-                rows, scores = decoded[name]
-                queries = torch.stack([vectors[t] for t in pairs.texts])
-                ranked = rerank(rows, scores, queries, items, weight)[0][:, :scoring.DEPTH]
+                (rows, scores), (cosine, lexical) = decoded[name], features[name]
+                ranked = rerank(rows, scores, cosine, lexical, *weights)[0][:, :scoring.DEPTH]
                 figures[name] = scoring.metrics(ranked, [splits.relevant[t.lower()] for t in pairs.texts])
-            by_weight.append((float(np.mean([f["MRR@10"] for f in figures.values()])), weight, figures))
-        score, weight, figures = max(by_weight, key=lambda x: x[0])
-        results["counts"][count] = {"score": round(score, 4), "weight": weight, "validation": figures}
-        print(f"rerank_candidates {count}: validation score {score:.4f} (weight {weight})", file=sys.stderr)
+            by_weights.append((float(np.mean([f["MRR@10"] for f in figures.values()])), weights, figures))
+        score, weights, figures = max(by_weights, key=lambda x: x[0])
+        results["counts"][count] = {"score": round(score, 4), "weights": weights, "validation": figures}
+        print(f"rerank_candidates {count}: validation score {score:.4f} (weights {weights})", file=sys.stderr)
     # the counts take turns, three rounds, so that a slow spell of the machine does not fall on one of them
     times = {count: {1: [], 32: []} for count in counts}
     for _ in range(3):

@@ -318,27 +318,38 @@ def reranked(tmp_path_factory):
     return config
 
 
-def test_rerank_weight_is_chosen_on_validation_and_reorders_the_beam(reranked):
-    from cart.rerank import WEIGHTS
+def test_rerank_weights_are_chosen_on_validation_and_reorder_the_beam(reranked):
+    from cart import baselines
+    from cart.config import from_dict
+    from cart.rerank import LEXICAL_WEIGHTS, WEIGHTS
 
     run_dir = reranked().run_dir
     log = json.loads((run_dir / files.TRAIN_LOG).read_text())
     assert all(set(row["validation"]) == {"V", "texts"} for row in log["history"])  # the corpus's own split too
-    # the weight is chosen once training ends, for the kept model, and written into its manifest
-    assert log["rerank"]["weight"] in WEIGHTS and set(log["rerank"]) == {"weight", "V", "texts"}
+    # the weights are chosen once training ends, for the kept model, and written into its manifest
+    chosen = log["rerank"]
+    assert chosen["weight"] in WEIGHTS and chosen["lexical_weight"] in LEXICAL_WEIGHTS
+    assert set(chosen) == {"weight", "lexical_weight", "V", "texts"}
     retriever = Retriever.load(run_dir)
-    weight = retriever.manifest["rerank_weight"]
-    assert weight == log["rerank"]["weight"] and retriever.reranker is not None
+    assert (retriever.manifest["rerank_weight"], retriever.manifest["rerank_lexical_weight"]) == (
+        chosen["weight"], chosen["lexical_weight"])
+    reranker = retriever.reranker
+    assert (reranker.weight, reranker.lexical_weight) == (chosen["weight"], chosen["lexical_weight"])
+    reranker.weight, reranker.lexical_weight = 0.1, 0.5  # both terms at work, whatever training chose
     queries = ["red number 0", "shape 3", "green thing 1"]
     beam_rows, beam_scores = retriever.search_rows(queries, 10, rerank=False)
     rows, scores = retriever.search_rows(queries, 5, rerank=True)
-    encoder, items, _ = retriever.reranker
-    q = encoder.encode_text(queries)
+    # BM25 over the training texts training used: the texts validation held out are not in it
+    records = retriever.records
+    cfg = from_dict(retriever.manifest["config"], "manifest")
+    bm25 = baselines.BM25(data.without_texts(records, data.held_out_texts(records, cfg))).scores(queries)
+    q = reranker.encoder.encode_text(queries)
     for i in range(3):
-        found = beam_rows[i] >= 0
-        expected = (items[beam_rows[i][found]] @ q[i]).numpy() + weight * beam_scores[i][found]
+        found = beam_rows[i][beam_rows[i] >= 0]
+        lexical = bm25[i][found] / max(bm25[i][found].max(), 1e-9)
+        expected = (reranker.items[found] @ q[i]).numpy() + 0.1 * beam_scores[i][: len(found)] + 0.5 * lexical
         order = np.argsort(-expected, kind="stable")[:5]
-        assert rows[i][: len(order)].tolist() == beam_rows[i][found][order].tolist()
+        assert rows[i][: len(order)].tolist() == found[order].tolist()
         assert np.allclose(scores[i][: len(order)], expected[order], atol=1e-5)
 
 

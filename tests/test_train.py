@@ -475,3 +475,11 @@ def test_a_model_too_large_for_the_machine_is_refused_before_it_is_built(ready_r
 def test_a_missing_pretrained_t5_names_its_key(ready_run):
     with pytest.raises(CartError, match="model.pretrained: folder not found: /nope"):
         train.run(ready_run("model.pretrained=/nope"))
+
+
+def test_epochs_before_validate_from_train_without_validation(ready_run):
+    cfg = ready_run("train.epochs=3", "train.validate_from=2", "train.patience=0")
+    train.run(cfg)
+    log = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())
+    assert [row["epoch"] for row in log["history"]] == [2, 3]
+    assert log["best_step"] in [row["step"] for row in log["history"]]
