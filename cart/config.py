@@ -242,6 +242,15 @@ class TrainConfig:
     subset_size: int = 3
     # a second validation split: this many items' held-out tag subsets (name-shaped, see cart/data.py; 0: none)
     validation_names: int = 0
+    # distillation: unlabelled queries (a UTF-8 file, one a line; "": none), each labelled by the encoder the
+    # identifiers came from (`embed.encoder`'s text side: cosine to every item embedding). A text whose best
+    # cosine is below distill_min_cosine is dropped, as is one equal to any text of the corpus; the others are
+    # trained on toward an item drawn each epoch from softmax(cosine / distill_temperature) over their
+    # distill_top_k best items (README, Training)
+    distill_texts: str = ""
+    distill_top_k: int = 5
+    distill_temperature: float = 0.05
+    distill_min_cosine: float = 0.5
     cache_encoder: bool = True  # a frozen encoder's layer outputs computed once per training text, not each step
     tune_after: int = 0  # epochs of frozen warm-up before the encoder's model.tune_layers top layers train
     encoder_learning_rate: float = 5e-5  # their peak learning rate (warm-up, then the cosine to the last step)
@@ -256,7 +265,11 @@ class TrainConfig:
 
     def __post_init__(self):
         at_least(self, 1, "epochs", "batch_size", "gradient_accumulation", "save_every", "keep_states", "log_every",
-                 "rank_negatives", "validate_from")
+                 "rank_negatives", "validate_from", "distill_top_k")
+        if self.distill_temperature <= 0:
+            raise InvalidValue("distill_temperature", f"should be above 0, got {self.distill_temperature}")
+        if self.distill_texts and not Path(self.distill_texts).expanduser().is_file():
+            raise InvalidValue("distill_texts", f"file not found: {self.distill_texts}")
         at_least(self, 0, "weight_decay", "warmup_steps", "rdrop_weight", "rank_weight", "validation_fraction", "validation_max",
                  "validation_names", "subset_queries", "patience")
         at_least(self, 2, "subset_size")
@@ -397,6 +410,9 @@ class Config:
         if self.retrieve.rerank and self.embed.encoder not in ("minilm-text", "imagebind"):
             raise InvalidValue("retrieve.rerank", f"needs an item encoder with a text side (embed.encoder "
                                                   f"minilm-text or imagebind), got {self.embed.encoder}")
+        if self.train.distill_texts and self.embed.encoder not in ("minilm-text", "imagebind"):
+            raise InvalidValue("train.distill_texts", f"needs an item encoder with a text side to label them "
+                                                      f"(embed.encoder minilm-text or imagebind), got {self.embed.encoder}")
         at_least(self, 0, "seed")
         below(self, 2**32, "seed")  # NumPy's seeds are 32-bit
         if not self.run:

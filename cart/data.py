@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,6 +289,45 @@ class HardNegatives:
                                 f"so there is no negative to rank against")
             out[j] = rng.choice(candidates, self.count, replace=len(candidates) < self.count)
         return torch.from_numpy(out)
+
+
+class Distilled:
+    """Unlabelled queries labelled by a teacher, the encoder the identifiers came from (DGR's idea): each text's
+    `top_k` items by the cosine of its embedding to the item embeddings, weighted softmax(cosine / temperature).
+    Texts whose best cosine is below `min_cosine` are dropped. Each epoch every text trains toward one item
+    drawn from its weights: in expectation that is the cross-entropy toward the teacher's distribution over
+    identifiers (soft targets) at the cost of one pair a text. The draw depends on (seed, epoch) alone."""
+
+    def __init__(self, texts: list[str], vectors: torch.Tensor, items: torch.Tensor, top_k: int, temperature: float,
+                 min_cosine: float, seed: int):
+        cosine, rows = (vectors.float() @ items.float().T).topk(min(top_k, len(items)), dim=1)
+        keep = (cosine[:, 0] >= min_cosine).nonzero().flatten().tolist()
+        self.texts = [texts[i] for i in keep]
+        self.rows = rows[keep].numpy()
+        self.weights = (cosine[keep] / temperature).softmax(dim=1).double().numpy()
+        self.seed = seed
+
+    def draw(self, epoch: int) -> list[int]:
+        """Each text's item for this epoch."""
+        rng = np.random.default_rng([self.seed, epoch])
+        picks = (rng.random((len(self.texts), 1)) > self.weights.cumsum(axis=1)).sum(axis=1)
+        return self.rows[np.arange(len(self.texts)), np.minimum(picks, self.rows.shape[1] - 1)].tolist()
+
+
+def unlabelled_texts(path: str | Path, records: list[dict]) -> list[str]:
+    """The distinct texts of a file, one a line, without empty lines and without any text equal (lower case,
+    every run of other characters than letters and digits one space) to a text of the corpus of any kind: a
+    held-out query, a validation query or a training text is never a distilled one."""
+    taken = {normalized(t["text"]) for record in records for t in record["texts"]}
+    with open(Path(path).expanduser(), encoding="utf-8") as f:
+        lines = dict.fromkeys(line.strip() for line in f)
+    return [line for line in lines if line and normalized(line) and normalized(line) not in taken]
+
+
+def normalized(text: str) -> str:
+    """Lower case, every run of characters other than letters and digits one space: "Clock_Face-7" -> "clock
+    face 7"."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
 def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, max_tokens: int,

@@ -21,13 +21,13 @@ import base64
 import hashlib
 import json
 import random
-import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
 
+from cart.data import normalized
 from cart.errors import CartError
 
 PACKAGES = {
@@ -50,14 +50,16 @@ def fetch_packages(cache_dir: str | Path) -> dict[str, Path]:
     for spec, integrity in PACKAGES.items():
         folder = cache / spec.replace("@", "-")
         if not folder.is_dir():
-            _fetch(spec, integrity, folder)
+            fetch_package(spec, integrity, folder)
         folders[spec.split("@")[0]] = folder / "package"
     return folders
 
 
-def _fetch(spec: str, integrity: str, folder: Path) -> None:
+def fetch_package(spec: str, integrity: str, folder: Path, keep: tuple[str, ...] = KEEP) -> None:
+    """`npm pack` one package, check its sha512 against `integrity`, and unpack the members whose path starts
+    with one of `keep` into `folder` (atomically)."""
     if shutil.which("npm") is None:
-        raise CartError("npm not found: the emoji data comes from the npm registry; install Node.js and npm")
+        raise CartError(f"npm not found: {spec} comes from the npm registry; install Node.js and npm")
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
         done = subprocess.run(
@@ -74,7 +76,7 @@ def _fetch(spec: str, integrity: str, folder: Path) -> None:
             raise CartError(f"npm pack {spec}: integrity mismatch, got {algorithm}-{actual}, pinned {integrity}")
         unpacked = Path(tmp) / "unpacked"
         with tarfile.open(tarballs[0]) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(KEEP)]
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(keep)]
             tar.extractall(unpacked, members=members, filter="data")
         unpacked.rename(folder)  # atomic: the cache holds a whole package or nothing
 
@@ -126,12 +128,6 @@ def load_items(cache_dir: str | Path, test_tags: float = 0.05) -> list[dict]:
             if name and name not in taken:
                 item["texts"].append({"text": name, "kind": "validation"})
     return items
-
-
-def normalized(text: str) -> str:
-    """Lower case, every run of characters other than letters and digits one space: "Clock_Face-7" -> "clock
-    face 7"."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
 
 def _codes(shortcodes: dict, sets: tuple[str, ...], hexcode: str) -> list[str]:

@@ -116,16 +116,31 @@ def run(cfg: Config) -> Path:
                                                  f"{cfg.model.d_ff}, {cfg.model.num_layers} + {cfg.model.num_decoder_layers}"
                                                  f" layers), its gradients and AdamW's moments")
         model = build_model(cfg, ids.layout.level_sizes, len(tokenizer), geometry).to(accelerator.device)
+    # the run's item embeddings and query encoder, read once: rerank's candidates, the ranking loss's negatives
+    # and the distilled texts' labels come from them
+    items = item_embeddings(run_dir) if cfg.retrieve.rerank or train_cfg.rank_weight > 0 or train_cfg.distill_texts \
+        else None
+    encoder = query_encoder(cfg.embed, accelerator.device) if cfg.retrieve.rerank or train_cfg.distill_texts else None
+    distilled = None
+    if train_cfg.distill_texts:
+        texts = data.unlabelled_texts(train_cfg.distill_texts, records)
+        if not texts:
+            raise CartError(f"train.distill_texts: {train_cfg.distill_texts} has no text that is not already a text "
+                            f"of the corpus")
+        vectors = torch.cat([encoder.encode_text(texts[i: i + 256]).cpu() for i in range(0, len(texts), 256)])
+        distilled = data.Distilled(texts, vectors, items, train_cfg.distill_top_k,
+                                   train_cfg.distill_temperature, train_cfg.distill_min_cosine, cfg.seed)
+        train_pairs = data.Pairs(train_pairs.texts + distilled.texts, train_pairs.items + distilled.draw(0))
+        accelerator.print(f"train: {len(distilled.texts)} of {len(texts)} unlabelled texts distilled "
+                          f"(best cosine >= {train_cfg.distill_min_cosine}; texts equal to a corpus text left out)")
+    labelled = len(splits.train.texts)
     cache = None
     if train_cfg.cache_encoder and getattr(model.encoder, "frozen", False):
         cache = data.LayerCache(model.encoder, tokenizer, train_pairs.texts, cfg.model.max_query_tokens,
                                 accelerator.device)
         accelerator.print(f"train: the frozen encoder's layer outputs of {len(cache.index)} texts cached "
                           f"({cache.bytes / 2**20:.0f} MiB)")
-    # the run's item embeddings, read once: rerank's candidates and the ranking loss's negatives come from them
-    items = item_embeddings(run_dir) if cfg.retrieve.rerank or train_cfg.rank_weight > 0 else None
-    reranker = Reranker(query_encoder(cfg.embed, accelerator.device), items, lexical_index(records, cfg)) \
-        if cfg.retrieve.rerank else None
+    reranker = Reranker(encoder, items, lexical_index(records, cfg)) if cfg.retrieve.rerank else None
     validation = Validation(splits, cfg, reranker)
     negatives = data.HardNegatives(items, train_pairs, splits.relevant, train_cfg.rank_negatives) \
         if train_cfg.rank_weight > 0 else None
@@ -184,6 +199,8 @@ def run(cfg: Config) -> Path:
     stop = progress.stale >= train_cfg.patience > 0
     while progress.epoch < train_cfg.epochs and not stop:
         loader.set_epoch(progress.epoch)
+        if distilled is not None:  # this epoch's draw of the distilled texts' items
+            train_pairs.items[labelled:] = distilled.draw(progress.epoch)
         grouped.set_epoch(progress.epoch)  # accelerate does not reach it once it wraps it for N processes
         batches = accelerator.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
         if cfg.model.tune_layers:  # the encoder's top layers train after the frozen warm-up
@@ -256,9 +273,11 @@ def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, di
     if len(ids.codes) != len(records):
         raise CartError(f"{run_dir / files.IDS} has {len(ids.codes)} identifiers for {len(records)} corpus items: "
                         f"rerun `cart embed` and `cart ids`")
-    uses_embeddings = cfg.model.geometry or cfg.retrieve.rerank or cfg.train.rank_weight > 0
+    uses_embeddings = cfg.model.geometry or cfg.retrieve.rerank or cfg.train.rank_weight > 0 or cfg.train.distill_texts
     read = (files.CORPUS, files.IDS) + ((files.EMBEDDINGS,) if uses_embeddings else ())
     inputs = {name: files.verified_input(run_dir, name)[1]["sha256"] for name in read}
+    if cfg.train.distill_texts:
+        inputs["distill_texts"] = files.sha256_file(Path(cfg.train.distill_texts).expanduser())
     records, captions_sha = data.with_generated_captions(run_dir, records)
     if captions_sha:
         inputs[files.CAPTIONS] = captions_sha

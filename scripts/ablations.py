@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/emoji.yaml"
+WORDNET = ROOT / "checkpoints/wordnet.txt"
 VARIANTS = {  # name -> (config file, overrides)
     "CART": (CONFIG, []),
     # the paper's Table 4 (our default has no R-Drop: its row is "with R-Drop")
@@ -38,6 +39,11 @@ VARIANTS = {  # name -> (config file, overrides)
     "w/o fusion + R-Drop": (CONFIG, ["model.fusion=false", "train.rdrop_weight=1.0"]),
     # issue 25: chosen on the split V as well
     "w/o fusion + R-Drop + geometry": (CONFIG, ["model.fusion=false", "train.rdrop_weight=1.0", "model.geometry=true"]),
+    # issue 25: distillation from the run's own encoder on WordNet lemmas (scripts/wordnet_texts.py), in the
+    # same time: fewer epochs for the extra pairs
+    "with distillation": (CONFIG, [f"train.distill_texts={WORDNET}", "train.epochs=10"]),
+    "with distillation (gate 0.6)": (CONFIG, [f"train.distill_texts={WORDNET}", "train.distill_min_cosine=0.6",
+                                              "train.epochs=11"]),
     "with a ranking phase": (CONFIG, ["train.rank_weight=1.0", "train.rank_after=9"]),
     "with residual counter": (CONFIG, ["ids.counter=residual"]),
     # issue 15: residual K-Means with balanced levels (the emoji setting with the fewest collisions)
@@ -74,6 +80,8 @@ def main() -> None:
     if not all((source / name).exists() for name in INPUTS):
         raise SystemExit(f"{source}: no corpus yet; run `make demo` (or `cart corpus`) first")
     chosen = [v for v in VARIANTS if not args.only or v in args.only.split(",")]
+    if any(f"train.distill_texts={WORDNET}" in VARIANTS[v][1] for v in chosen) and not WORDNET.exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts/wordnet_texts.py"), str(WORDNET)], check=True)
     rows = []
     for seed in map(int, args.seeds.split(",")):
         for name in chosen:

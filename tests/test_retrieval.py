@@ -318,6 +318,19 @@ def reranked(tmp_path_factory):
     return config
 
 
+def test_distilled_texts_are_trained_on_beside_the_corpus_and_recorded_as_an_input(reranked, tmp_path):
+    from cart import corpus, embed
+
+    words = tmp_path / "words.txt"  # a training text and a validation query of the corpus, and three new texts
+    words.write_text("red number 0\norange item 3\ncrimson\nsquare\nviolet shape\n", encoding="utf-8")
+    cfg = reranked(f"output_dir={tmp_path / 'runs'}", f"train.distill_texts={words}", "train.distill_min_cosine=-1")
+    for stage in (corpus, embed, build_ids, train):
+        stage.run(cfg)
+    log = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())
+    assert log["training_pairs"] == len(data.split_pairs(corpus.read(cfg.run_dir), cfg).train.texts) + 3
+    assert files.read_manifest(cfg.run_dir / files.MODEL_WEIGHTS)["inputs"]["distill_texts"] == files.sha256_file(words)
+
+
 def test_rerank_weights_are_chosen_on_validation_and_reorder_the_beam(reranked):
     from cart import baselines
     from cart.config import from_dict

@@ -483,3 +483,33 @@ def test_epochs_before_validate_from_train_without_validation(ready_run):
     log = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())
     assert [row["epoch"] for row in log["history"]] == [2, 3]
     assert log["best_step"] in [row["step"] for row in log["history"]]
+
+
+def test_distilled_items_are_drawn_from_the_teachers_top_k_at_its_weights():
+    items = torch.eye(8)
+    near = torch.nn.functional.normalize(torch.tensor([1.0, 0.5, 0.3, 0, 0, 0, 0, 0]), dim=0)
+    vague = torch.nn.functional.normalize(torch.ones(8), dim=0)  # cosine 0.35 to every item: below the gate
+    distilled = data.Distilled(["near", "vague"], torch.stack([near, vague]), items, top_k=3, temperature=0.2,
+                               min_cosine=0.5, seed=0)
+    assert distilled.texts == ["near"]
+    weights = torch.softmax(near[:3] / 0.2, dim=0).numpy()
+    draws = np.array([distilled.draw(epoch)[0] for epoch in range(4000)])
+    assert distilled.draw(7) == distilled.draw(7) and set(draws) <= {0, 1, 2}
+    for row, p in enumerate(weights):  # within 5 standard errors of the teacher's weight
+        assert abs((draws == row).mean() - p) <= 5 * np.sqrt(p * (1 - p) / len(draws))
+
+
+def test_unlabelled_texts_leave_out_every_text_of_the_corpus(tmp_path):
+    records = [{"texts": [{"text": "red heart", "kind": "caption"}, {"text": "Love-Letter", "kind": "query", "set": "A"},
+                          {"text": "heart on fire", "kind": "validation"}]}]
+    path = tmp_path / "words.txt"
+    path.write_text("red heart\nlove letter\nHEART ON FIRE!\n\ncrimson\ncrimson\n  pulse \n---\n", encoding="utf-8")
+    assert data.unlabelled_texts(path, records) == ["crimson", "pulse"]
+
+
+def test_distillation_needs_an_encoder_with_a_text_side(ready_run, tmp_path):
+    (tmp_path / "words.txt").write_text("crimson\n")
+    with pytest.raises(CartError, match="train.distill_texts needs an item encoder with a text side"):
+        ready_run(f"train.distill_texts={tmp_path / 'words.txt'}")
+    with pytest.raises(CartError, match="train.distill_texts file not found"):
+        ready_run(f"train.distill_texts={tmp_path / 'nope.txt'}", "embed.encoder=minilm-text")
