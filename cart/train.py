@@ -127,7 +127,9 @@ def run(cfg: Config) -> Path:
         if not texts:
             raise CartError(f"train.distill_texts: {train_cfg.distill_texts} has no text that is not already a text "
                             f"of the corpus")
-        vectors = torch.cat([encoder.encode_text(texts[i: i + 256]).cpu() for i in range(0, len(texts), 256)])
+        vectors = torch.cat([encoder.encode_text(texts[i: i + 256]).cpu()
+                             for i in tqdm(range(0, len(texts), 256), desc="train: labelling unlabelled texts",
+                                           unit=" batch", disable=not accelerator.is_main_process)])
         distilled = data.Distilled(texts, vectors, items, train_cfg.distill_top_k,
                                    train_cfg.distill_temperature, train_cfg.distill_min_cosine, cfg.seed)
         train_pairs = data.Pairs(train_pairs.texts + distilled.texts, train_pairs.items + distilled.draw(0))
