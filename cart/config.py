@@ -514,11 +514,6 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict, source: str) -> Config:
-    """The Config of a resolved dict (a manifest's `config`), every key and value checked again."""
-    return _build(Config, data, source, prefix="")
-
-
 def _build(cls, data: dict, source: str, prefix: str):
     if not isinstance(data, dict):
         raise CartError(f"{source}: {prefix.rstrip('.')} should be a section (a mapping), got {data!r}")

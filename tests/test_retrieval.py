@@ -329,11 +329,13 @@ def test_distilled_texts_are_trained_on_beside_the_corpus_and_recorded_as_an_inp
     log = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())
     assert log["training_pairs"] == len(data.split_pairs(corpus.read(cfg.run_dir), cfg).train.texts) + 3
     assert files.read_manifest(cfg.run_dir / files.MODEL_WEIGHTS)["inputs"]["distill_texts"] == files.sha256_file(words)
+    words.unlink()  # training's input only: the model is used without it
+    assert len(Retriever.load(cfg.run_dir).search(["red number 0"], k=3)[0]) == 3
 
 
 def test_rerank_weights_are_chosen_on_validation_and_reorder_the_beam(reranked):
     from cart import baselines
-    from cart.config import from_dict
+    from cart.config import load_config
     from cart.rerank import LEXICAL_WEIGHTS, WEIGHTS
 
     run_dir = reranked().run_dir
@@ -354,7 +356,8 @@ def test_rerank_weights_are_chosen_on_validation_and_reorder_the_beam(reranked):
     rows, scores = retriever.search_rows(queries, 5, rerank=True)
     # BM25 over the training texts training used: the texts validation held out are not in it
     records = retriever.records
-    cfg = from_dict(retriever.manifest["config"], "manifest")
+    stored = retriever.manifest["config"]
+    cfg = load_config(None, [f"train={json.dumps(stored['train'])}", f"seed={stored['seed']}"])
     bm25 = baselines.BM25(data.without_texts(records, data.held_out_texts(records, cfg))).scores(queries)
     q = reranker.encoder.encode_text(queries)
     for i in range(3):

@@ -1,0 +1,66 @@
+"""What each term of the rerank adds, on one trained run (`retrieve.rerank`): the candidates of one beam
+search with the run's `retrieve.rerank_candidates` beams re-ordered by cosine + w * log-probability (v = 0)
+and by the full rerank (+ v * BM25), each pair of weights chosen on the validation splits as `cart train`
+chooses it; then both on the held-out sets with the weights so chosen (reported, chosen on nothing). The
+full rerank's held-out figures equal `cart eval`'s `CART + rerank`. Prints JSON.
+
+    .venv/bin/python scripts/rerank_terms.py checkpoints/emoji
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    from cart import corpus, data, scoring
+    from cart.config import load_config
+    from cart.decoding import decode_texts
+    from cart.evaluate import held_out_queries, relevant_items
+    from cart.rerank import GRID, rerank
+    from cart.retriever import Retriever
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    args = parser.parse_args()
+    retriever = Retriever.load(args.run, rerank=True)
+    stored = retriever.manifest["config"]
+    cfg = load_config(None, [f"train={json.dumps(stored['train'])}", f"seed={stored['seed']}"])
+    records, _ = data.with_generated_captions(args.run, corpus.read(args.run))
+    beams = retriever.rerank_candidates
+
+    def candidates(texts: list[str], relevant: list[set[int]]) -> tuple:
+        """The beams' rows and log-probabilities, each candidate's cosine and lexical score, the right answers."""
+        decoded = [decode_texts(retriever.model, retriever.tokenizer, retriever.ids.trie, texts[i: i + 128],
+                                beams=beams, top_k=beams, max_tokens=retriever.max_query_tokens,
+                                device=retriever.device) for i in range(0, len(texts), 128)]
+        rows, log_probs = (np.concatenate(parts) for parts in zip(*decoded))
+        return (rows, log_probs, *retriever.reranker.features(texts, rows), relevant)
+
+    def figures(weights: tuple[float, float], sets: dict) -> dict:
+        return {name: scoring.metrics(rerank(rows, log_probs, cosine, lexical, *weights)[0][:, :scoring.DEPTH], relevant)
+                for name, (rows, log_probs, cosine, lexical, relevant) in sets.items()}
+
+    def score(weights: tuple[float, float], sets: dict) -> float:
+        return float(np.mean([f["MRR@10"] for f in figures(weights, sets).values()]))
+
+    splits = data.split_pairs(records, cfg)  # the splits `cart train` chose on
+    validation = {name: candidates(pairs.texts, [splits.relevant[t.lower()] for t in pairs.texts])
+                  for name, pairs in splits.validation.items()}
+    query_sets = held_out_queries(records)
+    relevant = relevant_items(records, query_sets, stored["eval"]["relevant_kinds"])
+    held_out = {name: candidates([text for text, _ in pairs], relevant[name]) for name, pairs in query_sets.items()}
+    results = {"run": str(args.run), "candidates": beams}
+    for label, grid in (("cosine + log-probability", [g for g in GRID if g[1] == 0]), ("+ BM25", GRID)):
+        best = max(grid, key=lambda weights: score(weights, validation))
+        results[label] = {"weights": best, "validation_score": round(score(best, validation), 4),
+                          "validation": figures(best, validation), "held_out": figures(best, held_out)}
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
