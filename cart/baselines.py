@@ -47,6 +47,16 @@ class BM25:
         return np.stack([self.model.get_scores(tokens) if tokens else np.zeros(self.size, dtype=np.float32)
                          for tokens in map(tokenize, queries)])
 
+    def candidate_scores(self, queries: list[str], rows: np.ndarray) -> np.ndarray:
+        """(Q, k) each query's BM25 score of its candidate rows (0 where a row is -1), one query's scores at a
+        time: never a (Q, N) matrix."""
+        out = np.zeros(rows.shape, dtype=np.float32)
+        for i, tokens in enumerate(map(tokenize, queries)):
+            found = rows[i] >= 0
+            if tokens and found.any():
+                out[i, found] = self.model.get_scores(tokens)[rows[i][found]]
+        return out
+
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         return _top_k(self.scores(queries), k)
 

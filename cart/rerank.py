@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from cart import data, files
+from cart import data, files, scoring
 from cart.baselines import BM25
 
 WEIGHTS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # the log-probability's weight, chosen on validation
@@ -54,12 +54,26 @@ class Reranker:
         divided by the best of the query's candidates, so it lies in [0, 1] whatever the corpus."""
         vectors = self.encoder.encode_text(queries).float().cpu()
         cosine = torch.einsum("qd,qkd->qk", vectors, self.items[np.maximum(rows, 0)].float()).numpy()
-        bm25 = np.take_along_axis(self.index.scores(queries), np.maximum(rows, 0), axis=1) * (rows >= 0)
+        bm25 = self.index.candidate_scores(queries, rows)
         return cosine, bm25 / np.maximum(bm25.max(axis=1, keepdims=True), 1e-9)
 
     def __call__(self, queries: list[str], rows: np.ndarray, log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cosine, lexical = self.features(queries, rows)
         return rerank(rows, log_probs, cosine, lexical, self.weight, self.lexical_weight)
+
+
+def chosen_weights(splits: dict[str, tuple], grid=GRID) -> tuple[tuple[float, float], float, dict]:
+    """The pair of weights of `grid` with the best MRR@10 averaged over `splits` (name -> (rows, log_probs,
+    cosine, lexical, right answers), one process's whole split), that mean, and each split's figures at it:
+    the choice `cart train` makes, for scripts that measure the rerank on one machine."""
+    def figures(weights):
+        return {name: scoring.metrics(rerank(rows, log_probs, cosine, lexical, *weights)[0][:, :scoring.DEPTH], relevant)
+                for name, (rows, log_probs, cosine, lexical, relevant) in splits.items()}
+
+    scored = [(float(np.mean([f["MRR@10"] for f in by_split.values()])), weights, by_split)
+              for weights in grid for by_split in [figures(weights)]]
+    score, weights, by_split = max(scored, key=lambda x: x[0])
+    return weights, score, by_split
 
 
 def lexical_index(records: list[dict], cfg) -> BM25:

@@ -59,8 +59,6 @@ class Progress:
     best_score: float = -1.0
     best_step: int = 0  # 0: no model saved yet
     stale: int = 0  # validations since the best one
-    rerank_weight: float | None = None  # chosen for the kept model once training ends (`retrieve.rerank`)
-    rerank_lexical_weight: float | None = None  # beside it
     history: list[dict] = field(default_factory=list)  # every validation
 
     def record(self, score: float | None) -> bool:
@@ -71,7 +69,6 @@ class Progress:
             return True
         if score > self.best_score:
             self.best_score, self.best_step, self.stale = score, self.step, 0
-            self.rerank_weight = self.rerank_lexical_weight = None
             return True
         self.stale += 1
         return False
@@ -246,7 +243,7 @@ def run(cfg: Config) -> Path:
         _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
     reranked = None
     if validation.reranker is not None:  # `retrieve.rerank`: the kept model's weights, chosen once
-        reranked = _choose_rerank_weight(accelerator, validation, tokenizer, ids, progress)
+        reranked = _choose_rerank_weight(accelerator, validation, tokenizer, ids)
     accelerator.end_training()
     out = run_dir / files.MODEL
     if accelerator.is_main_process:
@@ -380,7 +377,7 @@ def _validate(accelerator, model, tokenizer, ids, validation: Validation, progre
     return score
 
 
-def _choose_rerank_weight(accelerator, validation: Validation, tokenizer, ids, progress: Progress) -> dict | None:
+def _choose_rerank_weight(accelerator, validation: Validation, tokenizer, ids) -> dict | None:
     """With `retrieve.rerank`, once training ends: the rerank weight of the kept model, chosen on the
     validation splits (one decode with `retrieve.rerank_candidates` beams), written into its manifest;
     returns it with its figures (None with no validation split)."""
@@ -390,7 +387,6 @@ def _choose_rerank_weight(accelerator, validation: Validation, tokenizer, ids, p
     reranked = validation.reranked(accelerator, kept, tokenizer, ids)
     if reranked is None:
         return None
-    progress.rerank_weight, progress.rerank_lexical_weight = reranked["weight"], reranked["lexical_weight"]
     if accelerator.is_main_process:
         files.update_manifest(run_dir / files.MODEL_WEIGHTS, rerank_weight=reranked["weight"],
                               rerank_lexical_weight=reranked["lexical_weight"])

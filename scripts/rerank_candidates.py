@@ -19,15 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from cart import corpus, data, scoring
+    from cart import corpus, data
     from cart.config import load_config
-    from cart.rerank import GRID, rerank
+    from cart.rerank import chosen_weights
     from cart.retriever import Retriever
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,16 +49,9 @@ def main() -> None:
         decoded = {name: retriever.search_rows(pairs.texts, count, batch_size=128, rerank=False)
                    if count <= retriever.beam_width else _wide(retriever, pairs.texts, count)
                    for name, pairs in splits.validation.items()}
-        features = {name: reranker.features(pairs.texts, decoded[name][0]) for name, pairs in splits.validation.items()}
-        by_weights = []
-        for weights in GRID:
-            figures = {}
-            for name, pairs in splits.validation.items():
-                (rows, scores), (cosine, lexical) = decoded[name], features[name]
-                ranked = rerank(rows, scores, cosine, lexical, *weights)[0][:, :scoring.DEPTH]
-                figures[name] = scoring.metrics(ranked, [splits.relevant[t.lower()] for t in pairs.texts])
-            by_weights.append((float(np.mean([f["MRR@10"] for f in figures.values()])), weights, figures))
-        score, weights, figures = max(by_weights, key=lambda x: x[0])
+        weights, score, figures = chosen_weights({
+            name: (*decoded[name], *reranker.features(pairs.texts, decoded[name][0]),
+                   [splits.relevant[t.lower()] for t in pairs.texts]) for name, pairs in splits.validation.items()})
         results["counts"][count] = {"score": round(score, 4), "weights": weights, "validation": figures}
         print(f"rerank_candidates {count}: validation score {score:.4f} (weights {weights})", file=sys.stderr)
     # the counts take turns, three rounds, so that a slow spell of the machine does not fall on one of them

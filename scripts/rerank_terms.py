@@ -2,7 +2,7 @@
 search with the run's `retrieve.rerank_candidates` beams re-ordered by cosine + w * log-probability (v = 0)
 and by the full rerank (+ v * BM25), each pair of weights chosen on the validation splits as `cart train`
 chooses it; then both on the held-out sets with the weights so chosen (reported, chosen on nothing). The
-full rerank's held-out figures equal `cart eval`'s `CART + rerank`. Prints JSON.
+full rerank's held-out figures agree with `cart eval`'s `CART + rerank` (the same beams and weights). Prints JSON.
 
     .venv/bin/python scripts/rerank_terms.py checkpoints/emoji
 """
@@ -13,15 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 
 def main() -> None:
-    from cart import corpus, data, scoring
+    from cart import corpus, data
     from cart.config import load_config
-    from cart.decoding import decode_texts
     from cart.evaluate import held_out_queries, relevant_items
-    from cart.rerank import GRID, rerank
+    from cart.rerank import GRID, chosen_weights
     from cart.retriever import Retriever
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,20 +30,12 @@ def main() -> None:
     records, _ = data.with_generated_captions(args.run, corpus.read(args.run))
     beams = retriever.rerank_candidates
 
+    retriever.beam_width = beams  # pure beam search as wide as the rerank's: the candidates it re-orders
+
     def candidates(texts: list[str], relevant: list[set[int]]) -> tuple:
         """The beams' rows and log-probabilities, each candidate's cosine and lexical score, the right answers."""
-        decoded = [decode_texts(retriever.model, retriever.tokenizer, retriever.ids.trie, texts[i: i + 128],
-                                beams=beams, top_k=beams, max_tokens=retriever.max_query_tokens,
-                                device=retriever.device) for i in range(0, len(texts), 128)]
-        rows, log_probs = (np.concatenate(parts) for parts in zip(*decoded))
+        rows, log_probs = retriever.search_rows(texts, beams, batch_size=128, rerank=False)
         return (rows, log_probs, *retriever.reranker.features(texts, rows), relevant)
-
-    def figures(weights: tuple[float, float], sets: dict) -> dict:
-        return {name: scoring.metrics(rerank(rows, log_probs, cosine, lexical, *weights)[0][:, :scoring.DEPTH], relevant)
-                for name, (rows, log_probs, cosine, lexical, relevant) in sets.items()}
-
-    def score(weights: tuple[float, float], sets: dict) -> float:
-        return float(np.mean([f["MRR@10"] for f in figures(weights, sets).values()]))
 
     splits = data.split_pairs(records, cfg)  # the splits `cart train` chose on
     validation = {name: candidates(pairs.texts, [splits.relevant[t.lower()] for t in pairs.texts])
@@ -56,9 +45,9 @@ def main() -> None:
     held_out = {name: candidates([text for text, _ in pairs], relevant[name]) for name, pairs in query_sets.items()}
     results = {"run": str(args.run), "candidates": beams}
     for label, grid in (("cosine + log-probability", [g for g in GRID if g[1] == 0]), ("+ BM25", GRID)):
-        best = max(grid, key=lambda weights: score(weights, validation))
-        results[label] = {"weights": best, "validation_score": round(score(best, validation), 4),
-                          "validation": figures(best, validation), "held_out": figures(best, held_out)}
+        weights, score, figures = chosen_weights(validation, grid)
+        results[label] = {"weights": weights, "validation_score": round(score, 4), "validation": figures,
+                          "held_out": chosen_weights(held_out, [weights])[2]}
     print(json.dumps(results, indent=2))
 
 
