@@ -251,6 +251,9 @@ class TrainConfig:
     distill_top_k: int = 5
     distill_temperature: float = 0.05
     distill_min_cosine: float = 0.5
+    # GENIUS's query-target interpolation (0: off; GENIUS uses 2): each training query's sentence embedding is
+    # mixed toward its item's embedding, s ~ Beta(interpolation, interpolation) a dimension (data.toward_targets)
+    interpolation: float = 0.0
     cache_encoder: bool = True  # a frozen encoder's layer outputs computed once per training text, not each step
     tune_after: int = 0  # epochs of frozen warm-up before the encoder's model.tune_layers top layers train
     encoder_learning_rate: float = 5e-5  # their peak learning rate (warm-up, then the cosine to the last step)
@@ -271,7 +274,7 @@ class TrainConfig:
         if self.distill_texts and not Path(self.distill_texts).expanduser().is_file():
             raise InvalidValue("distill_texts", f"file not found: {self.distill_texts}")
         at_least(self, 0, "weight_decay", "warmup_steps", "rdrop_weight", "rank_weight", "validation_fraction", "validation_max",
-                 "validation_names", "subset_queries", "patience")
+                 "validation_names", "subset_queries", "patience", "interpolation")
         at_least(self, 2, "subset_size")
         at_least(self, 0, "tune_after", "rank_after")
         if not self.encoder_learning_rate > 0:
@@ -413,6 +416,12 @@ class Config:
         if self.train.distill_texts and self.embed.encoder not in ("minilm-text", "imagebind"):
             raise InvalidValue("train.distill_texts", f"needs an item encoder with a text side to label them "
                                                       f"(embed.encoder minilm-text or imagebind), got {self.embed.encoder}")
+        if self.train.interpolation and not (self.embed.encoder == "minilm-text" and self.model.encoder == "minilm"
+                                             and self.model.freeze_encoder and self.train.cache_encoder
+                                             and not self.model.tune_layers):
+            raise InvalidValue("train.interpolation", "mixes a query's frozen, cached MiniLM states toward its item's "
+                                                      "MiniLM embedding: it needs embed.encoder minilm-text, model.encoder "
+                                                      "minilm, model.freeze_encoder, train.cache_encoder and no model.tune_layers")
         at_least(self, 0, "seed")
         below(self, 2**32, "seed")  # NumPy's seeds are 32-bit
         if not self.run:

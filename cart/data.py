@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import BatchSampler
 
 from cart import files
@@ -342,10 +343,26 @@ def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, m
     else:
         encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
         inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-    batch = {**inputs, "labels": labels[[pairs.items[i] for i in rows]]}
+    targets = torch.tensor([pairs.items[i] for i in rows])
+    batch = {**inputs, "labels": labels[targets], "items": targets}
     if negatives is not None:
         batch["negatives"] = labels[negatives(rows)]
     return batch
+
+
+def toward_targets(layers: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GENIUS's query-target interpolation on a frozen MiniLM's layer outputs (B, T, S, d). A query's sentence
+    embedding q (its last layer's masked mean m, normalised) becomes sqrt(s) q + sqrt(1 - s) t, t its item's
+    embedding (B, d) and s ~ Beta(alpha, alpha) a dimension, normalised again and of m's length; every real
+    token of the last layer moves by the same step, so the last layer's mean is the mixed embedding. Only the
+    last layer lives in the items' space: the layers below stay as they are."""
+    last = layers[:, :, -1]
+    weights = mask.unsqueeze(-1).to(last.dtype)
+    mean = (last * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, d)
+    length = mean.norm(dim=-1, keepdim=True)
+    s = torch.distributions.Beta(alpha, alpha).sample(mean.shape).to(mean)
+    mixed = F.normalize(s.sqrt() * mean / length + (1 - s).sqrt() * targets, dim=-1) * length
+    return torch.cat([layers[:, :, :-1], (last + (mixed - mean).unsqueeze(1) * weights).unsqueeze(2)], dim=2)
 
 
 def with_generated_captions(run_dir: Path, records: list[dict]) -> tuple[list[dict], str | None]:

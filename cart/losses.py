@@ -30,7 +30,7 @@ def cart_loss(model, batch: dict, omega: float, rank_weight: float = 0.0) -> Los
     `labels`, (B, L) identifier tokens ending in EOS, -100 where ignored, and for the ranking loss
     `negatives`, (B, k, L) the same for k wrong items a query."""
     labels, negatives = batch["labels"], batch.get("negatives") if rank_weight > 0 else None
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "negatives")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "negatives", "items")}
     copies = 2 if omega > 0 else 1
     targets = torch.stack([labels] * copies, dim=1)  # (B, passes, L): an example's passes side by side
     if negatives is not None:

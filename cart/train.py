@@ -115,8 +115,8 @@ def run(cfg: Config) -> Path:
         model = build_model(cfg, ids.layout.level_sizes, len(tokenizer), geometry).to(accelerator.device)
     # the run's item embeddings and query encoder, read once: rerank's candidates, the ranking loss's negatives
     # and the distilled texts' labels come from them
-    items = item_embeddings(run_dir) if cfg.retrieve.rerank or train_cfg.rank_weight > 0 or train_cfg.distill_texts \
-        else None
+    items = item_embeddings(run_dir) if (cfg.retrieve.rerank or train_cfg.rank_weight > 0 or train_cfg.distill_texts
+                                         or train_cfg.interpolation) else None
     encoder = query_encoder(cfg.embed, accelerator.device) if cfg.retrieve.rerank or train_cfg.distill_texts else None
     distilled = None
     if train_cfg.distill_texts:
@@ -210,6 +210,10 @@ def run(cfg: Config) -> Path:
             torch.manual_seed(hash((cfg.seed, progress.epoch, progress.batches_done, accelerator.process_index)))
             with accelerator.accumulate(model):
                 ranking = train_cfg.rank_weight if progress.epoch >= train_cfg.rank_after else 0.0
+                if train_cfg.interpolation:
+                    batch["encoder_layers"] = data.toward_targets(batch["encoder_layers"], batch["attention_mask"],
+                                                                  items[batch["items"]].to(accelerator.device),
+                                                                  train_cfg.interpolation)
                 loss = cart_loss(model, batch, train_cfg.rdrop_weight, ranking)
                 _require_finite_loss(accelerator, loss.total, progress, cfg)
                 accelerator.backward(loss.total)

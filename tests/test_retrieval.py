@@ -333,6 +333,28 @@ def test_distilled_texts_are_trained_on_beside_the_corpus_and_recorded_as_an_inp
     assert len(Retriever.load(cfg.run_dir).search(["red number 0"], k=3)[0]) == 3
 
 
+def test_query_target_interpolation_mixes_every_training_batch_toward_its_items(reranked, tmp_path, monkeypatch):
+    from cart import corpus, embed
+    from cart.rerank import item_embeddings
+
+    batches = []
+
+    def spy(layers, mask, targets, alpha):
+        batches.append((targets, alpha))
+        return mix(layers, mask, targets, alpha)
+
+    mix = data.toward_targets
+    monkeypatch.setattr(data, "toward_targets", spy)
+    cfg = reranked(f"output_dir={tmp_path / 'runs'}", "model.encoder=minilm", "model.d_model=384", "model.num_heads=6",
+                   "model.d_ff=64", "model.num_decoder_layers=1", "model.freeze_encoder=true", "train.interpolation=2")
+    for stage in (corpus, embed, build_ids, train):
+        stage.run(cfg)
+    items = item_embeddings(cfg.run_dir)
+    assert len(batches) >= cfg.train.epochs and all(alpha == 2 for _, alpha in batches)
+    for targets, _ in batches:  # each query mixed toward an item's own embedding
+        assert torch.cdist(targets, items).min(dim=1).values.max() < 1e-5
+
+
 def test_rerank_weights_are_chosen_on_validation_and_reorder_the_beam(reranked):
     from cart import baselines
     from cart.config import load_config

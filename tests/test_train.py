@@ -513,3 +513,34 @@ def test_distillation_needs_an_encoder_with_a_text_side(ready_run, tmp_path):
         ready_run(f"train.distill_texts={tmp_path / 'words.txt'}")
     with pytest.raises(CartError, match="train.distill_texts file not found"):
         ready_run(f"train.distill_texts={tmp_path / 'nope.txt'}", "embed.encoder=minilm-text")
+
+
+def test_query_target_interpolation_moves_the_last_layers_mean_toward_the_target():
+    torch.manual_seed(0)
+    layers = torch.randn(3, 5, 4, 16)  # (B, T, S, d)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    targets = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    mixed = data.toward_targets(layers, mask, targets, alpha=1e4)  # Beta(1e4, 1e4): s = 1/2 +- 0.004 everywhere
+
+    def mean(x):
+        weights = mask.unsqueeze(-1).float()
+        return (x[:, :, -1] * weights).sum(1) / weights.sum(1)
+
+    assert torch.equal(mixed[:, :, :-1], layers[:, :, :-1])  # the layers below the items' space are untouched
+    assert torch.equal(mixed[:, :, -1][mask == 0], layers[:, :, -1][mask == 0])  # and so is padding
+    step = (mixed - layers)[:, :, -1]
+    for row, length in enumerate(mask.sum(1).tolist()):  # every real token moves by the same step
+        assert torch.allclose(step[row, :length], step[row, :1].expand(length, -1), atol=1e-5)
+    before, after = mean(layers), mean(mixed)
+    assert torch.allclose(after.norm(dim=-1), before.norm(dim=-1), rtol=1e-5)
+    halfway = torch.nn.functional.normalize(torch.nn.functional.normalize(before, dim=-1) + targets, dim=-1)
+    assert (torch.nn.functional.normalize(after, dim=-1) * halfway).sum(-1).min() > 0.999
+
+
+def test_query_target_interpolation_needs_frozen_cached_minilm_states_and_minilm_item_embeddings(ready_run):
+    with pytest.raises(CartError, match="train.interpolation mixes a query's frozen, cached MiniLM states"):
+        ready_run("train.interpolation=2")
+    with pytest.raises(CartError, match="train.interpolation mixes"):
+        ready_run(*MINILM, "train.interpolation=2")  # the items' embeddings are not MiniLM's
+    with pytest.raises(CartError, match="train.interpolation must be at least 0"):
+        ready_run("train.interpolation=-1")
