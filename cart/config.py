@@ -244,13 +244,16 @@ class TrainConfig:
     validation_names: int = 0
     # distillation: unlabelled queries (a UTF-8 file, one a line; "": none), each labelled by the encoder the
     # identifiers came from (`embed.encoder`'s text side: cosine to every item embedding). A text whose best
-    # cosine is below distill_min_cosine is dropped, as is one equal to any text of the corpus; the others are
-    # trained on toward an item drawn each epoch from softmax(cosine / distill_temperature) over their
-    # distill_top_k best items (README, Training)
+    # cosine is below distill_min_cosine, or above its second best by less than distill_min_margin, is dropped,
+    # as is one equal to any text of the corpus; the others are trained on toward an item drawn each epoch from
+    # softmax(cosine / distill_temperature) over their distill_top_k best items, their loss times
+    # distill_weight (README, Training)
     distill_texts: str = ""
     distill_top_k: int = 5
     distill_temperature: float = 0.05
     distill_min_cosine: float = 0.5
+    distill_min_margin: float = 0.0
+    distill_weight: float = 1.0
     # GENIUS's query-target interpolation (0: off; GENIUS uses 2): each training query's sentence embedding is
     # mixed toward its item's embedding, s ~ Beta(interpolation, interpolation) a dimension (data.toward_targets)
     interpolation: float = 0.0
@@ -274,7 +277,8 @@ class TrainConfig:
         if self.distill_texts and not Path(self.distill_texts).expanduser().is_file():
             raise InvalidValue("distill_texts", f"file not found: {self.distill_texts}")
         at_least(self, 0, "weight_decay", "warmup_steps", "rdrop_weight", "rank_weight", "validation_fraction", "validation_max",
-                 "validation_names", "subset_queries", "patience", "interpolation")
+                 "validation_names", "subset_queries", "patience", "interpolation", "distill_min_margin",
+                 "distill_weight")
         at_least(self, 2, "subset_size")
         at_least(self, 0, "tune_after", "rank_after")
         if not self.encoder_learning_rate > 0:

@@ -295,14 +295,17 @@ class HardNegatives:
 class Distilled:
     """Unlabelled queries labelled by a teacher, the encoder the identifiers came from (DGR's idea): each text's
     `top_k` items by the cosine of its embedding to the item embeddings, weighted softmax(cosine / temperature).
-    Texts whose best cosine is below `min_cosine` are dropped. Each epoch every text trains toward one item
+    Texts whose best cosine is below `min_cosine`, or above the second best by less than `min_margin` (the
+    teacher hesitates), are dropped. Each epoch every text trains toward one item
     drawn from its weights: in expectation that is the cross-entropy toward the teacher's distribution over
     identifiers (soft targets) at the cost of one pair a text. The draw depends on (seed, epoch) alone."""
 
     def __init__(self, texts: list[str], vectors: torch.Tensor, items: torch.Tensor, top_k: int, temperature: float,
-                 min_cosine: float, seed: int):
-        cosine, rows = (vectors.float() @ items.float().T).topk(min(top_k, len(items)), dim=1)
-        keep = (cosine[:, 0] >= min_cosine).nonzero().flatten().tolist()
+                 min_cosine: float, seed: int, min_margin: float = 0.0):
+        cosine, rows = (vectors.float() @ items.float().T).topk(min(max(top_k, 2), len(items)), dim=1)
+        margin = cosine[:, 0] - cosine[:, 1] if cosine.shape[1] > 1 else torch.full_like(cosine[:, 0], float("inf"))
+        keep = ((cosine[:, 0] >= min_cosine) & (margin >= min_margin)).nonzero().flatten().tolist()
+        cosine, rows = cosine[:, :top_k], rows[:, :top_k]
         self.texts = [texts[i] for i in keep]
         self.rows = rows[keep].numpy()
         self.weights = (cosine[keep] / temperature).softmax(dim=1).double().numpy()
@@ -332,10 +335,11 @@ def normalized(text: str) -> str:
 
 
 def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, max_tokens: int,
-               cache: LayerCache | None = None, negatives: HardNegatives | None = None) -> dict:
-    """The model inputs of some pairs (token ids, or the cached layer outputs) and their labels (the rows of
-    `labels`, each item's identifier tokens ending in EOS); with `negatives`, also the labels of each
-    pair's hard negatives, (B, count, L + 1)."""
+               cache: LayerCache | None = None, negatives: HardNegatives | None = None,
+               weights: torch.Tensor | None = None) -> dict:
+    """The model inputs of some pairs (token ids, or the cached layer outputs), their labels (the rows of
+    `labels`, each item's identifier tokens ending in EOS) and items; with `negatives`, also the labels of each
+    pair's hard negatives, (B, count, L + 1); with `weights` (one a pair), the pairs' loss weights."""
     texts = [pairs.texts[i] for i in rows]
     if cache is not None:
         layers, mask = cache.batch(texts)
@@ -347,6 +351,8 @@ def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, m
     batch = {**inputs, "labels": labels[targets], "items": targets}
     if negatives is not None:
         batch["negatives"] = labels[negatives(rows)]
+    if weights is not None:
+        batch["weights"] = weights[rows]
     return batch
 
 

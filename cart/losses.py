@@ -28,17 +28,21 @@ class Loss:
 def cart_loss(model, batch: dict, omega: float, rank_weight: float = 0.0) -> Loss:
     """batch: the model's inputs (`input_ids` or a frozen encoder's `encoder_layers`, and `attention_mask`),
     `labels`, (B, L) identifier tokens ending in EOS, -100 where ignored, and for the ranking loss
-    `negatives`, (B, k, L) the same for k wrong items a query."""
+    `negatives`, (B, k, L) the same for k wrong items a query; optionally `weights`, (B,) each example's weight
+    in the cross-entropy."""
     labels, negatives = batch["labels"], batch.get("negatives") if rank_weight > 0 else None
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "negatives", "items")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "negatives", "items", "weights")}
     copies = 2 if omega > 0 else 1
     targets = torch.stack([labels] * copies, dim=1)  # (B, passes, L): an example's passes side by side
     if negatives is not None:
         targets = torch.cat([targets, negatives], dim=1)
     size, passes = targets.shape[:2]
     logits = model(**inputs, labels=targets.flatten(0, 1), passes=passes).logits.unflatten(0, (size, passes))
-    cross_entropy = F.cross_entropy(logits[:, :copies].flatten(0, 2).float(), targets[:, :copies].flatten(),
-                                    ignore_index=-100)
+    tokens = F.cross_entropy(logits[:, :copies].flatten(0, 2).float(), targets[:, :copies].flatten(),
+                             ignore_index=-100, reduction="none").view(size, copies, -1)
+    if "weights" in batch:  # each example's share of the mean over the target tokens, times its weight
+        tokens = tokens * batch["weights"].view(-1, 1, 1)
+    cross_entropy = tokens.sum() / (targets[:, :copies] != -100).sum()
     kl = rank = torch.zeros_like(cross_entropy)
     if copies == 2:
         first, second = logits[:, :2].float().log_softmax(-1).unbind(1)  # (B, L, V) each

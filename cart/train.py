@@ -113,12 +113,11 @@ def run(cfg: Config) -> Path:
                                                  f"{cfg.model.d_ff}, {cfg.model.num_layers} + {cfg.model.num_decoder_layers}"
                                                  f" layers), its gradients and AdamW's moments")
         model = build_model(cfg, ids.layout.level_sizes, len(tokenizer), geometry).to(accelerator.device)
-    # the run's item embeddings and query encoder, read once: rerank's candidates, the ranking loss's negatives
-    # and the distilled texts' labels come from them
-    items = item_embeddings(run_dir) if (cfg.retrieve.rerank or train_cfg.rank_weight > 0 or train_cfg.distill_texts
-                                         or train_cfg.interpolation) else None
+    # the run's item embeddings and query encoder, read once: rerank's candidates, the ranking loss's negatives,
+    # the distilled texts' labels and the interpolation's targets come from them
+    items = item_embeddings(run_dir) if _reads_embeddings(cfg) else None
     encoder = query_encoder(cfg.embed, accelerator.device) if cfg.retrieve.rerank or train_cfg.distill_texts else None
-    distilled = None
+    distilled, weights = None, None
     if train_cfg.distill_texts:
         texts = data.unlabelled_texts(train_cfg.distill_texts, records)
         if not texts:
@@ -127,11 +126,15 @@ def run(cfg: Config) -> Path:
         vectors = torch.cat([encoder.encode_text(texts[i: i + 256]).cpu()
                              for i in tqdm(range(0, len(texts), 256), desc="train: labelling unlabelled texts",
                                            unit=" batch", disable=not accelerator.is_main_process)])
-        distilled = data.Distilled(texts, vectors, items, train_cfg.distill_top_k,
-                                   train_cfg.distill_temperature, train_cfg.distill_min_cosine, cfg.seed)
+        distilled = data.Distilled(texts, vectors, items, train_cfg.distill_top_k, train_cfg.distill_temperature,
+                                   train_cfg.distill_min_cosine, cfg.seed, train_cfg.distill_min_margin)
+        if train_cfg.distill_weight != 1:
+            weights = torch.cat([torch.ones(len(train_pairs.texts)),
+                                 torch.full((len(distilled.texts),), train_cfg.distill_weight)])
         train_pairs = data.Pairs(train_pairs.texts + distilled.texts, train_pairs.items + distilled.draw(0))
         accelerator.print(f"train: {len(distilled.texts)} of {len(texts)} unlabelled texts distilled "
-                          f"(best cosine >= {train_cfg.distill_min_cosine}; texts equal to a corpus text left out)")
+                          f"(best cosine >= {train_cfg.distill_min_cosine}, margin >= {train_cfg.distill_min_margin}; "
+                          f"texts equal to a corpus text left out)")
     labelled = len(splits.train.texts)
     cache = None
     if train_cfg.cache_encoder and getattr(model.encoder, "frozen", False):
@@ -149,7 +152,7 @@ def run(cfg: Config) -> Path:
                                         cfg.seed)
     loader = DataLoader(list(range(len(train_pairs.texts))), batch_sampler=grouped,
                         collate_fn=lambda rows: data.make_batch(rows, train_pairs, labels, tokenizer, max_tokens, cache,
-                                                                   negatives))
+                                                                   negatives, weights))
     if len(loader) == 0:
         raise CartError(f"{len(train_pairs.texts)} training pairs make no full batch of "
                         f"train.batch_size={train_cfg.batch_size}")
@@ -276,8 +279,7 @@ def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, di
     if len(ids.codes) != len(records):
         raise CartError(f"{run_dir / files.IDS} has {len(ids.codes)} identifiers for {len(records)} corpus items: "
                         f"rerun `cart embed` and `cart ids`")
-    uses_embeddings = cfg.model.geometry or cfg.retrieve.rerank or cfg.train.rank_weight > 0 or cfg.train.distill_texts
-    read = (files.CORPUS, files.IDS) + ((files.EMBEDDINGS,) if uses_embeddings else ())
+    read = (files.CORPUS, files.IDS) + ((files.EMBEDDINGS,) if _reads_embeddings(cfg) else ())
     inputs = {name: files.verified_input(run_dir, name)[1]["sha256"] for name in read}
     if cfg.train.distill_texts:
         inputs["distill_texts"] = files.sha256_file(Path(cfg.train.distill_texts).expanduser())
@@ -285,6 +287,12 @@ def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, di
     if captions_sha:
         inputs[files.CAPTIONS] = captions_sha
     return records, ids, inputs
+
+
+def _reads_embeddings(cfg: Config) -> bool:
+    """Whether training reads the item embeddings, which then are one of the model's inputs."""
+    return bool(cfg.model.geometry or cfg.retrieve.rerank or cfg.train.rank_weight > 0 or cfg.train.distill_texts
+                or cfg.train.interpolation)
 
 
 def ranked_items(model, tokenizer, ids: Identifiers, texts: list[str], cfg: Config, device: torch.device,

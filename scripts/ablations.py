@@ -45,6 +45,8 @@ VARIANTS = {  # name -> (config file, overrides)
     "with distillation (gate 0.6)": (CONFIG, [f"train.distill_texts={WORDNET}", "train.distill_min_cosine=0.6",
                                               "train.epochs=11"]),
     "with R-Drop in the budget": (CONFIG, ["train.rdrop_weight=1.0", "train.epochs=8", "train.validate_from=5"]),
+    "with distillation (margin 0.05, weight 0.5)": (CONFIG, [f"train.distill_texts={WORDNET}", "train.epochs=11",
+                                                             "train.distill_min_margin=0.05", "train.distill_weight=0.5"]),
     # GENIUS's query-target interpolation, Beta(2, 2) as GENIUS (data.toward_targets)
     "with interpolation": (CONFIG, ["train.interpolation=2"]),
     "with a ranking phase": (CONFIG, ["train.rank_weight=1.0", "train.rank_after=9"]),

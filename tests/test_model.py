@@ -220,6 +220,23 @@ def test_rdrop_kl_is_zero_without_dropout_and_positive_with_it(fusion):
     assert off.kl.item() == 0 and torch.equal(off.total, off.cross_entropy)
 
 
+def test_example_weights_scale_each_examples_share_of_the_cross_entropy():
+    input_ids, mask = padded_batch()
+    labels = torch.tensor([[3, 5, 8, 1], [2, 6, 9, 1], [4, 7, 10, -100]])
+    model = tiny_model()
+
+    def loss(*weights):
+        batch = batch_of(input_ids, mask, labels)
+        if weights:
+            batch["weights"] = torch.tensor(weights)
+        return cart_loss(model, batch, omega=0.0).cross_entropy
+
+    assert torch.allclose(loss(1.0, 1.0, 1.0), loss(), atol=1e-6)
+    parts = [loss(1.0, 0.0, 0.0), loss(0.0, 1.0, 0.0), loss(0.0, 0.0, 1.0)]
+    assert all(part > 0 for part in parts) and torch.allclose(sum(parts), loss(), atol=1e-6)
+    assert torch.allclose(loss(1.0, 1.0, 0.5), loss() - parts[2] / 2, atol=1e-6)
+
+
 @pytest.mark.parametrize("bert", [False, True])
 def test_ranking_loss_is_a_softmax_over_whole_identifier_log_probabilities(bert):
     # levels (4, 6): level 0 is tokens 2-5, level 1 tokens 6-11, then EOS (1)

@@ -323,7 +323,8 @@ def test_distilled_texts_are_trained_on_beside_the_corpus_and_recorded_as_an_inp
 
     words = tmp_path / "words.txt"  # a training text and a validation query of the corpus, and three new texts
     words.write_text("red number 0\norange item 3\ncrimson\nsquare\nviolet shape\n", encoding="utf-8")
-    cfg = reranked(f"output_dir={tmp_path / 'runs'}", f"train.distill_texts={words}", "train.distill_min_cosine=-1")
+    cfg = reranked(f"output_dir={tmp_path / 'runs'}", f"train.distill_texts={words}", "train.distill_min_cosine=-1",
+                   "train.distill_weight=0.5")
     for stage in (corpus, embed, build_ids, train):
         stage.run(cfg)
     log = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())
@@ -346,13 +347,15 @@ def test_query_target_interpolation_mixes_every_training_batch_toward_its_items(
     mix = data.toward_targets
     monkeypatch.setattr(data, "toward_targets", spy)
     cfg = reranked(f"output_dir={tmp_path / 'runs'}", "model.encoder=minilm", "model.d_model=384", "model.num_heads=6",
-                   "model.d_ff=64", "model.num_decoder_layers=1", "model.freeze_encoder=true", "train.interpolation=2")
+                   "model.d_ff=64", "model.num_decoder_layers=1", "model.freeze_encoder=true", "train.interpolation=2",
+                   "retrieve.rerank=false")
     for stage in (corpus, embed, build_ids, train):
         stage.run(cfg)
     items = item_embeddings(cfg.run_dir)
     assert len(batches) >= cfg.train.epochs and all(alpha == 2 for _, alpha in batches)
     for targets, _ in batches:  # each query mixed toward an item's own embedding
         assert torch.cdist(targets, items).min(dim=1).values.max() < 1e-5
+    assert files.EMBEDDINGS in files.read_manifest(cfg.run_dir / files.MODEL_WEIGHTS)["inputs"]  # a model input
 
 
 def test_rerank_weights_are_chosen_on_validation_and_reorder_the_beam(reranked):

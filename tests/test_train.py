@@ -499,6 +499,16 @@ def test_distilled_items_are_drawn_from_the_teachers_top_k_at_its_weights():
         assert abs((draws == row).mean() - p) <= 5 * np.sqrt(p * (1 - p) / len(draws))
 
 
+def test_distillation_drops_texts_the_teacher_hesitates_on():
+    items = torch.eye(4)
+    sure = torch.nn.functional.normalize(torch.tensor([1.0, 0.2, 0, 0]), dim=0)  # margin 0.78
+    torn = torch.nn.functional.normalize(torch.tensor([1.0, 0.9, 0, 0]), dim=0)  # margin 0.07
+    vectors = torch.stack([sure, torn])
+    assert data.Distilled(["sure", "torn"], vectors, items, 3, 0.2, min_cosine=0.5, seed=0).texts == ["sure", "torn"]
+    gated = data.Distilled(["sure", "torn"], vectors, items, 1, 0.2, min_cosine=0.5, seed=0, min_margin=0.1)
+    assert gated.texts == ["sure"] and gated.draw(0) == [0]
+
+
 def test_unlabelled_texts_leave_out_every_text_of_the_corpus(tmp_path):
     records = [{"texts": [{"text": "red heart", "kind": "caption"}, {"text": "Love-Letter", "kind": "query", "set": "A"},
                           {"text": "heart on fire", "kind": "validation"}]}]
