@@ -45,7 +45,7 @@ VARIANTS = {  # name -> (config file, overrides)
     "with distillation (gate 0.6)": (CONFIG, [f"train.distill_texts={WORDNET}", "train.distill_min_cosine=0.6",
                                               "train.epochs=11"]),
     "with R-Drop in the budget": (CONFIG, ["train.rdrop_weight=1.0", "train.epochs=8", "train.validate_from=5"]),
-    "with distillation (margin 0.05, weight 0.5)": (CONFIG, [f"train.distill_texts={WORDNET}", "train.epochs=11",
+    "with distillation (margin 0.05; weight 0.5)": (CONFIG, [f"train.distill_texts={WORDNET}", "train.epochs=11",
                                                              "train.distill_min_margin=0.05", "train.distill_weight=0.5"]),
     # GENIUS's query-target interpolation, Beta(2, 2) as GENIUS (data.toward_targets)
     "with interpolation": (CONFIG, ["train.interpolation=2"]),
@@ -84,6 +84,9 @@ def main() -> None:
     source = load_config(CONFIG).run_dir
     if not all((source / name).exists() for name in INPUTS):
         raise SystemExit(f"{source}: no corpus yet; run `make demo` (or `cart corpus`) first")
+    unknown = [name for name in args.only.split(",") if name and name not in VARIANTS] if args.only else []
+    if unknown:
+        raise SystemExit(f"--only: no variant named {', '.join(map(repr, unknown))} (names: {', '.join(VARIANTS)})")
     chosen = [v for v in VARIANTS if not args.only or v in args.only.split(",")]
     if any(f"train.distill_texts={WORDNET}" in VARIANTS[v][1] for v in chosen) and not WORDNET.exists():
         subprocess.run([sys.executable, str(ROOT / "scripts/wordnet_texts.py"), str(WORDNET)], check=True)
