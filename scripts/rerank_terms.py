@@ -3,8 +3,9 @@ search with the run's `retrieve.rerank_candidates` beams re-ordered by cosine + 
 and by the full rerank (+ v * BM25), each pair of weights chosen on the validation splits as `cart train`
 chooses it; then both on the held-out sets with the weights so chosen (reported, chosen on nothing). The
 full rerank's held-out figures agree with `cart eval`'s `CART + rerank` (the same beams and weights). Prints JSON.
+`--candidates` measures another count than the run trained with, the weights chosen again on validation.
 
-    .venv/bin/python scripts/rerank_terms.py checkpoints/emoji
+    .venv/bin/python scripts/rerank_terms.py checkpoints/emoji [--candidates 100]
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
+    parser.add_argument("--candidates", type=int, default=None,
+                        help="rerank this many beam candidates (default: the run's retrieve.rerank_candidates)")
     args = parser.parse_args()
-    retriever = Retriever.load(args.run, rerank=True)
+    retriever = Retriever.load(args.run, rerank=True, rerank_candidates=args.candidates)
     stored = retriever.manifest["config"]
     cfg = load_config(None, [f"train={json.dumps(stored['train'])}", f"seed={stored['seed']}"])
     records, _ = data.with_generated_captions(args.run, corpus.read(args.run))
