@@ -48,7 +48,7 @@ VARIANTS = {  # name -> (config file, overrides)
     "with distillation (margin 0.05; weight 0.5)": (CONFIG, [f"train.distill_texts={WORDNET}", "train.epochs=11",
                                                              "train.distill_min_margin=0.05", "train.distill_weight=0.5"]),
     # w/o fusion a step costs about half: the time it frees spent on epochs
-    "w/o fusion, 20 epochs": (CONFIG, ["model.fusion=false", "train.epochs=20", "train.validate_from=12"]),
+    "w/o fusion (20 epochs)": (CONFIG, ["model.fusion=false", "train.epochs=20", "train.validate_from=12"]),
     # GENIUS's query-target interpolation, Beta(2, 2) as GENIUS (data.toward_targets)
     "with interpolation": (CONFIG, ["train.interpolation=2"]),
     "with a ranking phase": (CONFIG, ["train.rank_weight=1.0", "train.rank_after=9"]),
