@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler
 
 from cart import files
-from cart.config import Config
+from cart.config import Config, load_config
 from cart.errors import CartError
 from cart.vocab import TokenLayout
 
@@ -110,6 +110,17 @@ def without_texts(records: list[dict], held_out: list[tuple[int, str]]) -> list[
     drop = set(held_out)
     return [{**r, "texts": [t for t in r["texts"] if not (t["kind"] in TRAINING_KINDS and (row, t["text"]) in drop)]}
             for row, r in enumerate(records)]
+
+
+SPLIT_SETTINGS = ("validation_fraction", "validation_max", "validation_names", "subset_queries", "subset_size")
+
+
+def splits_config(stored: dict) -> Config:
+    """The settings a run's splits were drawn with (its seed and the train settings of `SPLIT_SETTINGS`), from
+    the config its model's manifest stored. Training's other settings (a distillation file, a device) need not
+    hold where the model is used, so they are not loaded."""
+    return load_config(None, [f"seed={stored['seed']}", *(f"train.{key}={json.dumps(stored['train'][key])}"
+                                                          for key in SPLIT_SETTINGS if key in stored["train"])])
 
 
 def split_pairs(records: list[dict], cfg: Config) -> Splits:

@@ -152,7 +152,7 @@ class Retriever:
 def _reranker(run_dir: Path, manifest: dict, records: list[dict], device: torch.device) -> Reranker:
     """The rerank of the run: its query encoder, item embeddings and BM25 index of the training texts it
     trained on, and the weights training chose."""
-    from cart.config import EmbedConfig, load_config
+    from cart.config import EmbedConfig
     from cart.encoders import query_encoder
 
     weight = manifest.get("rerank_weight")
@@ -164,13 +164,10 @@ def _reranker(run_dir: Path, manifest: dict, records: list[dict], device: torch.
                         f"retrieve.rerank=true to rerank")
     files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, files.EMBEDDINGS)  # the ones it chose w on
     stored = manifest["config"]
-    # the texts validation held out (left out of the BM25 index) follow from the seed and train.validation_*
-    # alone: training's other settings (a distillation file, its device) need not hold where the model is used
-    held_out = load_config(None, [f"seed={stored['seed']}", *(f"train.{key}={stored['train'][key]}"
-                                                               for key in ("validation_fraction", "validation_max"))])
     records, _ = data.with_generated_captions(run_dir, records)
-    return Reranker(query_encoder(EmbedConfig(**stored["embed"]), device), item_embeddings(run_dir),
-                    lexical_index(records, held_out), weight, manifest.get("rerank_lexical_weight", 0.0))
+    index = lexical_index(records, data.splits_config(stored))  # without the texts validation held out
+    return Reranker(query_encoder(EmbedConfig(**stored["embed"]), device), item_embeddings(run_dir), index,
+                    weight, manifest.get("rerank_lexical_weight", 0.0))
 
 
 def format_hits(query: str, hits: list[Hit]) -> str:

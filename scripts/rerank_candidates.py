@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     from cart import corpus, data
-    from cart.config import load_config
     from cart.rerank import chosen_weights
     from cart.retriever import Retriever
 
@@ -36,7 +35,7 @@ def main() -> None:
     counts = [int(c) for c in args.candidates.split(",")]
     retriever = Retriever.load(args.run, rerank=True, rerank_candidates=max(counts))
     stored = retriever.manifest["config"]  # the splits are drawn from the training settings and the seed
-    cfg = load_config(None, [f"train={json.dumps(stored['train'])}", f"seed={stored['seed']}"])
+    cfg = data.splits_config(stored)
     records, _ = data.with_generated_captions(Path(args.run), corpus.read(Path(args.run)))
     splits = data.split_pairs(records, cfg)  # the splits `cart train` validated on
     reranker = retriever.reranker

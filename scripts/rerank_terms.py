@@ -17,7 +17,6 @@ from pathlib import Path
 
 def main() -> None:
     from cart import corpus, data
-    from cart.config import load_config
     from cart.evaluate import held_out_queries, relevant_items
     from cart.rerank import GRID, chosen_weights
     from cart.retriever import Retriever
@@ -29,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     retriever = Retriever.load(args.run, rerank=True, rerank_candidates=args.candidates)
     stored = retriever.manifest["config"]
-    cfg = load_config(None, [f"train={json.dumps(stored['train'])}", f"seed={stored['seed']}"])
+    cfg = data.splits_config(stored)
     records, _ = data.with_generated_captions(args.run, corpus.read(args.run))
     beams = retriever.rerank_candidates
 

@@ -353,8 +353,8 @@ def test_query_target_interpolation_mixes_every_training_batch_toward_its_items(
         stage.run(cfg)
     items = item_embeddings(cfg.run_dir)
     assert len(batches) >= cfg.train.epochs and all(alpha == 2 for _, alpha in batches)
-    for targets, _ in batches:  # each query mixed toward an item's own embedding
-        assert torch.cdist(targets, items).min(dim=1).values.max() < 1e-5
+    for targets, _ in batches:  # each query mixed toward an item's own embedding, a row of them as it is
+        assert (targets.unsqueeze(1) == items.unsqueeze(0)).all(-1).any(1).all()
     assert files.EMBEDDINGS in files.read_manifest(cfg.run_dir / files.MODEL_WEIGHTS)["inputs"]  # a model input
 
 

@@ -554,3 +554,16 @@ def test_query_target_interpolation_needs_frozen_cached_minilm_states_and_minilm
         ready_run(*MINILM, "train.interpolation=2")  # the items' embeddings are not MiniLM's
     with pytest.raises(CartError, match="train.interpolation must be at least 0"):
         ready_run("train.interpolation=-1")
+
+
+def test_splits_config_draws_the_runs_splits_without_its_training_only_inputs(ready_run, tmp_path):
+    from cart.config import to_dict
+
+    words = tmp_path / "words.txt"
+    words.write_text("crimson\n", encoding="utf-8")
+    cfg = ready_run("train.validation_names=2", "train.subset_queries=2", "train.validation_fraction=0.2", "seed=3",
+                    "embed.encoder=minilm-text", f"train.distill_texts={words}")
+    words.unlink()  # a training input only: where the model is used it may be gone
+    records = corpus.read(cfg.run_dir)
+    drawn, again = data.split_pairs(records, cfg), data.split_pairs(records, data.splits_config(to_dict(cfg)))
+    assert again.train == drawn.train and again.validation == drawn.validation and drawn.validation["names"].texts
