@@ -22,11 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> overrides of the emoji default
     "default (frozen encoder's layers cached)": [],
     "default, the encoder run every step": ["train.cache_encoder=false"],
-    "coarse fusion only": ["model.fine_fusion=false"],
+    "with coarse + fine fusion (the paper)": ["model.fusion=true"],
+    "coarse fusion only": ["model.fusion=true", "model.fine_fusion=false"],
     "with R-Drop": ["train.rdrop_weight=1.0"],
     "with the ranking loss (4 negatives)": ["train.rank_weight=1.0", "train.rank_negatives=4"],
     "issue 7's default (batch 64, R-Drop, no level softmax, no cache)": [
-        "train.batch_size=64", "train.rdrop_weight=1.0", "model.level_softmax=false", "train.cache_encoder=false"],
+        "train.batch_size=64", "train.rdrop_weight=1.0", "model.level_softmax=false", "train.cache_encoder=false",
+        "model.fusion=true"],
 }
 
 
