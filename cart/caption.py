@@ -5,7 +5,7 @@ transformers' image-text-to-text pipeline). Writes `captions.jsonl`, one line pe
 `{"id": ..., "captions": [...]}`. It is a file of its own (not appended to the corpus) so the
 embeddings and identifiers built from the corpus stay valid; `cart train` reads it when present.
 Under `accelerate launch` the images are split over the processes and saved in shards
-(`captions.partial/`, see `cart/shards.py`), so a killed run resumes.
+(`captions.partial/`, see `cart/data/shards.py`), so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import json
 import shutil
 from pathlib import Path
 
-from cart import corpus, files, shards
+from cart import files
 from cart.config import Config, to_dict
+from cart.data import corpus, shards
+from cart.data.images import load_rgb
 from cart.devices import pick_device
 from cart.errors import CartError
-from cart.images import load_rgb
 
 
 def run(cfg: Config, force: bool = False) -> Path:

@@ -20,12 +20,12 @@ from cart.errors import CartError
 
 # subcommand -> (module with run(cfg) -> Path, what it does)
 STAGES = {
-    "corpus": ("cart.corpus", "read a dataset source, check it, write corpus.jsonl"),
-    "embed": ("cart.embed", "embed every corpus item, write embeddings.safetensors"),
-    "ids": ("cart.build_ids", "turn embeddings into unique semantic identifiers and their prefix trie"),
+    "corpus": ("cart.data.corpus", "read a dataset source, check it, write corpus.jsonl"),
+    "embed": ("cart.encoders.embed", "embed every corpus item, write embeddings.safetensors"),
+    "ids": ("cart.index.build_ids", "turn embeddings into unique semantic identifiers and their prefix trie"),
     "caption": ("cart.caption", "generate captions of the corpus images as extra training texts"),
     "train": ("cart.train", "train the CART model: query text -> identifier (accelerate launch -m cart train ...)"),
-    "eval": ("cart.evaluate", "R@1/5/10 and MRR@10 of CART and the baselines on the held-out queries, an HTML report"),
+    "eval": ("cart.eval.evaluate", "R@1/5/10 and MRR@10 of CART and the baselines on the held-out queries, an HTML report"),
     "pipeline": ("cart.pipeline", "run every stage in order (the demo)"),
 }
 # stages whose output later stages are built from: replacing it takes --force
@@ -55,7 +55,8 @@ def positive(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as `cart` reads it; a bad one exits with code 2 and a one-line error."""
     parser = Parser(prog="cart", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in STAGES.items():
@@ -94,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     if args.command == "retrieve":
         return _guarded("retrieve", lambda: _retrieve(args))
     if args.command == "generate":
@@ -154,7 +160,7 @@ def _generate(args) -> None:
     if args.subquery or args.split:
         overrides.append("generate.mode=subqueries")
     cfg = load_config(args.config, overrides, named=args.run is None)  # before the heavy imports: fails at once
-    from cart import generate
+    from cart.generate import generate
 
     cfg.generate.subqueries = args.subquery or cfg.generate.subqueries
     _seed(cfg.seed)
@@ -164,7 +170,7 @@ def _generate(args) -> None:
 def _retrieve(args) -> None:
     import json
 
-    from cart.retriever import Retriever, format_hits
+    from cart.retrieve.retriever import Retriever, format_hits
 
     queries = list(args.queries)
     if args.file:

@@ -1,9 +1,12 @@
-"""The torch device a setting names ("auto": CUDA when there is one), for every stage that runs a model, and
-the memory it has free."""
+"""The torch device a setting names ("auto": CUDA when there is one), for every stage that runs a model, the
+memory it has free, and the wall time and peak memory of a stage's phases (recorded into its stats file)."""
 
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -40,3 +43,28 @@ def require_memory(need: int | None, device: torch.device, what: str) -> None:
     if need is not None and need > free:
         raise CartError(f"{what} needs about {need / 2**30:,.1f} GiB, but {device.type} has {free / 2**30:,.1f} "
                         f"GiB free: lower it")
+
+
+def _reset_peak() -> None:
+    try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def phase(record: dict, name: str):
+    _reset_peak()
+    start = time.perf_counter()
+    yield
+    record[name] = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_gb": peak_rss_gb()}

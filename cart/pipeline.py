@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cart import build_ids, corpus, embed, evaluate, files, generate, train
+from cart import files, train
 from cart.config import Config
-from cart.retriever import Retriever, format_hits
+from cart.data import corpus
+from cart.encoders import embed
+from cart.eval import evaluate, report
+from cart.generate import generate
+from cart.index import build_ids
+from cart.retrieve.retriever import Retriever, format_hits
 
 
 def run(cfg: Config, force: bool = False) -> Path:
@@ -31,7 +36,7 @@ def run(cfg: Config, force: bool = False) -> Path:
             print(format_hits(query, hits))
     summary = json.loads((cfg.run_dir / files.EVAL).read_text(encoding="utf-8"))
     print("\nheld-out queries (never trained, selected or tuned on):")
-    print(evaluate.table(summary))
+    print(report.table(summary))
     if cfg.generate.prompt:
         print()
         outputs.append(generate.run(cfg, retriever=retriever))

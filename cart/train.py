@@ -6,7 +6,7 @@ Reads `corpus.jsonl`, the identifiers (`ids.safetensors`, `trie.marisa`) and `ca
   the validation score (MRR@10 averaged over the validation splits); `model/model.manifest.json` names the
   corpus and identifiers it was trained on;
 - `state/step_N/`: resumable accelerate states (model, optimiser, scheduler, RNG, `trainer.json`);
-- `validation.jsonl`: the validation pairs of each split (`cart/data.py`), carved from the training texts
+- `validation.jsonl`: the validation pairs of each split (`cart/data/pairs.py`), carved from the training texts
   (never held-out queries);
 - `train.json`: the history of every validation and the final figures.
 
@@ -32,18 +32,22 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cart import build_ids, corpus, data, files, scoring
-from cart.build_ids import Identifiers
-from cart.cart_t5 import CartT5
+from cart import files
 from cart.config import Config, to_dict
-from cart.decoding import decode_texts
+from cart.data import corpus, pairs
 from cart.devices import require_memory
 from cart.encoders import query_encoder
 from cart.errors import CartError
-from cart.losses import cart_loss
-from cart.model_io import build_model, identifier_geometry, load_tokenizer, training_bytes
-from cart.rerank import GRID, Reranker, item_embeddings, lexical_index, rerank
-from cart.scoring import DEPTH
+from cart.index import build_ids
+from cart.index.build_ids import Identifiers
+from cart.model import batches
+from cart.model.cart_t5 import CartT5
+from cart.model.decoding import decode_texts
+from cart.model.losses import cart_loss
+from cart.model.model_io import build_model, identifier_geometry, load_tokenizer, training_bytes
+from cart.retrieve import scoring
+from cart.retrieve.rerank import GRID, Reranker, item_embeddings, lexical_index, rerank
+from cart.retrieve.scoring import DEPTH
 
 
 PROGRESS_FILE = "trainer.json"  # in each state folder
@@ -81,10 +85,10 @@ def run(cfg: Config) -> Path:
 
     run_dir, train_cfg = cfg.run_dir, cfg.train
     records, ids, inputs = read_inputs(run_dir, cfg)
-    splits = data.split_pairs(records, cfg)
+    splits = pairs.split_pairs(records, cfg)
     train_pairs = splits.train
     tokenizer = load_tokenizer(cfg)
-    labels = data.identifier_labels(ids.tokens)
+    labels = batches.identifier_labels(ids.tokens)
 
     if train_cfg.tracker == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; `wandb sync` later
@@ -119,40 +123,39 @@ def run(cfg: Config) -> Path:
     encoder = query_encoder(cfg.embed, accelerator.device) if cfg.retrieve.rerank or train_cfg.distill_texts else None
     distilled, weights = None, None
     if train_cfg.distill_texts:
-        texts = data.unlabelled_texts(train_cfg.distill_texts, records)
+        texts = pairs.unlabelled_texts(train_cfg.distill_texts, records)
         if not texts:
             raise CartError(f"train.distill_texts: {train_cfg.distill_texts} has no text that is not already a text "
                             f"of the corpus")
         vectors = torch.cat([encoder.encode_text(texts[i: i + 256]).cpu()
                              for i in tqdm(range(0, len(texts), 256), desc="train: labelling unlabelled texts",
                                            unit=" batch", disable=not accelerator.is_main_process)])
-        distilled = data.Distilled(texts, vectors, items, train_cfg.distill_top_k, train_cfg.distill_temperature,
+        distilled = batches.Distilled(texts, vectors, items, train_cfg.distill_top_k, train_cfg.distill_temperature,
                                    train_cfg.distill_min_cosine, cfg.seed, train_cfg.distill_min_margin)
         if train_cfg.distill_weight != 1:
             weights = torch.cat([torch.ones(len(train_pairs.texts)),
                                  torch.full((len(distilled.texts),), train_cfg.distill_weight)])
-        train_pairs = data.Pairs(train_pairs.texts + distilled.texts, train_pairs.items + distilled.draw(0))
+        train_pairs = pairs.Pairs(train_pairs.texts + distilled.texts, train_pairs.items + distilled.draw(0))
         accelerator.print(f"train: {len(distilled.texts)} of {len(texts)} unlabelled texts distilled "
                           f"(best cosine >= {train_cfg.distill_min_cosine}, margin >= {train_cfg.distill_min_margin}; "
                           f"texts equal to a corpus text left out)")
     labelled = len(splits.train.texts)
     cache = None
     if train_cfg.cache_encoder and getattr(model.encoder, "frozen", False):
-        cache = data.LayerCache(model.encoder, tokenizer, train_pairs.texts, cfg.model.max_query_tokens,
+        cache = batches.LayerCache(model.encoder, tokenizer, train_pairs.texts, cfg.model.max_query_tokens,
                                 accelerator.device)
         accelerator.print(f"train: the frozen encoder's layer outputs of {len(cache.index)} texts cached "
                           f"({cache.bytes / 2**20:.0f} MiB)")
     reranker = Reranker(encoder, items, lexical_index(records, cfg)) if cfg.retrieve.rerank else None
     validation = Validation(splits, cfg, reranker)
-    negatives = data.HardNegatives(items, train_pairs, splits.relevant, train_cfg.rank_negatives) \
+    negatives = batches.HardNegatives(items, train_pairs, splits.relevant, train_cfg.rank_negatives) \
         if train_cfg.rank_weight > 0 else None
     max_tokens = cfg.model.max_query_tokens
-    grouped = data.LengthGroupedBatches(data.token_lengths(train_pairs.texts, tokenizer, max_tokens),
-                                        train_cfg.batch_size,
-                                        cfg.seed)
+    grouped = batches.LengthGroupedBatches(batches.token_lengths(train_pairs.texts, tokenizer, max_tokens),
+                                           train_cfg.batch_size, cfg.seed)
     loader = DataLoader(list(range(len(train_pairs.texts))), batch_sampler=grouped,
-                        collate_fn=lambda rows: data.make_batch(rows, train_pairs, labels, tokenizer, max_tokens, cache,
-                                                                   negatives, weights))
+                        collate_fn=lambda rows: batches.make_batch(rows, train_pairs, labels, tokenizer, max_tokens,
+                                                                   cache, negatives, weights))
     if len(loader) == 0:
         raise CartError(f"{len(train_pairs.texts)} training pairs make no full batch of "
                         f"train.batch_size={train_cfg.batch_size}")
@@ -204,17 +207,17 @@ def run(cfg: Config) -> Path:
         if distilled is not None:  # this epoch's draw of the distilled texts' items
             train_pairs.items[labelled:] = distilled.draw(progress.epoch)
         grouped.set_epoch(progress.epoch)  # accelerate does not reach it once it wraps it for N processes
-        batches = accelerator.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
+        epoch_batches = accelerator.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
         if cfg.model.tune_layers:  # the encoder's top layers train after the frozen warm-up
             accelerator.unwrap_model(model).encoder.tuning = progress.epoch >= train_cfg.tune_after
         model.train()
-        for batch in batches:
+        for batch in epoch_batches:
             # dropout masks depend only on (seed, epoch, batch, process): a resumed run draws the same ones
             torch.manual_seed(hash((cfg.seed, progress.epoch, progress.batches_done, accelerator.process_index)))
             with accelerator.accumulate(model):
                 ranking = train_cfg.rank_weight if progress.epoch >= train_cfg.rank_after else 0.0
                 if train_cfg.interpolation:
-                    batch["encoder_layers"] = data.toward_targets(batch["encoder_layers"], batch["attention_mask"],
+                    batch["encoder_layers"] = batches.toward_targets(batch["encoder_layers"], batch["attention_mask"],
                                                                   items[batch["items"]].to(accelerator.device),
                                                                   train_cfg.interpolation)
                 loss = cart_loss(model, batch, train_cfg.rdrop_weight, ranking)
@@ -273,7 +276,7 @@ def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, di
     _, embed_manifest = files.verified_input(run_dir, files.EMBEDDINGS)
     files.require_built_from(embed_manifest, files.EMBEDDINGS, run_dir, files.CORPUS)
     if embed_manifest.get("encoder") == "minilm-text" and (
-            embed_manifest.get("validation_left_out") != data.held_out_digest(data.held_out_texts(records, cfg))):
+            embed_manifest.get("validation_left_out") != pairs.held_out_digest(pairs.held_out_texts(records, cfg))):
         raise CartError(f"{run_dir / files.EMBEDDINGS} embedded other validation texts than this run holds out "
                         f"(seed or train.validation_* changed): rerun `cart embed` and `cart ids`")
     if len(ids.codes) != len(records):
@@ -283,7 +286,7 @@ def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, di
     inputs = {name: files.verified_input(run_dir, name)[1]["sha256"] for name in read}
     if cfg.train.distill_texts:
         inputs["distill_texts"] = files.sha256_file(Path(cfg.train.distill_texts).expanduser())
-    records, captions_sha = data.with_generated_captions(run_dir, records)
+    records, captions_sha = pairs.with_generated_captions(run_dir, records)
     if captions_sha:
         inputs[files.CAPTIONS] = captions_sha
     return records, ids, inputs
@@ -320,20 +323,20 @@ class Validation:
     `retrieve.rerank`, of the candidates of a beam search with `retrieve.rerank_candidates` beams re-ranked
     (`cart.rerank`) at each pair of weights of GRID for the kept model; each process decodes its share."""
 
-    def __init__(self, splits: data.Splits, cfg: Config, reranker: Reranker | None = None):
+    def __init__(self, splits: pairs.Splits, cfg: Config, reranker: Reranker | None = None):
         """reranker: the run's rerank (its weights to be chosen), with `retrieve.rerank`."""
         self.splits, self.cfg, self.reranker = splits, cfg, reranker
 
-    def _mine(self, accelerator, pairs: data.Pairs) -> tuple[list[str], list[set[int]]]:
+    def _mine(self, accelerator, split: pairs.Pairs) -> tuple[list[str], list[set[int]]]:
         """This process's share of a split's queries and each one's right answers."""
-        texts = [pairs.texts[i] for i in range(accelerator.process_index, len(pairs.texts), accelerator.num_processes)]
+        texts = [split.texts[i] for i in range(accelerator.process_index, len(split.texts), accelerator.num_processes)]
         return texts, [self.splits.relevant[t.lower()] for t in texts]
 
     def __call__(self, accelerator, model, tokenizer, ids) -> tuple[dict, float]:
         """(figures per split, training-query R@1) of beam search."""
         totals = {}
-        for name, pairs in self.splits.validation.items():
-            texts, relevant = self._mine(accelerator, pairs)
+        for name, split in self.splits.validation.items():
+            texts, relevant = self._mine(accelerator, split)
             rows, _ = ranked_items(model, tokenizer, ids, texts, self.cfg, accelerator.device)
             totals[name] = scoring.totals(rows, relevant)
         train = self.splits.train  # how well it fits its own training queries: a sample tells enough
@@ -350,8 +353,8 @@ class Validation:
         and their figures per split (None with no split): the candidates of `retrieve.rerank_candidates`
         beams re-ordered."""
         candidates, totals = self.cfg.retrieve.rerank_candidates, {}
-        for name, pairs in self.splits.validation.items():
-            texts, relevant = self._mine(accelerator, pairs)
+        for name, split in self.splits.validation.items():
+            texts, relevant = self._mine(accelerator, split)
             rows, scores = ranked_items(model, tokenizer, ids, texts, self.cfg, accelerator.device, candidates,
                                         candidates)
             cosine, lexical = self.reranker.features(texts, rows) if texts else (rows * 0.0, rows * 0.0)
@@ -534,7 +537,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _write_validation(path: Path, splits: dict[str, data.Pairs], records: list[dict]) -> None:
+def _write_validation(path: Path, splits: dict[str, pairs.Pairs], records: list[dict]) -> None:
     lines = [json.dumps({"split": name, "text": text, "id": records[item]["id"]}, ensure_ascii=False) + "\n"
-             for name, pairs in splits.items() for text, item in zip(pairs.texts, pairs.items)]
+             for name, split in splits.items() for text, item in zip(split.texts, split.items)]
     files.write_text(path, "".join(lines))

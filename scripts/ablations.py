@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/emoji.yaml"
 WORDNET = ROOT / "checkpoints/wordnet.txt"
 # the paper's model as our default was until issue 25: coarse + fine fusion, 12 epochs in the same time. The
-# levers measured against it keep it, so their rows reproduce what the README records.
+# levers measured against it keep it, so their rows reproduce what docs/results.md records.
 FUSED = ["model.fusion=true", "train.epochs=12", "train.validate_from=7"]
 VARIANTS = {  # name -> (config file, overrides)
     "CART": (CONFIG, []),
@@ -54,7 +54,7 @@ VARIANTS = {  # name -> (config file, overrides)
     "with distillation (margin 0.05; weight 0.5)": (CONFIG, [*FUSED, f"train.distill_texts={WORDNET}",
                                                              "train.epochs=11", "train.distill_min_margin=0.05",
                                                              "train.distill_weight=0.5"]),
-    # GENIUS's query-target interpolation, Beta(2, 2) as GENIUS (data.toward_targets)
+    # GENIUS's query-target interpolation, Beta(2, 2) as GENIUS (batches.toward_targets)
     "with interpolation": (CONFIG, [*FUSED, "train.interpolation=2"]),
     "with a ranking phase": (CONFIG, [*FUSED, "train.rank_weight=1.0", "train.rank_after=9"]),
     "with residual counter": (CONFIG, ["ids.counter=residual"]),

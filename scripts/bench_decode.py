@@ -6,7 +6,7 @@
    transformers' `generate` with our `TrieConstraint` (its share too) and with transformers'
    `PrefixConstrainedLogitsProcessor` over a dict trie (GENRE's way), in the same run, on the same queries.
 2. Scale: identifiers for 1k, 10k, 100k and 1M synthetic clustered 1024-d items (the ids stage with
-   configs/flickr30k.yaml's settings, K at most N / 8, M = 4 at 1M as the README advises), a model of the
+   configs/flickr30k.yaml's settings, K at most N / 8, M = 4 at 1M as docs/scale.md advises), a model of the
    emoji architecture (random weights) with each size's identifier vocabulary, latency per query at each
    size next to exact dense retrieval (a float32 N x 1024 matrix product and top 10) on as many queries;
    then batch 1 again with the sizes taking turns (3 rounds of 32 queries), per query and per decoding step.
@@ -97,8 +97,8 @@ def time_decoding(model, tokenizer, ids, genre_root: dict, queries: list[str], b
     (ours: the trie's `level_mask` and `child`; generate's: the logits processor), and whether the top-1 agree."""
     from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
-    from cart.decoding import TrieConstraint, decode_texts
-    from cart.vocab import TokenLayout
+    from cart.index.vocab import TokenLayout
+    from cart.model.decoding import TrieConstraint, decode_texts
 
     timed_trie = TimedTrie(ids.trie)
     timed = TimedConstraint(TrieConstraint(ids.trie))
@@ -125,15 +125,16 @@ def time_decoding(model, tokenizer, ids, genre_root: dict, queries: list[str], b
 
 
 def queries_from(run_dir: Path, count: int, seed: int = 0) -> list[str]:
-    from cart import corpus, data
+    from cart.data import corpus, pairs
 
-    texts = [t["text"] for r in corpus.read(run_dir) for t in r["texts"] if t["kind"] in data.TRAINING_KINDS]
+    texts = [t["text"] for r in corpus.read(run_dir) for t in r["texts"] if t["kind"] in pairs.TRAINING_KINDS]
     return random.Random(seed).sample(texts, count)
 
 
 def demo_run(args) -> dict:
-    from cart import build_ids, model_io
     from cart.config import load_config
+    from cart.index import build_ids
+    from cart.model import model_io
 
     cfg = load_config(ROOT / "configs/emoji.yaml")
     ids = build_ids.load(cfg.run_dir)
@@ -159,8 +160,10 @@ def scale(args) -> dict:
     from bench_ids import SIZES, synthetic
     from safetensors.torch import load_file
 
-    from cart import build_ids, files, model_io
+    from cart import files
     from cart.config import load_config, to_dict
+    from cart.index import build_ids
+    from cart.model import model_io
 
     emoji = load_config(ROOT / "configs/emoji.yaml")
     queries = queries_from(emoji.run_dir, 128)
@@ -170,7 +173,7 @@ def scale(args) -> dict:
         cfg = load_config(ROOT / "configs/flickr30k.yaml", [f"output_dir={args.workdir}", f"run={name}", *args.set])
         cfg.ids.clusters = min(cfg.ids.clusters, SIZES[name] // 8)  # at least 8 items a cluster (1k: K 125)
         if SIZES[name] >= 1_000_000 and not any(o.startswith("ids.levels=") for o in args.set):
-            # the README's advice for 1M items (Identifiers: at M = 2 3.3% collide, at 3 0.4% in groups of up to
+            # docs/scale.md's advice for 1M items (Identifiers: at M = 2 3.3% collide, at 3 0.4% in groups of up to
             # 10, at 4 0.13% in groups of up to 6)
             cfg.ids.levels = 4
         path = cfg.run_dir / files.EMBEDDINGS
@@ -220,7 +223,7 @@ def scale(args) -> dict:
 def alternated(models: dict, built: dict, tokenizer, queries: list[str], emoji, rounds: int = 3) -> dict:
     """Batch-1 latency of every size, the sizes taking turns in rounds (one size's run alone swings with
     the machine's load): ms a query and ms a decoding step (a step a level), a list of rounds each."""
-    from cart.decoding import decode_texts
+    from cart.model.decoding import decode_texts
 
     out = {name: {"levels": ids.layout.length, "ms_per_query": [], "ms_per_step": []} for name, ids in built.items()}
     for _ in range(rounds):

@@ -57,8 +57,9 @@ def synthetic(path: Path, n: int, dim: int = 1024, table: int = 1000, seed: int 
 
 def child(output_dir: str, case: str, scheme: str, overrides: str) -> None:
     """Run the stage in this process and print its figures."""
-    from cart import build_ids, files, measure
+    from cart import files, measure
     from cart.config import load_config
+    from cart.index import build_ids
 
     cfg = load_config(ROOT / CONFIGS[case], [f"output_dir={output_dir}", f"run={case}", f"ids.scheme={scheme}",
                                              *json.loads(overrides)])

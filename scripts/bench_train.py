@@ -34,30 +34,32 @@ VARIANTS = {  # name -> overrides of the emoji default
 
 def throughput(cfg, steps: int) -> dict:
     """Pairs per second over `steps` optimiser steps after 3 warm-up steps, forward + backward + update."""
-    from cart import build_ids, corpus, data, model_io
-    from cart.losses import cart_loss
-    from cart.rerank import item_embeddings
+    from cart.data import corpus, pairs
+    from cart.index import build_ids
+    from cart.model import batches, model_io
+    from cart.model.losses import cart_loss
+    from cart.retrieve.rerank import item_embeddings
 
     records = corpus.read(cfg.run_dir)
     ids = build_ids.load(cfg.run_dir)
-    splits = data.split_pairs(records, cfg)
-    pairs = splits.train
+    splits = pairs.split_pairs(records, cfg)
+    train_pairs = splits.train
     tokenizer = model_io.load_tokenizer(cfg)
     torch.manual_seed(cfg.seed)
     model = model_io.build_model(cfg, ids.layout.level_sizes, len(tokenizer)).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
-    labels = data.identifier_labels(ids.tokens)
+    labels = batches.identifier_labels(ids.tokens)
     max_tokens = cfg.model.max_query_tokens
     cache = None
     if cfg.train.cache_encoder and getattr(model.encoder, "frozen", False):  # as `cart train` does
-        cache = data.LayerCache(model.encoder, tokenizer, pairs.texts, max_tokens, torch.device("cpu"))
-    grouped = data.LengthGroupedBatches(data.token_lengths(pairs.texts, tokenizer, max_tokens), cfg.train.batch_size,
-                                        cfg.seed)
-    negatives = data.HardNegatives(item_embeddings(cfg.run_dir), pairs, splits.relevant, cfg.train.rank_negatives) \
+        cache = batches.LayerCache(model.encoder, tokenizer, train_pairs.texts, max_tokens, torch.device("cpu"))
+    grouped = batches.LengthGroupedBatches(batches.token_lengths(train_pairs.texts, tokenizer, max_tokens),
+                                           cfg.train.batch_size, cfg.seed)
+    negatives = batches.HardNegatives(item_embeddings(cfg.run_dir), train_pairs, splits.relevant, cfg.train.rank_negatives) \
         if cfg.train.rank_weight > 0 else None
-    batches = [data.make_batch(rows, pairs, labels, tokenizer, max_tokens, cache, negatives)  # training's first batches
-               for rows, _ in zip(grouped, range(steps + 3))]
-    for i, batch in enumerate(batches):
+    first_batches = [batches.make_batch(rows, train_pairs, labels, tokenizer, max_tokens, cache, negatives)  # training's first batches
+                     for rows, _ in zip(grouped, range(steps + 3))]
+    for i, batch in enumerate(first_batches):
         if i == 3:
             start = time.perf_counter()
         loss = cart_loss(model, batch, cfg.train.rdrop_weight, cfg.train.rank_weight)

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from cart import corpus, data
-    from cart.rerank import chosen_weights
-    from cart.retriever import Retriever
+    from cart.data import corpus, pairs
+    from cart.retrieve.rerank import chosen_weights
+    from cart.retrieve.retriever import Retriever
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=str(ROOT / "checkpoints/emoji"))
@@ -35,22 +35,22 @@ def main() -> None:
     counts = [int(c) for c in args.candidates.split(",")]
     retriever = Retriever.load(args.run, rerank=True, rerank_candidates=max(counts))
     stored = retriever.manifest["config"]  # the splits are drawn from the training settings and the seed
-    cfg = data.splits_config(stored)
-    records, _ = data.with_generated_captions(Path(args.run), corpus.read(Path(args.run)))
-    splits = data.split_pairs(records, cfg)  # the splits `cart train` validated on
+    cfg = pairs.splits_config(stored)
+    records, _ = pairs.with_generated_captions(Path(args.run), corpus.read(Path(args.run)))
+    splits = pairs.split_pairs(records, cfg)  # the splits `cart train` validated on
     reranker = retriever.reranker
     results = {"run": args.run, "weights_chosen_in_training": [reranker.weight, reranker.lexical_weight],
                "validation_queries": {name: len(p.texts) for name, p in splits.validation.items()}, "counts": {}}
-    pool = [t for pairs in splits.validation.values() for t in pairs.texts]
+    pool = [t for split in splits.validation.values() for t in split.texts]
     timed = random.Random(0).sample(pool, min(len(pool), 4 * args.timed))
     for count in counts:
         retriever.rerank_candidates = count
-        decoded = {name: retriever.search_rows(pairs.texts, count, batch_size=128, rerank=False)
-                   if count <= retriever.beam_width else _wide(retriever, pairs.texts, count)
-                   for name, pairs in splits.validation.items()}
+        decoded = {name: retriever.search_rows(split.texts, count, batch_size=128, rerank=False)
+                   if count <= retriever.beam_width else _wide(retriever, split.texts, count)
+                   for name, split in splits.validation.items()}
         weights, score, figures = chosen_weights({
-            name: (*decoded[name], *reranker.features(pairs.texts, decoded[name][0]),
-                   [splits.relevant[t.lower()] for t in pairs.texts]) for name, pairs in splits.validation.items()})
+            name: (*decoded[name], *reranker.features(split.texts, decoded[name][0]),
+                   [splits.relevant[t.lower()] for t in split.texts]) for name, split in splits.validation.items()})
         results["counts"][count] = {"score": round(score, 4), "weights": weights, "validation": figures}
         print(f"rerank_candidates {count}: validation score {score:.4f} (weights {weights})", file=sys.stderr)
     # the counts take turns, three rounds, so that a slow spell of the machine does not fall on one of them

@@ -16,10 +16,10 @@ from pathlib import Path
 
 
 def main() -> None:
-    from cart import corpus, data
-    from cart.evaluate import held_out_queries, relevant_items
-    from cart.rerank import GRID, chosen_weights
-    from cart.retriever import Retriever
+    from cart.data import corpus, pairs
+    from cart.eval.evaluate import held_out_queries, relevant_items
+    from cart.retrieve.rerank import GRID, chosen_weights
+    from cart.retrieve.retriever import Retriever
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
@@ -28,8 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     retriever = Retriever.load(args.run, rerank=True, rerank_candidates=args.candidates)
     stored = retriever.manifest["config"]
-    cfg = data.splits_config(stored)
-    records, _ = data.with_generated_captions(args.run, corpus.read(args.run))
+    cfg = pairs.splits_config(stored)
+    records, _ = pairs.with_generated_captions(args.run, corpus.read(args.run))
     beams = retriever.rerank_candidates
 
     retriever.beam_width = beams  # pure beam search as wide as the rerank's: the candidates it re-orders
@@ -39,9 +39,9 @@ def main() -> None:
         rows, log_probs = retriever.search_rows(texts, beams, batch_size=128, rerank=False)
         return (rows, log_probs, *retriever.reranker.features(texts, rows), relevant)
 
-    splits = data.split_pairs(records, cfg)  # the splits `cart train` chose on
-    validation = {name: candidates(pairs.texts, [splits.relevant[t.lower()] for t in pairs.texts])
-                  for name, pairs in splits.validation.items()}
+    splits = pairs.split_pairs(records, cfg)  # the splits `cart train` chose on
+    validation = {name: candidates(split.texts, [splits.relevant[t.lower()] for t in split.texts])
+                  for name, split in splits.validation.items()}
     query_sets = held_out_queries(records)
     relevant = relevant_items(records, query_sets, stored["eval"]["relevant_kinds"])
     held_out = {name: candidates([text for text, _ in pairs], relevant[name]) for name, pairs in query_sets.items()}

@@ -34,7 +34,7 @@ def tagged_lemmas(folder: Path) -> list[str]:
 
 
 def main() -> None:
-    from cart.emoji import fetch_package
+    from cart.data.emoji import fetch_package
     from cart.files import atomic_path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

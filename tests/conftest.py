@@ -17,6 +17,7 @@ import pytest
 from cart.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests/fixtures"  # files a test compares against
 # the tiny media are drawn by the script that makes configs/tiny.yaml's input: one copy of them
 _spec = importlib.util.spec_from_file_location("make_tiny_data", ROOT / "scripts/make_tiny_data.py")
 tiny_data = importlib.util.module_from_spec(_spec)
@@ -99,7 +100,9 @@ def prepare_run(root: Path, modality: str = "image"):
     """A run ready for `cart train` under root: corpus (12 items, 3 training texts each, 2 held-out items),
     random precomputed embeddings, ids. Returns config(*overrides) for it; config.overrides holds its own.
     `modality`: what the items are, image or audio (a short silent WAV each: the embeddings are precomputed)."""
-    from cart import build_ids, corpus, embed
+    from cart.data import corpus
+    from cart.encoders import embed
+    from cart.index import build_ids
 
     make_media(root)
     if modality == "audio":
@@ -132,4 +135,33 @@ def trained(tmp_path_factory):
 
     config = prepare_run(tmp_path_factory.mktemp("trained"))
     train.run(config())
+    return config
+
+
+@pytest.fixture(scope="session")
+def reranked(tmp_path_factory):
+    """A tiny run whose identifiers come from item text (MiniLM), trained with retrieve.rerank: a function of
+    overrides giving its config. Shared by the retrieval, eval and training tests."""
+    from cart import train
+    from cart.data import corpus
+    from cart.encoders import embed
+    from cart.index import build_ids
+
+    root = tmp_path_factory.mktemp("rerank")
+    make_media(root)
+    rows = [{"id": f"item{i}", "path": f"media/img{i % 6}.png",
+             "texts": [f"{c} number {i}", f"shape {i}", f"{c} thing {i // 2}",
+                       {"text": f"a {c} shape {i}", "kind": "query", "set": "A"},
+                       {"text": f"{c} item {i}", "kind": "validation"}]}
+            for i, c in enumerate(COLOURS * 2)]
+    overrides = [f"output_dir={root / 'runs'}", f"corpus.path={write_jsonl(root / 'm.jsonl', rows)}",
+                 "embed.encoder=minilm-text", "ids.clusters=3", "retrieve.rerank=true", "eval.baselines=[]"]
+
+    def config(*extra):
+        from cart.config import load_config
+        return load_config(ROOT / "configs/tiny.yaml", [*overrides, *extra])
+
+    cfg = config()
+    for stage in (corpus, embed, build_ids, train):
+        stage.run(cfg)
     return config

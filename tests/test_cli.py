@@ -11,9 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cart import build_ids, corpus, embed, files
+from cart import files
+from cart.data import corpus
+from cart.encoders import embed
 from cart.errors import CartError
-from cart.retriever import Retriever
+from cart.index import build_ids
+from cart.retrieve.retriever import Retriever
 from conftest import ROOT
 
 CONFIG = ["--config", "configs/emoji.yaml"]

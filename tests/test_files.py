@@ -162,7 +162,8 @@ def test_an_output_dir_that_cannot_hold_a_run_is_one_line(tmp_path, output_dir):
 
 
 def test_a_file_the_system_refuses_mid_stage_is_one_line(monkeypatch, capsys):
-    from cart import cli, corpus
+    from cart import cli
+    from cart.data import corpus
 
     def read_only(cfg, force=False):
         raise OSError(errno.EROFS, "Read-only file system", str(cfg.run_dir / files.CORPUS))

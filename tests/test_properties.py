@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cart import corpus
 from cart.config import Config, load_config, to_dict
+from cart.data import corpus
 from cart.errors import CartError
 from conftest import ROOT, make_media, tiny_data
 

@@ -15,9 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cart import build_ids, caption, corpus, data, embed, encoders, files, model_io, train
+from cart import caption, encoders, files, train
+from cart.data import corpus, pairs
+from cart.encoders import embed
 from cart.errors import CartError
-from cart.losses import cart_loss
+from cart.index import build_ids
+from cart.model import batches, model_io
+from cart.model.losses import cart_loss
+from cart.retrieve.retriever import Retriever
 from conftest import ROOT, launch_two_processes, one_thread, prepare_run, write_jsonl
 
 PYTHON = sys.executable
@@ -75,7 +80,7 @@ def test_train_writes_a_loadable_model_states_and_an_honest_validation_split(rea
     model, tokenizer, ids = model_io.load(run_dir)
     assert not model.training and model.config.cart_fusion
     encoded = tokenizer(["red number 0", "shape 3"], return_tensors="pt", padding=True)
-    from cart.decoding import decode
+    from cart.model.decoding import decode
 
     items, scores = decode(model, encoded["input_ids"], encoded["attention_mask"], ids.trie, beams=4, top_k=4)
     assert (items[:, 0] >= 0).all() and (items < 12).all()
@@ -279,14 +284,14 @@ def test_minilm_encoder_is_the_pretrained_model_and_trains_frozen(ready_run):
 def test_length_grouped_batches_cover_each_pair_once_in_a_seeded_order():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 25, size=1000).tolist()
-    batches = data.LengthGroupedBatches(lengths, batch_size=16, seed=3, window=10)
-    first = list(batches)
-    assert len(first) == len(batches) == 62 and all(len(b) == 16 for b in first)
+    sampler = batches.LengthGroupedBatches(lengths, batch_size=16, seed=3, window=10)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 62 and all(len(b) == 16 for b in first)
     flat = [i for b in first for i in b]
     assert len(set(flat)) == len(flat)  # no pair twice in an epoch; 1000 - 62 * 16 = 8 left out
-    assert list(batches) == first  # the order depends on (seed, epoch) alone: a resumed run skips into it
-    batches.set_epoch(1)
-    assert list(batches) != first
+    assert list(sampler) == first  # the order depends on (seed, epoch) alone: a resumed run skips into it
+    sampler.set_epoch(1)
+    assert list(sampler) != first
     padded = np.mean([max(lengths[i] for i in b) for b in first])
     shuffled = rng.permutation(1000)[: 62 * 16].reshape(62, 16)
     assert padded < 0.7 * np.mean([max(lengths[i] for i in b) for b in shuffled])
@@ -294,43 +299,43 @@ def test_length_grouped_batches_cover_each_pair_once_in_a_seeded_order():
 
 def test_hard_negatives_are_near_the_item_and_never_a_right_answer():
     x = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
-    pairs = data.Pairs(texts=["a", "b", "C"], items=[0, 1, 2])
+    train = pairs.Pairs(texts=["a", "b", "C"], items=[0, 1, 2])
     relevant = {"a": {0, 5}, "b": {1}, "c": {2, 3, 4}}
-    negatives = data.HardNegatives(x, pairs, relevant, count=3, pool=4)
+    negatives = batches.HardNegatives(x, train, relevant, count=3, pool=4)
     drawn = negatives([0, 1, 2])
     assert drawn.shape == (3, 3)
     unit = torch.nn.functional.normalize(x, dim=-1)
     for row, pair in zip(drawn.tolist(), range(3)):
-        item = pairs.items[pair]
+        item = train.items[pair]
         nearest = set((unit[item] @ unit.T).topk(5).indices.tolist())  # the item and its 4 nearest
-        assert set(row) <= nearest - relevant[pairs.texts[pair].lower()] - {item}
+        assert set(row) <= nearest - relevant[train.texts[pair].lower()] - {item}
     assert torch.equal(negatives([0, 1, 2]), drawn)  # the draw depends on the batch's rows alone
     with pytest.raises(CartError, match="every item is a right answer of 'a'"):
-        data.HardNegatives(x[:2], data.Pairs(["a"], [0]), {"a": {0, 1}}, count=1)([0])
+        batches.HardNegatives(x[:2], pairs.Pairs(["a"], [0]), {"a": {0, 1}}, count=1)([0])
 
 
 def test_subset_queries_join_short_training_texts_only():
     import random
 
     texts = ["cat", "face", "pet", "whiskers", "cat face pet whiskers"]
-    made = data.subset_queries(texts, 6, 3, random.Random(0))
+    made = pairs.subset_queries(texts, 6, 3, random.Random(0))
     assert len(made) == len(set(made)) == 6
     for query in made:
         words = query.split()
         assert 2 <= len(words) <= 3 and len(set(words)) == len(words)
         assert set(words) <= {"cat", "face", "pet", "whiskers"} and query not in texts
-    assert data.subset_queries(["keycap"], 3, 3, random.Random(0)) == []
-    assert data.subset_queries(["VA", "flag", "VA flag"], 5, 3, random.Random(0)) == ["flag VA"]  # the one new order
+    assert pairs.subset_queries(["keycap"], 3, 3, random.Random(0)) == []
+    assert pairs.subset_queries(["VA", "flag", "VA flag"], 5, 3, random.Random(0)) == ["flag VA"]  # the one new order
 
 
 def test_subset_queries_never_use_a_validation_text(ready_run):
     cfg = ready_run("train.subset_queries=4")
     records = corpus.read(cfg.run_dir)
-    plain = data.split_pairs(records, ready_run()).train
-    splits = data.split_pairs(records, cfg)
-    pairs, validation, relevant = splits.train, splits.validation["texts"], splits.relevant
-    assert pairs.texts[: len(plain.texts)] == plain.texts  # the same split, subsets appended
-    added = list(zip(pairs.texts[len(plain.texts):], pairs.items[len(plain.texts):]))
+    plain = pairs.split_pairs(records, ready_run()).train
+    splits = pairs.split_pairs(records, cfg)
+    train, validation, relevant = splits.train, splits.validation["texts"], splits.relevant
+    assert train.texts[: len(plain.texts)] == plain.texts  # the same split, subsets appended
+    added = list(zip(train.texts[len(plain.texts):], train.items[len(plain.texts):]))
     assert added
     held = {}
     for text, row in zip(validation.texts, validation.items):
@@ -367,18 +372,18 @@ MINILM = ["model.encoder=minilm", "model.d_model=384", "model.num_heads=6", "mod
 
 def test_cached_encoder_layers_give_the_same_loss_and_gradients_as_running_the_encoder(ready_run):
     cfg = ready_run(*MINILM)
-    splits = data.split_pairs(corpus.read(cfg.run_dir), cfg)
+    splits = pairs.split_pairs(corpus.read(cfg.run_dir), cfg)
     tokenizer = model_io.load_tokenizer(cfg)
     model = model_io.build_model(cfg, build_ids.load(cfg.run_dir).layout.level_sizes, len(tokenizer))
     # as `cart train` does: the cache is made from the model as built, before any .train() or .eval()
-    cache = data.LayerCache(model.encoder, tokenizer, splits.train.texts, 24, torch.device("cpu"))
+    cache = batches.LayerCache(model.encoder, tokenizer, splits.train.texts, 24, torch.device("cpu"))
     model.train()
     assert len(cache.index) == len(set(splits.train.texts))
     labels = torch.tensor([[3, 7, 11, 1]] * len(splits.train.texts))
     rows = list(range(0, len(splits.train.texts), 3))  # texts of several lengths: padding differs
     results = []
     for layer_cache in (cache, None):
-        batch = data.make_batch(rows, splits.train, labels, tokenizer, 24, layer_cache)
+        batch = batches.make_batch(rows, splits.train, labels, tokenizer, 24, layer_cache)
         model.zero_grad()
         loss = cart_loss(model, batch, omega=0.0).total
         loss.backward()
@@ -391,16 +396,16 @@ def test_cached_encoder_layers_give_the_same_loss_and_gradients_as_running_the_e
 def test_name_shaped_validation_queries_are_never_trained_on(ready_run):
     cfg = ready_run("train.validation_names=4", "train.subset_queries=6", "train.validation_fraction=0.1")
     records = corpus.read(cfg.run_dir)
-    splits = data.split_pairs(records, cfg)
+    splits = pairs.split_pairs(records, cfg)
     names = splits.validation["names"]
     assert len(names.texts) == 4
     trained = {text.lower() for text in splits.train.texts}
     held = {(row, text) for text, row in zip(splits.validation["texts"].texts, splits.validation["texts"].items)}
-    held_out = {text.lower() for pairs in splits.validation.values() for text in pairs.texts}
+    held_out = {text.lower() for split in splits.validation.values() for text in split.texts}
     assert not held_out & trained  # no training query, tag subsets included, repeats a validation query
     for text, row in zip(names.texts, names.items):
         assert text.lower() not in trained and row in splits.relevant[text.lower()]
-        own = set(data.training_texts(records[row])) - {t for r, t in held if r == row}
+        own = set(pairs.training_texts(records[row])) - {t for r, t in held if r == row}
         assert any(" ".join(p) == text for k in (2, 3) for p in itertools.permutations(own, k))  # its own tags
 
 
@@ -409,7 +414,7 @@ def test_the_corpus_validation_queries_are_a_split_never_trained_on(ready_run):
     records = corpus.read(cfg.run_dir)
     for row, text in ((0, "crimson square"), (1, "Crimson Square"), (2, "red number 0 shape 0")):
         records[row]["texts"].append({"text": text, "kind": "validation"})
-    splits = data.split_pairs(records, cfg)
+    splits = pairs.split_pairs(records, cfg)
     given = splits.validation["V"]
     assert given.texts == ["crimson square", "Crimson Square", "red number 0 shape 0"] and given.items == [0, 1, 2]
     assert splits.relevant["crimson square"] == {0, 1}  # one name of two items: either is right
@@ -424,10 +429,10 @@ def test_item_text_embeddings_leave_out_the_validation_texts(ready_run, tmp_path
     embed.run(cfg)
     build_ids.run(cfg)
     records = corpus.read(cfg.run_dir)
-    held_out = data.held_out_texts(records, cfg)
+    held_out = pairs.held_out_texts(records, cfg)
     manifest = json.loads(files.manifest_path(cfg.run_dir / files.EMBEDDINGS).read_text())
-    assert held_out and manifest["validation_left_out"] == data.held_out_digest(held_out)
-    expected = encoders.ItemText(torch.device("cpu")).encode(data.without_texts(records, held_out))
+    assert held_out and manifest["validation_left_out"] == pairs.held_out_digest(held_out)
+    expected = encoders.ItemText(torch.device("cpu")).encode(pairs.without_texts(records, held_out))
     assert torch.allclose(load_file(str(cfg.run_dir / files.EMBEDDINGS))["embeddings"], expected, atol=1e-5)
     with pytest.raises(CartError, match="embedded other validation texts than this run holds out"):
         train.run(ready_run("embed.encoder=minilm-text", "corpus.query_splits=[]", "train.validation_fraction=0.1"))
@@ -489,7 +494,7 @@ def test_distilled_items_are_drawn_from_the_teachers_top_k_at_its_weights():
     items = torch.eye(8)
     near = torch.nn.functional.normalize(torch.tensor([1.0, 0.5, 0.3, 0, 0, 0, 0, 0]), dim=0)
     vague = torch.nn.functional.normalize(torch.ones(8), dim=0)  # cosine 0.35 to every item: below the gate
-    distilled = data.Distilled(["near", "vague"], torch.stack([near, vague]), items, top_k=3, temperature=0.2,
+    distilled = batches.Distilled(["near", "vague"], torch.stack([near, vague]), items, top_k=3, temperature=0.2,
                                min_cosine=0.5, seed=0)
     assert distilled.texts == ["near"]
     weights = torch.softmax(near[:3] / 0.2, dim=0).numpy()
@@ -504,8 +509,8 @@ def test_distillation_drops_texts_the_teacher_hesitates_on():
     sure = torch.nn.functional.normalize(torch.tensor([1.0, 0.2, 0, 0]), dim=0)  # margin 0.78
     torn = torch.nn.functional.normalize(torch.tensor([1.0, 0.9, 0, 0]), dim=0)  # margin 0.07
     vectors = torch.stack([sure, torn])
-    assert data.Distilled(["sure", "torn"], vectors, items, 3, 0.2, min_cosine=0.5, seed=0).texts == ["sure", "torn"]
-    gated = data.Distilled(["sure", "torn"], vectors, items, 1, 0.2, min_cosine=0.5, seed=0, min_margin=0.1)
+    assert batches.Distilled(["sure", "torn"], vectors, items, 3, 0.2, min_cosine=0.5, seed=0).texts == ["sure", "torn"]
+    gated = batches.Distilled(["sure", "torn"], vectors, items, 1, 0.2, min_cosine=0.5, seed=0, min_margin=0.1)
     assert gated.texts == ["sure"] and gated.draw(0) == [0]
 
 
@@ -514,7 +519,7 @@ def test_unlabelled_texts_leave_out_every_text_of_the_corpus(tmp_path):
                           {"text": "heart on fire", "kind": "validation"}]}]
     path = tmp_path / "words.txt"
     path.write_text("red heart\nlove letter\nHEART ON FIRE!\n\ncrimson\ncrimson\n  pulse \n---\n", encoding="utf-8")
-    assert data.unlabelled_texts(path, records) == ["crimson", "pulse"]
+    assert pairs.unlabelled_texts(path, records) == ["crimson", "pulse"]
 
 
 def test_distillation_needs_an_encoder_with_a_text_side(ready_run, tmp_path):
@@ -530,7 +535,7 @@ def test_query_target_interpolation_moves_the_last_layers_mean_toward_the_target
     layers = torch.randn(3, 5, 4, 16)  # (B, T, S, d)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
     targets = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
-    mixed = data.toward_targets(layers, mask, targets, alpha=1e4)  # Beta(1e4, 1e4): s = 1/2 +- 0.004 everywhere
+    mixed = batches.toward_targets(layers, mask, targets, alpha=1e4)  # Beta(1e4, 1e4): s = 1/2 +- 0.004 everywhere
 
     def mean(x):
         weights = mask.unsqueeze(-1).float()
@@ -565,5 +570,47 @@ def test_splits_config_draws_the_runs_splits_without_its_training_only_inputs(re
                     "embed.encoder=minilm-text", f"train.distill_texts={words}")
     words.unlink()  # a training input only: where the model is used it may be gone
     records = corpus.read(cfg.run_dir)
-    drawn, again = data.split_pairs(records, cfg), data.split_pairs(records, data.splits_config(to_dict(cfg)))
+    drawn, again = pairs.split_pairs(records, cfg), pairs.split_pairs(records, pairs.splits_config(to_dict(cfg)))
     assert again.train == drawn.train and again.validation == drawn.validation and drawn.validation["names"].texts
+
+
+def test_distilled_texts_are_trained_on_beside_the_corpus_and_recorded_as_an_input(reranked, tmp_path):
+    from cart.data import corpus
+    from cart.encoders import embed
+
+    words = tmp_path / "words.txt"  # a training text and a validation query of the corpus, and three new texts
+    words.write_text("red number 0\norange item 3\ncrimson\nsquare\nviolet shape\n", encoding="utf-8")
+    cfg = reranked(f"output_dir={tmp_path / 'runs'}", f"train.distill_texts={words}", "train.distill_min_cosine=-1",
+                   "train.distill_weight=0.5")
+    for stage in (corpus, embed, build_ids, train):
+        stage.run(cfg)
+    log = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())
+    assert log["training_pairs"] == len(pairs.split_pairs(corpus.read(cfg.run_dir), cfg).train.texts) + 3
+    assert files.read_manifest(cfg.run_dir / files.MODEL_WEIGHTS)["inputs"]["distill_texts"] == files.sha256_file(words)
+    words.unlink()  # training's input only: the model is used without it
+    assert len(Retriever.load(cfg.run_dir).search(["red number 0"], k=3)[0]) == 3
+
+
+def test_query_target_interpolation_mixes_every_training_batch_toward_its_items(reranked, tmp_path, monkeypatch):
+    from cart.data import corpus
+    from cart.encoders import embed
+    from cart.retrieve.rerank import item_embeddings
+
+    calls = []
+
+    def spy(layers, mask, targets, alpha):
+        calls.append((targets, alpha))
+        return mix(layers, mask, targets, alpha)
+
+    mix = batches.toward_targets
+    monkeypatch.setattr(batches, "toward_targets", spy)
+    cfg = reranked(f"output_dir={tmp_path / 'runs'}", "model.encoder=minilm", "model.d_model=384", "model.num_heads=6",
+                   "model.d_ff=64", "model.num_decoder_layers=1", "model.freeze_encoder=true", "train.interpolation=2",
+                   "retrieve.rerank=false")
+    for stage in (corpus, embed, build_ids, train):
+        stage.run(cfg)
+    items = item_embeddings(cfg.run_dir)
+    assert len(calls) >= cfg.train.epochs and all(alpha == 2 for _, alpha in calls)
+    for targets, _ in calls:  # each query mixed toward an item's own embedding, a row of them as it is
+        assert (targets.unsqueeze(1) == items.unsqueeze(0)).all(-1).any(1).all()
+    assert files.EMBEDDINGS in files.read_manifest(cfg.run_dir / files.MODEL_WEIGHTS)["inputs"]  # a model input

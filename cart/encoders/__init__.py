@@ -1,6 +1,6 @@
-"""Encoders that turn corpus items into embeddings: EfficientNet-Lite0 (`efficientnet.py`), MiniLM on an
-item's text (`text.py`), ImageBind (`imagebind.py`, its audio and video inputs in `audio.py` and `video.py`),
-or a precomputed file.
+"""Encoders that turn corpus items into embeddings, and the `cart embed` stage that runs them (`embed.py`):
+EfficientNet-Lite0 (`efficientnet.py`), MiniLM on an item's text (`text.py`), ImageBind (`imagebind.py`, its
+audio and video inputs in `audio.py` and `video.py`), or a precomputed file.
 
 An encoder has `dim`, `modalities` and `encode(records) -> (B, D) float32 tensor`; MiniLM and ImageBind
 also have `encode_text(texts)`. Weights always come from a local file: nothing here downloads.
@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cart.config import EmbedConfig
 from cart.encoders.audio import audio_clips, clip_starts, kaldi_fbank
 from cart.encoders.efficientnet import EfficientNetLite0
 from cart.encoders.imagebind import ImageBind
 from cart.encoders.text import ItemText, minilm_dir, minilm_sentence_model
 from cart.encoders.video import video_clips
 from cart.errors import CartError
+from cart.settings import EmbedConfig
 
 __all__ = ["EfficientNetLite0", "ImageBind", "ItemText", "audio_clips", "clip_starts", "kaldi_fbank", "load",
            "load_precomputed", "minilm_dir", "minilm_sentence_model", "query_encoder", "video_clips"]

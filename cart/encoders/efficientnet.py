@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torchvision import transforms
 
+from cart.data.images import load_rgb
 from cart.errors import CartError
-from cart.images import load_rgb
 
 
 class EfficientNetLite0:

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms
 
+from cart.data.images import load_rgb
 from cart.encoders.audio import audio_clips
 from cart.encoders.video import CLIP_MEAN, CLIP_STD, video_clips
 from cart.errors import CartError
-from cart.images import load_rgb
 
 # imagebind_huge() in Meta's code; an empty `embed.imagebind_arch` means these.
 IMAGEBIND_HUGE = dict(

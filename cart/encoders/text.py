@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cart.data import item_document
+from cart.data.pairs import item_document
 
 
 def minilm_dir() -> Path:

@@ -1,0 +1,177 @@
+"""The inference API: load a trained run once, answer many queries.
+
+    from cart.retrieve.retriever import Retriever
+    retriever = Retriever.load("checkpoints/emoji")
+    for hit in retriever.search(["a red heart"], k=5)[0]:
+        print(hit.id, hit.path, hit.score)
+
+A query is encoded, decoded by beam search constrained to the run's identifiers, and every finished
+identifier mapped back to its corpus item: the retriever can only ever return real items. With rerank
+(`retrieve.rerank`, `Retriever.load(run, rerank=True)`), the candidates of a beam search with
+`retrieve.rerank_candidates` beams are re-ordered by `cart.rerank`: cosine of the query's and the item's
+embeddings + the weight `cart train` chose times the log-probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cart import files
+from cart.data import corpus, pairs
+from cart.devices import pick_device
+from cart.errors import CartError
+from cart.model.decoding import decode_texts, score_identifiers
+from cart.retrieve.rerank import Reranker, item_embeddings, lexical_index
+from cart.settings import RetrieveConfig
+
+
+@dataclass
+class Hit:
+    id: str
+    path: str
+    score: float  # log-probability of the item's identifier under the model (with rerank: the rerank score)
+    row: int  # the item's row in corpus.jsonl
+
+
+class Retriever:
+    def __init__(self, model, tokenizer, ids, records: list[dict], *, beam_width: int, max_query_tokens: int,
+                 device: torch.device, top_k: int = 10, batch_size: int = RetrieveConfig.batch_size,
+                 manifest: dict | None = None, reranker: Reranker | None = None, rerank_candidates: int | None = None):
+        self.model = model.to(device).eval()
+        self.tokenizer, self.ids, self.records = tokenizer, ids, records
+        self.beam_width, self.max_query_tokens, self.device = beam_width, max_query_tokens, device
+        self.rerank_candidates = max(beam_width, rerank_candidates or beam_width)  # the rerank's beams
+        self.top_k, self.batch_size = top_k, batch_size  # the run's defaults
+        self.manifest = manifest or {}  # the model's: its sha256, the inputs it was trained on, its config
+        self.reranker = reranker  # when reranking
+
+    @classmethod
+    def load(cls, run_dir: str | Path, beam_width: int | None = None, device: str = "auto",
+             rerank: bool | None = None, rerank_candidates: int | None = None) -> "Retriever":
+        """The run's best model, tokenizer, identifiers and corpus; beam width, query length, rerank and its
+        candidates (never fewer than the beam width) default to the values the model was trained and
+        validated with."""
+        from cart.model import model_io
+
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise CartError(f"run folder not found: {run_dir}")
+        model, tokenizer, ids = model_io.load(run_dir)
+        manifest = files.read_manifest(run_dir / files.MODEL_WEIGHTS)
+        config = manifest["config"]
+        beam_width = config["retrieve"]["beam_width"] if beam_width is None else beam_width
+        if beam_width < 1:
+            raise CartError(f"beam width must be at least 1, got {beam_width}")
+        if rerank_candidates is None:  # runs trained before the setting re-ranked the beam itself
+            rerank_candidates = config["retrieve"].get("rerank_candidates", beam_width)
+        device = pick_device(device)
+        rerank = config["retrieve"].get("rerank", False) if rerank is None else rerank
+        records = corpus.read(run_dir)
+        reranker = _reranker(run_dir, manifest, records, device) if rerank else None
+        return cls(model, tokenizer, ids, records, beam_width=beam_width,
+                   max_query_tokens=config["model"]["max_query_tokens"], device=device,
+                   top_k=config["retrieve"]["top_k"],
+                   batch_size=config["retrieve"].get("batch_size", RetrieveConfig.batch_size),
+                   manifest=manifest, reranker=reranker, rerank_candidates=rerank_candidates)
+
+    def search(self, queries: str | list[str], k: int | None = None, batch_size: int | None = None) -> list[list[Hit]]:
+        """Ranked items for each query, best first (fewer than k when the beams found fewer); k and the
+        batch size default to the run's `retrieve.top_k` and `retrieve.batch_size`."""
+        if isinstance(queries, str):
+            queries = [queries]
+        rows, scores = self.search_rows(queries, min(self.top_k, self.beam_width) if k is None else k, batch_size)
+        return [[Hit(self.records[r]["id"], self.records[r]["path"], float(s), int(r))
+                 for r, s in zip(row, score) if r >= 0] for row, score in zip(rows, scores)]
+
+    def search_rows(self, queries: list[str], k: int, batch_size: int | None = None,
+                    rerank: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, k) corpus rows (-1 where the beams found fewer than k items) and their log-probabilities
+        (with rerank, the candidates of `rerank_candidates` beams re-ordered by the rerank score, and that
+        score). `batch_size` and `rerank`: default the retriever's."""
+        batch_size = self.batch_size if batch_size is None else batch_size
+        rerank = self.reranker is not None if rerank is None else rerank
+        if rerank and self.reranker is None:
+            raise CartError("this retriever was loaded without rerank: Retriever.load(run, rerank=True)")
+        for name, value in (("k", k), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise CartError(f"{name} must be a whole number, got {value!r}")
+        beams = self.rerank_candidates if rerank else self.beam_width
+        if k > beams:
+            raise CartError(f"k={k} is larger than the beam width {beams}: pass a larger beam width")
+        if k < 1:
+            raise CartError(f"k must be at least 1, got {k}")
+        if batch_size < 1:
+            raise CartError(f"batch size must be at least 1, got {batch_size}")
+        if isinstance(queries, str) or not isinstance(queries, (list, tuple)):
+            raise CartError(f"queries must be a list of texts, got {type(queries).__name__}")
+        for i, query in enumerate(queries):
+            if not isinstance(query, str) or not query.strip():
+                raise CartError(f"query {i + 1} is empty")
+        rows, scores = [], []
+        for start in range(0, len(queries), batch_size):
+            items, item_scores = decode_texts(self.model, self.tokenizer, self.ids.trie, queries[start: start + batch_size],
+                                              beams=beams, top_k=beams if rerank else k,
+                                              max_tokens=self.max_query_tokens, device=self.device)
+            if rerank:
+                items, item_scores = self.reranker(queries[start: start + batch_size], items, item_scores)
+            rows.append(items[:, :k])
+            scores.append(item_scores[:, :k])
+        if not rows:
+            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+        return np.concatenate(rows), np.concatenate(scores)
+
+    def score_rows(self, queries: list[str], rows) -> np.ndarray:
+        """(Q, C) how well each of the corpus rows `rows` answers each query, beam search or not: with
+        rerank the cosine of the query's and the item's embeddings, else the log-probability of the
+        item's identifier under the model (what beam search reports when it finds it)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.reranker is not None:
+            vectors = self.reranker.encoder.encode_text(queries).float()
+            return (vectors @ self.reranker.items[torch.from_numpy(rows)].float().T).numpy()
+        return score_identifiers(self.model, self.tokenizer, queries, self.ids.tokens[rows],
+                                 max_tokens=self.max_query_tokens, device=self.device)
+
+    def reads(self, query: str) -> bool:
+        """False when the tokenizer knows no word in `query` (every token unknown, e.g. a script or emoji
+        outside its vocabulary, or a special token such as [CLS]): the model then sees the same empty input
+        for every such query."""
+        tokens = self.tokenizer(query, add_special_tokens=False)["input_ids"]
+        return any(token not in self.tokenizer.all_special_ids for token in tokens)
+
+    def warning(self, query: str) -> str | None:
+        """What to tell the user about `query` before its results: None, or that they mean nothing."""
+        if self.reads(query):
+            return None
+        return (f"the model's tokenizer knows no word of the query {query!r} (only unknown characters or special "
+                f"tokens): these results mean nothing")
+
+
+def _reranker(run_dir: Path, manifest: dict, records: list[dict], device: torch.device) -> Reranker:
+    """The rerank of the run: its query encoder, item embeddings and BM25 index of the training texts it
+    trained on, and the weights training chose."""
+    from cart.encoders import query_encoder
+    from cart.settings import EmbedConfig
+
+    weight = manifest.get("rerank_weight")
+    if weight is None and manifest["config"]["retrieve"].get("rerank"):
+        raise CartError(f"{run_dir / files.MODEL_WEIGHTS} has no rerank weight yet (training ends by choosing it): "
+                        f"run `cart train` again to finish")
+    if weight is None:
+        raise CartError(f"{run_dir / files.MODEL_WEIGHTS} was trained without a rerank weight: train with "
+                        f"retrieve.rerank=true to rerank")
+    files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, files.EMBEDDINGS)  # the ones it chose w on
+    stored = manifest["config"]
+    records, _ = pairs.with_generated_captions(run_dir, records)
+    index = lexical_index(records, pairs.splits_config(stored))  # without the texts validation held out
+    return Reranker(query_encoder(EmbedConfig(**stored["embed"]), device), item_embeddings(run_dir), index,
+                    weight, manifest.get("rerank_lexical_weight", 0.0))
+
+
+def format_hits(query: str, hits: list[Hit]) -> str:
+    """A query and its ranked items as indented lines: rank, log-probability, id, path."""
+    return "\n".join([query] + [f"  {rank:>3}  {hit.score:>9.3f}  {hit.id:<24} {hit.path}"
+                                for rank, hit in enumerate(hits, 1)])
