@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Installed first and pinned: on our machines pip takes exactly these from local files (see README).
+# Installed first and pinned: on our machines pip takes exactly these from local files (see docs/install.md).
 TORCH := torch==2.14.1 torchvision==0.29.1
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 $(VENV)/.installed-test: pyproject.toml Makefile | $(BIN)/python
 	$(PIP) $(TORCH)
 	$(PIP) -e '.[imagebind,generate,test]'
-	# Meta's ImageBind code; its declared deps (torchaudio, pytorchvideo, decord) are not needed by the model (README)
+	# Meta's ImageBind code; its declared deps (torchaudio, pytorchvideo, decord) are not needed by the model (docs/imagebind.md)
 	$(PIP) --no-deps imagebind-unofficial==0.1.1
 	touch $@ $(VENV)/.installed
 
