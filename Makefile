@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 
 $(VENV)/.installed-test: pyproject.toml Makefile | $(BIN)/python
 	$(PIP) $(TORCH)
-	$(PIP) -e '.[imagebind,generate,test]'
+	$(PIP) -e '.[imagebind,generate,serve,test]'
 	# Meta's ImageBind code; its declared deps (torchaudio, pytorchvideo, decord) are not needed by the model (docs/imagebind.md)
 	$(PIP) --no-deps imagebind-unofficial==0.1.1
 	touch $@ $(VENV)/.installed

@@ -35,6 +35,9 @@ FORCE = {"corpus": "replace the run's corpus even when later stages were built f
          "caption": "caption again even when a model was trained on the captions",
          "pipeline": "let every stage replace what later stages were built from"}
 RETRIEVE_HELP = "ranked items for query texts (arguments, --file, or one a line on stdin)"
+ADD_HELP = "add items to a trained run without training again (any source `cart corpus` reads)"
+REMOVE_HELP = "remove items from a run: gone from the corpus and the trie"
+SERVE_HELP = "answer queries over HTTP (POST /search, POST /items, GET /health, GET /info)"
 GENERATE_HELP = "retrieve images for a prompt and generate from them (preview, OmniGen, SDXL + IP-Adapter)"
 
 
@@ -80,6 +83,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                           help="re-rank the beam's candidates by embedding cosine (default: the run's retrieve.rerank)")
     retrieve.add_argument("--rerank-candidates", type=positive, default=None,
                           help="beams whose candidates rerank re-orders (default: the run's retrieve.rerank_candidates)")
+    add = commands.add_parser("add", help=ADD_HELP, description=ADD_HELP)
+    add.add_argument("--run", required=True, help="a run folder with identifiers, e.g. checkpoints/emoji")
+    add.add_argument("--corpus", required=True, metavar="PATH", help="the new items: a manifest (.jsonl, .csv), a "
+                                                                    "folder of media, or a Karpathy or COCO JSON")
+    add.add_argument("--source", choices=("manifest", "folder", "karpathy", "coco"),
+                     help="how to read PATH (default: folder for a folder, manifest for .jsonl/.csv)")
+    add.add_argument("--on-bad", choices=("stop", "skip"), help="stop at the first bad item (default) or skip bad items")
+    add.add_argument("--dry-run", action="store_true", help="print what would be added, write nothing")
+    add.add_argument("overrides", nargs="*", default=[], metavar="corpus.key=value",
+                     help="corpus settings for reading PATH, e.g. corpus.media_root=DIR")
+    remove = commands.add_parser("remove", help=REMOVE_HELP, description=REMOVE_HELP)
+    remove.add_argument("--run", required=True, help="a run folder, e.g. checkpoints/emoji")
+    remove.add_argument("item_ids", nargs="+", metavar="ID", help="the ids of the items to remove")
+    remove.add_argument("--dry-run", action="store_true", help="print what would be removed, write nothing")
     generate = commands.add_parser("generate", help=GENERATE_HELP, description=GENERATE_HELP)
     generate.add_argument("prompt")
     generate.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. generate.images=2")
@@ -104,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         return _guarded("retrieve", lambda: _retrieve(args))
     if args.command == "generate":
         return _guarded("generate", lambda: _generate(args))
+    if args.command in ("add", "remove"):
+        return _guarded(args.command, lambda: _update(args))
     overrides = list(args.overrides)
     if getattr(args, "on_bad", None):
         overrides.append(f"corpus.on_bad={args.on_bad}")
@@ -165,6 +184,31 @@ def _generate(args) -> None:
     cfg.generate.subqueries = args.subquery or cfg.generate.subqueries
     _seed(cfg.seed)
     generate.run(cfg, prompt=args.prompt, run_dir=args.run)
+
+
+def _update(args) -> None:
+    """`cart add` and `cart remove`: a new version of the run's corpus, embeddings and identifiers."""
+    from pathlib import Path
+
+    from cart import files
+    from cart.index import update
+
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        raise CartError(f"run folder not found: {run_dir}")
+    with files.run_lock(run_dir, f"cart {args.command}"):
+        if args.command == "remove":
+            change = update.remove(run_dir, args.item_ids, args.dry_run)
+        else:
+            source = args.source or ("folder" if Path(args.corpus).is_dir() else "manifest"
+                                     if Path(args.corpus).suffix.lower() in (".jsonl", ".csv") else None)
+            if source is None:
+                raise CartError(f"--corpus {args.corpus}: say how to read it with --source (karpathy or coco for a JSON)")
+            overrides = [f"corpus.source={source}", f"corpus.path={args.corpus}", *args.overrides]
+            if args.on_bad:
+                overrides.append(f"corpus.on_bad={args.on_bad}")
+            change = update.add(run_dir, overrides, args.dry_run)
+    print(update.describe(change, args.command, args.dry_run))
 
 
 def _retrieve(args) -> None:

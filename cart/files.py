@@ -7,7 +7,9 @@ package version and a checksum of the manifest's own content. A stage refuses
 an input whose own manifest does not match it (edited or half-written), an
 output built from other inputs, and to replace an output that later outputs
 were built from (`check_replace`). One stage at a time writes a run folder
-(`run_lock`).
+(`run_lock`). `cart add` and `cart remove` replace several files at once (`publish_files`), and the
+files they write name the versions they extend (`extends`): a model trained on an earlier version of
+the identifiers still fits the new one (`require_built_from(..., extended=True)`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ HITS = "hits.jsonl"  # per query: each method's ranked items and the rank of the
 EVAL_PARTIAL = "eval.partial"  # resumable shards of each method's rankings while `cart eval` runs
 REPORT = "report.html"
 LOCK = ".lock"  # held (flock) by the stage writing the run folder; names it and its PID
+STAGED = ".staged"  # new versions of several files, written whole before `publish_files` moves them in
+JOURNAL = ".publish.json"  # the names `publish_files` is moving in: while it exists, the new version is decided
 
 # Which command writes each file, for "run X first" messages.
 WRITER = {CORPUS: "cart corpus", EMBEDDINGS: "cart embed", IDS: "cart ids", CAPTIONS: "cart caption",
@@ -235,6 +239,7 @@ def _run_name(path: Path) -> str:
 
 def verified_input(run_dir: Path, name: str) -> tuple[Path, dict]:
     """Return a stage output and its manifest, refusing one that is missing or does not match its manifest."""
+    settle(run_dir)
     path = Path(run_dir) / name
     if not path.exists():
         raise CartError(f"{path} is missing: run `{WRITER.get(name, 'the stage that writes it')}` first")
@@ -260,10 +265,13 @@ def verify_companions(run_dir: Path, manifest: dict, writer: str) -> None:
                             f"rerun `{writer}`")
 
 
-def require_built_from(output: dict, output_name: str, run_dir: Path, input_name: str) -> None:
-    """Refuse a stage output (its manifest `output`) built from another version of `input_name`."""
+def require_built_from(output: dict, output_name: str, run_dir: Path, input_name: str, extended: bool = False) -> None:
+    """Refuse a stage output (its manifest `output`) built from another version of `input_name`. With
+    `extended`, a version that `cart add` or `cart remove` made of the one it was built from will do (the
+    model: it emits identifiers, and the new ones are coded as the old ones were)."""
     _, current = verified_input(run_dir, input_name)
-    if output["inputs"].get(input_name) != current["sha256"]:
+    built = output["inputs"].get(input_name)
+    if built != current["sha256"] and not (extended and built in current.get("extends", [])):
         raise CartError(
             f"{Path(run_dir) / output_name} was built from another {input_name}: "
             f"rerun `{WRITER.get(output_name)}`"
@@ -287,7 +295,7 @@ def check_replace(run_dir: Path, name: str, recipe: dict, force: bool) -> bool:
     recipe = json.loads(json.dumps(recipe))
     if manifest.get("sha256") == sha and manifest.get("recipe") == recipe and not force:
         return True
-    users = built_from(run_dir, name, sha)
+    users = built_from(run_dir, name, sha, manifest.get("extends", []))
     if not users or not _inputs_current(run_dir, manifest.get("inputs", {})):
         return False
     command = WRITER.get(name, "the stage")
@@ -301,9 +309,10 @@ def check_replace(run_dir: Path, name: str, recipe: dict, force: bool) -> bool:
     return False
 
 
-def built_from(run_dir: Path, name: str, sha: str) -> list[str]:
-    """The outputs of the run folder whose manifests name the version `sha` of `name` among their inputs."""
-    run_dir = Path(run_dir)
+def built_from(run_dir: Path, name: str, sha: str, extends: list[str] = ()) -> list[str]:
+    """The outputs of the run folder whose manifests name the version `sha` of `name` among their inputs,
+    or a version it `extends` (a model trained before `cart add`)."""
+    run_dir, versions = Path(run_dir), {sha, *extends}
     users = []
     for where in sorted([*run_dir.glob("*.manifest.json"), *(run_dir / MODEL).glob("*.manifest.json")]):
         try:
@@ -311,7 +320,7 @@ def built_from(run_dir: Path, name: str, sha: str) -> list[str]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         output = where.parent / str(manifest.get("file"))
-        if isinstance(manifest, dict) and manifest.get("inputs", {}).get(name) == sha and output.exists():
+        if isinstance(manifest, dict) and manifest.get("inputs", {}).get(name) in versions and output.exists():
             users.append(_run_name(output))
     return users
 
@@ -358,8 +367,80 @@ def run_lock(run_dir: Path, command: str):
         handle.truncate()
         handle.write(f"`{command}` (PID {os.getpid()})\n")
         handle.flush()
+        _finish_files(run_dir)
         yield
     finally:
         handle.close()
         if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def staged_folder(run_dir: Path) -> Path:
+    """An empty folder inside the run folder to write the new versions of several files in, under their
+    own names (with their manifests), before `publish_files` moves them in; what a killed writer left
+    there is removed. The caller holds `run_lock`."""
+    folder = Path(run_dir) / STAGED
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
+
+
+def publish_files(run_dir: Path) -> None:
+    """Move every file of the staged folder over its namesake in the run folder, as one step: the journal
+    naming them is written (atomically) first, so a kill before it leaves the old version whole (the
+    staged folder is cleared by the next writer) and a kill after it the new one, which the next reader
+    or writer finishes moving in (`settle`). The caller holds `run_lock`."""
+    run_dir = Path(run_dir)
+    names = sorted(p.name for p in (run_dir / STAGED).iterdir() if not p.name.startswith("."))
+    for name in names:  # on disk before the journal promises them
+        with open(run_dir / STAGED / name, "rb") as f:
+            os.fsync(f.fileno())
+    write_text(run_dir / JOURNAL, json.dumps(names) + "\n")
+    _finish_files(run_dir)
+
+
+def _finish_files(run_dir: Path) -> None:
+    """Complete a `publish_files` that a kill interrupted (its journal is there), or clear what a writer
+    killed before its journal staged (it is not)."""
+    run_dir = Path(run_dir)
+    journal, staged = run_dir / JOURNAL, run_dir / STAGED
+    if journal.exists():
+        for name in json.loads(journal.read_text(encoding="utf-8")):
+            if (staged / name).exists():
+                os.replace(staged / name, run_dir / name)
+        _fsync_folder(run_dir)
+        journal.unlink()
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames in `folder` durable before the journal that promised them goes."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def settle(run_dir: Path, wait: float = 30.0) -> None:
+    """Before reading a run folder: when a `publish_files` is under way (its journal is there), wait for
+    its writer to finish moving the files in, or finish it when its writer was killed, so that a reader
+    never sees half of the old version and half of the new one."""
+    run_dir = Path(run_dir)
+    deadline = time.monotonic() + wait
+    while (run_dir / JOURNAL).exists():
+        try:
+            handle = open(run_dir / LOCK, "a+", encoding="utf-8")
+        except OSError:
+            return  # a folder this process cannot write: it cannot finish another's work either
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # its writer lives and is moving the files in: a few milliseconds
+                if time.monotonic() > deadline:
+                    handle.seek(0)
+                    raise CartError(f"{run_dir} is being updated by {handle.read().strip() or 'another process'} "
+                                    f"for more than {wait:.0f} s: wait for it to end, or stop it") from None
+                time.sleep(0.02)
+                continue
+            _finish_files(run_dir)

@@ -86,6 +86,7 @@ def run(cfg: Config) -> Path:
     run_dir, train_cfg = cfg.run_dir, cfg.train
     records, ids, inputs = read_inputs(run_dir, cfg)
     splits = pairs.split_pairs(records, cfg)
+    held_out = pairs.held_out_texts(records, cfg)  # the `texts` split, which rerank's BM25 leaves out too
     train_pairs = splits.train
     tokenizer = load_tokenizer(cfg)
     labels = batches.identifier_labels(ids.tokens)
@@ -146,7 +147,7 @@ def run(cfg: Config) -> Path:
                                 accelerator.device)
         accelerator.print(f"train: the frozen encoder's layer outputs of {len(cache.index)} texts cached "
                           f"({cache.bytes / 2**20:.0f} MiB)")
-    reranker = Reranker(encoder, items, lexical_index(records, cfg)) if cfg.retrieve.rerank else None
+    reranker = Reranker(encoder, items, lexical_index(records, held_out)) if cfg.retrieve.rerank else None
     validation = Validation(splits, cfg, reranker)
     negatives = batches.HardNegatives(items, train_pairs, splits.relevant, train_cfg.rank_negatives) \
         if train_cfg.rank_weight > 0 else None
@@ -245,12 +246,12 @@ def run(cfg: Config) -> Path:
         if progress.epoch >= min(train_cfg.validate_from, train_cfg.epochs):
             score = _validate(accelerator, model, tokenizer, ids, validation, progress)
             if progress.record(score):
-                _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
+                _save_model(accelerator, model, tokenizer, cfg, inputs, progress, pairs.held_out_by_id(records, held_out))
         stop = progress.stale >= train_cfg.patience > 0
         _save_state(accelerator, model, run_dir, progress, train_cfg.keep_states)
     bar.close()
     if progress.best_step == 0:  # no validation happened (no epochs left): keep what we have
-        _save_model(accelerator, model, tokenizer, cfg, inputs, progress)
+        _save_model(accelerator, model, tokenizer, cfg, inputs, progress, pairs.held_out_by_id(records, held_out))
     reranked = None
     if validation.reranker is not None:  # `retrieve.rerank`: the kept model's weights, chosen once
         reranked = _choose_rerank_weight(accelerator, validation, tokenizer, ids)
@@ -435,9 +436,11 @@ def _require_finite_weights(model, progress: Progress) -> None:
                         f"was saved; lower train.learning_rate and start again")
 
 
-def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progress: Progress) -> None:
-    """Write the model, its tokenizer and its manifest (which hashes every file of the folder) under a
-    temporary name, then publish them as `model/` in one step: a model always exists, old or new."""
+def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progress: Progress,
+                held_out: list[list[str]]) -> None:
+    """Write the model, its tokenizer and its manifest (which hashes every file of the folder, and names the
+    texts validation held out by item id: `cart add` moves rows) under a temporary name, then publish them
+    as `model/` in one step: a model always exists, old or new."""
     _require_finite_weights(model, progress)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -449,7 +452,7 @@ def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progre
         weights = Path(files.MODEL_WEIGHTS).name
         files.write_manifest(tmp / weights, "train", to_dict(cfg), inputs, step=progress.step,
                              validation_score=progress.best_score, rerank_weight=None,  # both chosen at the end
-                             rerank_lexical_weight=None,
+                             rerank_lexical_weight=None, held_out_texts=held_out,
                              companions=files.folder_hashes(tmp, files.MODEL, leave_out=(weights,)))
         files.publish_folder(tmp, out)
     accelerator.wait_for_everyone()

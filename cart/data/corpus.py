@@ -55,35 +55,8 @@ def run(cfg: Config, force: bool = False) -> Path:
     """Build `corpus.jsonl` in the run folder from `cfg.corpus`; return its path. A corpus with other content
     than the run's present one, whose later stages were built from it, is refused unless `force`
     (`files.check_replace`)."""
-    corpus_cfg = cfg.corpus
-    corpus_cfg = dataclasses.replace(corpus_cfg, path=os.path.expanduser(corpus_cfg.path),
-                                     media_root=os.path.expanduser(corpus_cfg.media_root))
-    sources = {"emoji": _emoji, "karpathy": _karpathy, "coco": _coco, "manifest": _manifest, "folder": _folder}
-    if corpus_cfg.source != "emoji" and not corpus_cfg.path:
-        raise CartError(f"corpus.path is required for corpus.source={corpus_cfg.source}")
-    if corpus_cfg.path and not Path(corpus_cfg.path).exists():
-        raise CartError(f"corpus.path not found: {corpus_cfg.path}")
-    if corpus_cfg.source == "folder" and not Path(corpus_cfg.path).is_dir():
-        raise CartError(f"corpus.path {corpus_cfg.path} is a file: corpus.source=folder reads a folder of media")
-    if corpus_cfg.source in ("karpathy", "coco", "manifest") and Path(corpus_cfg.path).is_dir():
-        raise CartError(f"corpus.path {corpus_cfg.path} is a folder: corpus.source={corpus_cfg.source} reads a file "
-                        f"(corpus.source=folder reads a folder of media)")
-    records, skipped, seen = [], [], {}
-    for where, record in tqdm(sources[corpus_cfg.source](corpus_cfg), desc="corpus", unit=" items", leave=False):
-        try:
-            if isinstance(record, BadItem):
-                raise record
-            _check(record, seen, where, corpus_cfg.check_media)
-        except BadItem as bad:
-            if corpus_cfg.on_bad == "stop":
-                raise CartError(f"{where}: {bad} (corpus.on_bad=skip leaves such items out)") from None
-            skipped.append(f"{where}: {bad}")
-            print(f"cart corpus: skipped {where}: {bad}", file=sys.stderr)
-            continue
-        seen[record["id"]] = where
-        records.append(record)
-    if not records:
-        raise CartError(f"corpus: no usable items in {corpus_cfg.path or corpus_cfg.source}")
+    corpus_cfg = expanded(cfg.corpus)
+    records, skipped = read_source(corpus_cfg)
     out = cfg.run_dir / files.CORPUS
     content = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
     recipe = {"content": hashlib.sha256(content).hexdigest()}
@@ -100,6 +73,45 @@ def run(cfg: Config, force: bool = False) -> Path:
     kinds = ", ".join(f"{n} {k}" for k, n in stats["texts"].items())
     print(f"corpus: {len(records)} items ({kinds}); {len(skipped)} skipped -> {out}")
     return out
+
+
+def expanded(corpus_cfg: CorpusConfig) -> CorpusConfig:
+    """The settings with `~` in its paths expanded."""
+    return dataclasses.replace(corpus_cfg, path=os.path.expanduser(corpus_cfg.path),
+                               media_root=os.path.expanduser(corpus_cfg.media_root))
+
+
+def read_source(corpus_cfg: CorpusConfig, seen: dict[str, str] | None = None) -> tuple[list[dict], list[str]]:
+    """Every item of the source `corpus_cfg` names, checked (`corpus.on_bad`: the first bad one stops it
+    with a one-line error naming where it is, or is skipped and reported), and the skipped ones. `seen`:
+    item ids already taken (id -> where), which a new item may not reuse."""
+    sources = {"emoji": _emoji, "karpathy": _karpathy, "coco": _coco, "manifest": _manifest, "folder": _folder}
+    if corpus_cfg.source != "emoji" and not corpus_cfg.path:
+        raise CartError(f"corpus.path is required for corpus.source={corpus_cfg.source}")
+    if corpus_cfg.path and not Path(corpus_cfg.path).exists():
+        raise CartError(f"corpus.path not found: {corpus_cfg.path}")
+    if corpus_cfg.source == "folder" and not Path(corpus_cfg.path).is_dir():
+        raise CartError(f"corpus.path {corpus_cfg.path} is a file: corpus.source=folder reads a folder of media")
+    if corpus_cfg.source in ("karpathy", "coco", "manifest") and Path(corpus_cfg.path).is_dir():
+        raise CartError(f"corpus.path {corpus_cfg.path} is a folder: corpus.source={corpus_cfg.source} reads a file "
+                        f"(corpus.source=folder reads a folder of media)")
+    records, skipped, seen = [], [], dict(seen or {})
+    for where, record in tqdm(sources[corpus_cfg.source](corpus_cfg), desc="corpus", unit=" items", leave=False):
+        try:
+            if isinstance(record, BadItem):
+                raise record
+            _check(record, seen, where, corpus_cfg.check_media)
+        except BadItem as bad:
+            if corpus_cfg.on_bad == "stop":
+                raise CartError(f"{where}: {bad} (corpus.on_bad=skip leaves such items out)") from None
+            skipped.append(f"{where}: {bad}")
+            print(f"cart corpus: skipped {where}: {bad}", file=sys.stderr)
+            continue
+        seen[record["id"]] = where
+        records.append(record)
+    if not records:
+        raise CartError(f"corpus: no usable items in {corpus_cfg.path or corpus_cfg.source}")
+    return records, skipped
 
 
 def read(run_dir: Path) -> list[dict]:

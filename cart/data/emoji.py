@@ -119,7 +119,7 @@ def load_items(cache_dir: str | Path, test_tags: float = 0.05) -> list[dict]:
             + [{"text": label, "kind": "query", "set": "A"}]
             + [{"text": q, "kind": "query", "set": "B"} for q in set_b]
             + ([{"text": held_out[i], "kind": "query", "set": "T"}] if i in held_out else []),
-            "meta": {"label": label, "tags": tags, "emoji": entry["emoji"]},
+            "meta": {"label": label, "tags": tags, "emoji": entry["emoji"], "group": entry.get("group")},  # CLDR group
         })
     taken = {normalized(t["text"]) for item in items for t in item["texts"]}  # every training text and query
     for item, (emoji, entry) in zip(items, found):

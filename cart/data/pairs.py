@@ -93,6 +93,18 @@ def held_out_texts(records: list[dict], cfg: Config) -> list[tuple[int, str]]:
     return [pairs[i][:2] for i in sorted(chosen)]
 
 
+def held_out_by_id(records: list[dict], held_out: list[tuple[int, str]]) -> list[list[str]]:
+    """The (row, text) pairs of a `texts` split as [item id, text]: what still names them once `cart add` or
+    `cart remove` has moved the rows (the model's manifest keeps them so)."""
+    return [[records[row]["id"], text] for row, text in held_out]
+
+
+def held_out_rows(records: list[dict], by_id: list[list[str]]) -> list[tuple[int, str]]:
+    """`held_out_by_id`'s pairs as (row, text) in `records` (items removed since left out)."""
+    row_of = {record["id"]: row for row, record in enumerate(records)}
+    return [(row_of[item], text) for item, text in by_id if item in row_of]
+
+
 def held_out_digest(held_out: list[tuple[int, str]]) -> str:
     """A short fingerprint of a `texts` split: `cart train` checks that `cart embed` left out the same texts."""
     return hashlib.sha256(json.dumps(held_out, ensure_ascii=False).encode()).hexdigest()[:16]
@@ -214,7 +226,7 @@ def with_generated_captions(run_dir: Path, records: list[dict]) -> tuple[list[di
     if not (Path(run_dir) / files.CAPTIONS).exists():
         return records, None
     path, manifest = files.verified_input(run_dir, files.CAPTIONS)
-    files.require_built_from(manifest, files.CAPTIONS, run_dir, files.CORPUS)
+    files.require_built_from(manifest, files.CAPTIONS, run_dir, files.CORPUS, extended=True)  # added items have none
     with open(path, encoding="utf-8") as f:
         generated = {row["id"]: row["captions"] for row in map(json.loads, f)}
     return [{**r, "texts": r["texts"] + [{"text": c, "kind": "generated"} for c in generated.get(r["id"], [])]}

@@ -22,7 +22,7 @@ from cart.encoders.video import video_clips
 from cart.errors import CartError
 from cart.settings import EmbedConfig
 
-__all__ = ["EfficientNetLite0", "ImageBind", "ItemText", "audio_clips", "clip_starts", "kaldi_fbank", "load",
+__all__ = ["EfficientNetLite0", "ImageBind", "ItemText", "audio_clips", "clip_starts", "encode_records", "kaldi_fbank", "load",
            "load_precomputed", "minilm_dir", "minilm_sentence_model", "query_encoder", "video_clips"]
 
 
@@ -34,6 +34,21 @@ def load(cfg: EmbedConfig, device: torch.device):
     if cfg.encoder == "imagebind":
         return ImageBind(cfg.weights, cfg.imagebind_arch, device)
     raise CartError(f"embed.encoder={cfg.encoder} is not a model; precomputed embeddings are read by load_precomputed")
+
+
+def encode_records(encoder, records: list[dict], batch_size: int, progress: str | None = None) -> torch.Tensor:
+    """(N, D) float32 rows of `records`, `batch_size` at a time (a tqdm bar named `progress`); a batch the
+    encoder cannot read is a one-line error naming its first item."""
+    from tqdm import tqdm
+
+    rows = []
+    for at in tqdm(range(0, len(records), batch_size), desc=progress, unit=" batches", leave=False, disable=progress is None):
+        batch = records[at: at + batch_size]
+        try:
+            rows.append(encoder.encode(batch))
+        except (OSError, ValueError) as err:
+            raise CartError(f"embed: item {batch[0]['id']!r} batch failed: {err}") from None
+    return torch.cat(rows)
 
 
 def query_encoder(cfg: EmbedConfig, device: torch.device):

@@ -85,14 +85,7 @@ def _encode(records: list[dict], cfg: Config, corpus_sha: str, extra: dict) -> t
         )
 
     def encode(start: int, stop: int) -> dict[str, torch.Tensor]:
-        rows = []
-        for at in range(start, stop, embed_cfg.batch_size):
-            batch = records[at: min(at + embed_cfg.batch_size, stop)]
-            try:
-                rows.append(encoder.encode(batch))
-            except (OSError, ValueError) as err:
-                raise CartError(f"embed: item {batch[0]['id']!r} batch failed: {err}") from None
-        return {"rows": torch.cat(rows)}
+        return {"rows": encoders.encode_records(encoder, records[start: stop], embed_cfg.batch_size)}
 
     # shards stay valid while the corpus, the model and the batches are the same (the device does not matter)
     state = {"corpus": corpus_sha, "encoder": embed_cfg.encoder, "weights": embed_cfg.weights,

@@ -293,6 +293,40 @@ def _atomic(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
     return Codes(np.arange(n, dtype=np.int64)[:, None], [n], stats={"collision_rate": 0.0, "largest_group": 1})
 
 
+def code_new_items(x: torch.Tensor, codes: np.ndarray, level_sizes: list[int], centroids: torch.Tensor | None,
+                   quantizer: rqvae.RQVAE) -> np.ndarray:
+    """Identifiers for new items x (N, D) beside the `codes` (M, L) a trained run has, from its frozen
+    K-Means `centroids` (scheme cart; None for rq) and RQ-VAE, as `cart ids` coded the others: the nearest
+    centroid, the RQ-VAE codes of the residual, and the lowest counter no identifier with that prefix uses.
+    When every counter of the prefix is taken, the next nearest centroid's prefix is tried. The counter
+    level keeps its size: the model's decoder has no tokens beyond it."""
+    taken: dict[tuple, set[int]] = {}
+    for row in codes:
+        taken.setdefault(tuple(row[:-1].tolist()), set()).add(int(row[-1]))
+    counters = level_sizes[-1]
+    x = x.float()
+    if centroids is None:
+        order = np.zeros((len(x), 1), dtype=np.int64)  # one candidate: the RQ-VAE codes of x itself
+        nearest = quantizer.encode(x)
+    else:
+        order = torch.cdist(x, centroids.float()).argsort(dim=1).numpy()
+        nearest = quantizer.encode(x - centroids[order[:, 0]])
+    new = np.empty((len(x), len(level_sizes)), dtype=np.int64)
+    for i in range(len(x)):
+        for rank, cluster in enumerate(order[i]):
+            fine = nearest[i] if rank == 0 else quantizer.encode(x[i: i + 1] - centroids[cluster])[0]
+            prefix = tuple(fine.tolist()) if centroids is None else (int(cluster), *fine.tolist())
+            used = taken.setdefault(prefix, set())
+            free = next((c for c in range(counters) if c not in used), None)
+            if free is not None:
+                used.add(free)
+                new[i] = (*prefix, free)
+                break
+        else:
+            raise ValueError(f"new item {i}: every counter of every prefix it may take is used ({counters} a prefix)")
+    return new
+
+
 def code_stats(codes: Codes) -> dict:
     """Collision and usage statistics for ids.json."""
     first = np.bincount(codes.codes[:, 0], minlength=codes.level_sizes[0])

@@ -23,7 +23,7 @@ from cart.settings import MINILM_DIM
 
 def load(run_dir: Path) -> tuple[CartT5, object, Identifiers]:
     """The trained model (eval mode), its tokenizer and the identifiers it emits; refuses a model trained
-    on other identifiers or another corpus."""
+    on other identifiers or another corpus (those `cart add` or `cart remove` made of its own will do)."""
     from transformers import AutoTokenizer
 
     run_dir = Path(run_dir)
@@ -36,7 +36,7 @@ def load(run_dir: Path) -> tuple[CartT5, object, Identifiers]:
         raise CartError(f"{run_dir / files.MODEL / extra[0]} is not one of the files the model was saved with: "
                         f"remove it, or rerun `cart train`")
     for name in (files.IDS, files.CORPUS):
-        files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, name)
+        files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, name, extended=True)
     ids = build_ids.load(run_dir)
     model = CartT5.from_pretrained(run_dir / files.MODEL, local_files_only=True).eval()
     if not all(torch.isfinite(p).all() for p in model.parameters()):

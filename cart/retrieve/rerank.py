@@ -78,11 +78,10 @@ def chosen_weights(splits: dict[str, tuple], grid=GRID) -> tuple[tuple[float, fl
     return weights, score, by_split
 
 
-def lexical_index(records: list[dict], cfg) -> BM25:
+def lexical_index(records: list[dict], held_out: list[tuple[int, str]]) -> BM25:
     """BM25 over each item's training texts as `cart train` trains on them (`records` with the generated
-    captions): the texts its validation holds out (`pairs.held_out_texts`, drawn from the run's seed and
-    settings) left out."""
-    return BM25(pairs.without_texts(records, pairs.held_out_texts(records, cfg)))
+    captions): the (row, text) pairs its validation holds out (`pairs.held_out_texts`) left out."""
+    return BM25(pairs.without_texts(records, held_out))
 
 
 def item_embeddings(run_dir: Path) -> torch.Tensor:

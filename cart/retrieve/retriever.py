@@ -163,10 +163,15 @@ def _reranker(run_dir: Path, manifest: dict, records: list[dict], device: torch.
     if weight is None:
         raise CartError(f"{run_dir / files.MODEL_WEIGHTS} was trained without a rerank weight: train with "
                         f"retrieve.rerank=true to rerank")
-    files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, files.EMBEDDINGS)  # the ones it chose w on
+    # the embeddings it chose the weights on, or those `cart add` / `cart remove` made of them
+    files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, files.EMBEDDINGS, extended=True)
     stored = manifest["config"]
     records, _ = pairs.with_generated_captions(run_dir, records)
-    index = lexical_index(records, pairs.splits_config(stored))  # without the texts validation held out
+    if "held_out_texts" in manifest:  # the texts validation held out, named by item id
+        held_out = pairs.held_out_rows(records, manifest["held_out_texts"])
+    else:  # a model trained before they were kept: drawn again as training drew them
+        held_out = pairs.held_out_texts(records, pairs.splits_config(stored))
+    index = lexical_index(records, held_out)
     return Reranker(query_encoder(EmbedConfig(**stored["embed"]), device), item_embeddings(run_dir), index,
                     weight, manifest.get("rerank_lexical_weight", 0.0))
 
