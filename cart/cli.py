@@ -70,6 +70,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             sub.add_argument("--on-bad", choices=("stop", "skip"), help="stop at the first bad item (default) or skip bad items")
         if name in FORCE:
             sub.add_argument("--force", action="store_true", help=FORCE[name])
+        if name == "train":
+            sub.add_argument("--continue", dest="continue_training", action="store_true",
+                             help="train the run's model further on the items `cart add` added, replaying old ones")
     retrieve = commands.add_parser("retrieve", help=RETRIEVE_HELP, description=RETRIEVE_HELP)
     retrieve.add_argument("--run", required=True, help="a trained run folder, e.g. checkpoints/emoji")
     retrieve.add_argument("queries", nargs="*", metavar="QUERY")
@@ -97,6 +100,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     remove.add_argument("--run", required=True, help="a run folder, e.g. checkpoints/emoji")
     remove.add_argument("item_ids", nargs="+", metavar="ID", help="the ids of the items to remove")
     remove.add_argument("--dry-run", action="store_true", help="print what would be removed, write nothing")
+    serve = commands.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
+    serve.add_argument("--run", required=True, help="a trained run folder, e.g. checkpoints/emoji")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=positive, default=8000)
+    serve.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                       help="load rerank (default: the run's retrieve.rerank); requests choose per search")
+    serve.add_argument("--rerank-candidates", type=positive, default=None,
+                       help="beams whose candidates rerank re-orders (default: the run's retrieve.rerank_candidates)")
+    serve.add_argument("--batch-size", type=positive, default=None,
+                       help="queries decoded together at most (default: the run's retrieve.batch_size)")
+    serve.add_argument("--wait-ms", type=float, default=2.0,
+                       help="how long the first waiting request waits for others to share its batch (default 2)")
     generate = commands.add_parser("generate", help=GENERATE_HELP, description=GENERATE_HELP)
     generate.add_argument("prompt")
     generate.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. generate.images=2")
@@ -123,10 +138,14 @@ def main(argv: list[str] | None = None) -> None:
         return _guarded("generate", lambda: _generate(args))
     if args.command in ("add", "remove"):
         return _guarded(args.command, lambda: _update(args))
+    if args.command == "serve":
+        return _guarded("serve", lambda: _serve(args))
     overrides = list(args.overrides)
     if getattr(args, "on_bad", None):
         overrides.append(f"corpus.on_bad={args.on_bad}")
     options = {"force": args.force} if args.command in FORCE else {}
+    if args.command == "train":
+        options["continue_training"] = args.continue_training
     _guarded(args.command, lambda: _stage(args.command, args.config, overrides, options))
 
 
@@ -209,6 +228,24 @@ def _update(args) -> None:
                 overrides.append(f"corpus.on_bad={args.on_bad}")
             change = update.add(run_dir, overrides, args.dry_run)
     print(update.describe(change, args.command, args.dry_run))
+
+
+def _serve(args) -> None:
+    if args.port > 65535:
+        raise CartError(f"--port must be at most 65535, got {args.port}")
+    if not 0 <= args.wait_ms <= 1000:
+        raise CartError(f"--wait-ms must be from 0 to 1000, got {args.wait_ms}")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise CartError("cart serve needs FastAPI and uvicorn: pip install 'cart[serve]'") from None
+    from transformers.utils import logging as transformers_logging
+
+    from cart.retrieve.serve import serve
+
+    transformers_logging.disable_progress_bar()
+    serve(args.run, args.host, args.port, args.rerank, args.rerank_candidates, args.batch_size, args.wait_ms)
 
 
 def _retrieve(args) -> None:

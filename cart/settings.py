@@ -257,8 +257,12 @@ class TrainConfig:
     keep_states: int = 2  # newest state/step_N folders kept
     log_every: int = 10  # optimiser steps between tracker logs
     tracker: Literal["none", "wandb", "tensorboard"] = "none"
+    # `cart train --continue`: old items' training pairs replayed per pair of the items `cart add` added (DSI++:
+    # continued training on new items alone forgets the old ones)
+    replay: float = 1.0
 
     def __post_init__(self):
+        at_least(self, 0, "replay")
         at_least(self, 1, "epochs", "batch_size", "gradient_accumulation", "save_every", "keep_states", "log_every",
                  "rank_negatives", "validate_from", "distill_top_k")
         if self.distill_temperature <= 0:

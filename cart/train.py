@@ -14,6 +14,10 @@ Run it as `cart train` or `accelerate launch -m cart train` on 1..N processes: `
 global batch of one optimiser step, split over the processes. Started again with the same command, a
 run continues from its newest state; each step reseeds dropout from (seed, step, process), so a resumed
 run ends with the same weights as an uninterrupted one.
+
+`cart train --continue` trains the run's model further on the items `cart add` added since it was
+trained, with `train.replay` times as many of the old items' pairs (DSI++), validated on the splits the
+model was first validated on; it writes no states (a killed one starts again).
 """
 
 from __future__ import annotations
@@ -78,15 +82,24 @@ class Progress:
         return False
 
 
-def run(cfg: Config) -> Path:
-    """Train (or resume training) the run's model; return the path of `model/`."""
+def run(cfg: Config, continue_training: bool = False) -> Path:
+    """Train (or resume training) the run's model, or with `continue_training` train it further on the
+    items added since; return the path of `model/`."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
     run_dir, train_cfg = cfg.run_dir, cfg.train
-    records, ids, inputs = read_inputs(run_dir, cfg)
-    splits = pairs.split_pairs(records, cfg)
-    held_out = pairs.held_out_texts(records, cfg)  # the `texts` split, which rerank's BM25 leaves out too
+    records, ids, inputs = read_inputs(run_dir, cfg, continue_training)
+    previous, added = _continued(run_dir, records) if continue_training else (None, set())
+    # the `texts` split, which rerank's BM25 leaves out too; continued training keeps its model's
+    held_out = pairs.held_out_rows(records, previous["held_out_texts"]) if previous else pairs.held_out_texts(records, cfg)
+    splits = pairs.split_pairs(records, cfg, held_out)
+    if previous:
+        splits.train = pairs.with_replay(splits.train, added, train_cfg.replay, cfg.seed)
+    kept = {"held_out_texts": pairs.held_out_by_id(records, held_out)}  # in the model's manifest
+    if previous:
+        kept |= {"continued_from": previous["sha256"],
+                  "trained_added": sorted({*previous.get("trained_added", []), *(records[row]["id"] for row in added)})}
     train_pairs = splits.train
     tokenizer = load_tokenizer(cfg)
     labels = batches.identifier_labels(ids.tokens)
@@ -117,7 +130,10 @@ def run(cfg: Config) -> Path:
         require_memory(need, accelerator.device, f"the model (model.d_model={cfg.model.d_model}, model.d_ff="
                                                  f"{cfg.model.d_ff}, {cfg.model.num_layers} + {cfg.model.num_decoder_layers}"
                                                  f" layers), its gradients and AdamW's moments")
-        model = build_model(cfg, ids.layout.level_sizes, len(tokenizer), geometry).to(accelerator.device)
+        if previous:  # the trained model goes on
+            model = CartT5.from_pretrained(run_dir / files.MODEL, local_files_only=True).to(accelerator.device)
+        else:
+            model = build_model(cfg, ids.layout.level_sizes, len(tokenizer), geometry).to(accelerator.device)
     # the run's item embeddings and query encoder, read once: rerank's candidates, the ranking loss's negatives,
     # the distilled texts' labels and the interpolation's targets come from them
     items = item_embeddings(run_dir) if _reads_embeddings(cfg) else None
@@ -182,7 +198,7 @@ def run(cfg: Config) -> Path:
         files.remove_stale(run_dir, f".{files.MODEL}.*")
         files.remove_stale(run_dir / files.STATE, ".step_*")
     accelerator.wait_for_everyone()
-    state = _latest_state(run_dir)
+    state = None if previous else _latest_state(run_dir)
     if state is not None:
         saved = json.loads((state / PROGRESS_FILE).read_text(encoding="utf-8"))
         changed = _differences(saved.get("settings", {}), settings)
@@ -239,19 +255,20 @@ def run(cfg: Config) -> Path:
                 accelerator.log({"loss": loss.total.item(), "cross_entropy": loss.cross_entropy.item(),
                                  "kl": loss.kl.item(), "rank": loss.rank.item(), "learning_rate": scheduler.get_last_lr()[0],
                                  "pairs_per_second": pairs_per_second}, step=progress.step)
-            if progress.step % train_cfg.save_every == 0:
+            if progress.step % train_cfg.save_every == 0 and not previous:
                 _save_state(accelerator, model, run_dir, progress, train_cfg.keep_states)
         progress.epoch += 1
         progress.batches_done = 0
         if progress.epoch >= min(train_cfg.validate_from, train_cfg.epochs):
             score = _validate(accelerator, model, tokenizer, ids, validation, progress)
             if progress.record(score):
-                _save_model(accelerator, model, tokenizer, cfg, inputs, progress, pairs.held_out_by_id(records, held_out))
+                _save_model(accelerator, model, tokenizer, cfg, inputs, progress, kept)
         stop = progress.stale >= train_cfg.patience > 0
-        _save_state(accelerator, model, run_dir, progress, train_cfg.keep_states)
+        if not previous:
+            _save_state(accelerator, model, run_dir, progress, train_cfg.keep_states)
     bar.close()
     if progress.best_step == 0:  # no validation happened (no epochs left): keep what we have
-        _save_model(accelerator, model, tokenizer, cfg, inputs, progress, pairs.held_out_by_id(records, held_out))
+        _save_model(accelerator, model, tokenizer, cfg, inputs, progress, kept)
     reranked = None
     if validation.reranker is not None:  # `retrieve.rerank`: the kept model's weights, chosen once
         reranked = _choose_rerank_weight(accelerator, validation, tokenizer, ids)
@@ -268,15 +285,15 @@ def run(cfg: Config) -> Path:
     return out
 
 
-def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, dict[str, str]]:
+def read_inputs(run_dir: Path, cfg: Config, continuing: bool = False) -> tuple[list[dict], Identifiers, dict[str, str]]:
     """The corpus (with generated captions merged in), the identifiers, and their hashes; refuses
     identifiers that were not built from this corpus, and item-text embeddings that know this run's
-    validation texts."""
+    validation texts (`continuing`: those of the model that goes on, which `cart add` kept)."""
     records = corpus.read(run_dir)
     ids = build_ids.load(run_dir)
     _, embed_manifest = files.verified_input(run_dir, files.EMBEDDINGS)
     files.require_built_from(embed_manifest, files.EMBEDDINGS, run_dir, files.CORPUS)
-    if embed_manifest.get("encoder") == "minilm-text" and (
+    if embed_manifest.get("encoder") == "minilm-text" and not continuing and (
             embed_manifest.get("validation_left_out") != pairs.held_out_digest(pairs.held_out_texts(records, cfg))):
         raise CartError(f"{run_dir / files.EMBEDDINGS} embedded other validation texts than this run holds out "
                         f"(seed or train.validation_* changed): rerun `cart embed` and `cart ids`")
@@ -291,6 +308,22 @@ def read_inputs(run_dir: Path, cfg: Config) -> tuple[list[dict], Identifiers, di
     if captions_sha:
         inputs[files.CAPTIONS] = captions_sha
     return records, ids, inputs
+
+
+def _continued(run_dir: Path, records: list[dict]) -> tuple[dict, set[int]]:
+    """What `cart train --continue` goes on from: the run's model's manifest, and the rows of the items
+    `cart add` added that it was not trained on."""
+    _, manifest = files.verified_input(run_dir, files.MODEL_WEIGHTS)
+    for name in (files.IDS, files.CORPUS):  # its own, or made of its own by `cart add`
+        files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, name, extended=True)
+    if "held_out_texts" not in manifest:
+        raise CartError(f"{run_dir / files.MODEL_WEIGHTS} was trained before --continue existed (it names no "
+                        f"held-out texts): train the run again")
+    added = set(files.read_manifest(run_dir / files.CORPUS).get("added_items", [])) - set(manifest.get("trained_added", []))
+    rows = {row for row, record in enumerate(records) if record["id"] in added}
+    if not rows:
+        raise CartError(f"no item was added (`cart add`) to {run_dir} since its model was trained: nothing to continue on")
+    return manifest, rows
 
 
 def _reads_embeddings(cfg: Config) -> bool:
@@ -436,11 +469,11 @@ def _require_finite_weights(model, progress: Progress) -> None:
                         f"was saved; lower train.learning_rate and start again")
 
 
-def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progress: Progress,
-                held_out: list[list[str]]) -> None:
-    """Write the model, its tokenizer and its manifest (which hashes every file of the folder, and names the
-    texts validation held out by item id: `cart add` moves rows) under a temporary name, then publish them
-    as `model/` in one step: a model always exists, old or new."""
+def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progress: Progress, kept: dict) -> None:
+    """Write the model, its tokenizer and its manifest (which hashes every file of the folder; `kept` adds
+    the texts validation held out, by item id as `cart add` moves rows, and what a continued training went
+    on from) under a temporary name, then publish them as `model/` in one step: a model always exists, old
+    or new."""
     _require_finite_weights(model, progress)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -452,7 +485,7 @@ def _save_model(accelerator, model, tokenizer, cfg: Config, inputs: dict, progre
         weights = Path(files.MODEL_WEIGHTS).name
         files.write_manifest(tmp / weights, "train", to_dict(cfg), inputs, step=progress.step,
                              validation_score=progress.best_score, rerank_weight=None,  # both chosen at the end
-                             rerank_lexical_weight=None, held_out_texts=held_out,
+                             rerank_lexical_weight=None, **kept,
                              companions=files.folder_hashes(tmp, files.MODEL, leave_out=(weights,)))
         files.publish_folder(tmp, out)
     accelerator.wait_for_everyone()

@@ -3,8 +3,10 @@
 For each share (10%, and 50% for a harder row): hold out that share of the items, stratified by CLDR group
 with the config's seed; train on the rest with the real stages (`cart corpus`, `embed`, `ids`, `train`);
 score the set A and B queries of the trained items; `cart add` the held-out items; score the queries of
-(a) the added items and (b) the trained items again, each with pure CART and CART + rerank. Beside them
-in the same run: a full retrain on every item (the ceiling) and BM25 / MiniLM over every item. A query's
+(a) the added items and (b) the trained items again, each with pure CART and CART + rerank; then the
+same after `cart train --continue` (on a copy of the run: the added items' pairs and as many replayed old
+ones, CONTINUE's settings). Beside them in the same run: a full retrain on every item (the ceiling) and
+BM25 / MiniLM over every item. A query's
 right answers are its item and the items whose training text or label equals it (`eval.relevant_kinds`),
 named by id, so every run is scored alike. Prints JSON (and writes it to WORK/bench_add.json).
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +27,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CART = str(Path(sys.executable).parent / "cart")
+# continued training: a few epochs, a short warm-up and half the learning rate, set before any figure was seen
+CONTINUE = ["train.epochs=5", "train.validate_from=1", "train.warmup_steps=10", "train.learning_rate=5e-4"]
 
 
 def main() -> None:
@@ -61,16 +66,26 @@ def main() -> None:
         run = f"trained-{round(100 * (1 - share))}"
         manifest(work / f"{run}.jsonl", [r for r in records if r["id"] not in held])
         manifest(work / f"{run}-new.jsonl", [r for r in records if r["id"] in held])
-        timings[run] = stages(base + [f"run={run}", "corpus.source=manifest", f"corpus.path={work / f'{run}.jsonl'}"])
+        settings = base + [f"run={run}", "corpus.source=manifest", f"corpus.path={work / f'{run}.jsonl'}"]
+        timings[run] = stages(settings)
         before = score_run(work / run, every)
         start = time.perf_counter()
         command([CART, "add", "--run", str(work / run), "--corpus", str(work / f"{run}-new.jsonl")])
         timings[run]["cart add"] = round(time.perf_counter() - start, 1)
         after = score_run(work / run, every)
+        tuned_run = work / f"{run}-continued"
+        shutil.rmtree(tuned_run, ignore_errors=True)
+        shutil.copytree(work / run, tuned_run, symlinks=True, ignore=shutil.ignore_patterns("state", ".lock"))
+        start = time.perf_counter()
+        command([CART, "train", "--continue", *settings, f"run={tuned_run.name}", *CONTINUE])
+        timings[run]["cart train --continue"] = round(time.perf_counter() - start, 1)
+        tuned = score_run(tuned_run, every)
         groups = {"added": lambda item: item in held, "trained": lambda item: item not in held}
         rows = {}
         for group, member in groups.items():
             for method, ranked in [("CART", after["CART"]), ("CART + rerank", after["CART + rerank"]),
+                                   ("CART after --continue", tuned["CART"]),
+                                   ("CART + rerank after --continue", tuned["CART + rerank"]),
                                    ("CART before add", before["CART"]),
                                    ("CART + rerank before add", before["CART + rerank"]),
                                    ("full retrain: CART", scored["full retrain"]["CART"]),
@@ -80,7 +95,8 @@ def main() -> None:
                     continue  # not in the run before
                 rows[f"{group}: {method}"] = {
                     s: figures(ranked[s], relevant[s], [member(item) for _, item in queries[s]]) for s in queries}
-        report["shares"][share] = {"items_added": len(held), "rows": rows, "seconds": timings[run]}
+        report["shares"][share] = {"items_added": len(held), "rows": rows, "seconds": timings[run],
+                                   "continue_settings": CONTINUE}
     report["seconds"] = timings
     out = json.dumps(report, indent=2)
     (work / "bench_add.json").write_text(out + "\n", encoding="utf-8")

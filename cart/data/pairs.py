@@ -128,15 +128,16 @@ def splits_config(stored: dict) -> Config:
                                                           for key in SPLIT_SETTINGS if key in stored["train"])])
 
 
-def split_pairs(records: list[dict], cfg: Config) -> Splits:
-    """Training pairs from every training text, the validation splits, and every query's right answers."""
+def split_pairs(records: list[dict], cfg: Config, held_out: list[tuple[int, str]] | None = None) -> Splits:
+    """Training pairs from every training text, the validation splits, and every query's right answers.
+    `held_out`: the `texts` split's (row, text) pairs when they are known already (`held_out_texts`)."""
     train_cfg = cfg.train
     relevant = items_by_text(records, TRAINING_KINDS)
     texts_of = [training_texts(record) for record in records]
     if not any(texts_of):
         raise CartError(f"{cfg.run_dir}/corpus.jsonl: no training texts (kinds {', '.join(TRAINING_KINDS)}): "
                         f"every text is a held-out query; nothing to train on")
-    held_out = set(held_out_texts(records, cfg))
+    held_out = set(held_out_texts(records, cfg) if held_out is None else held_out)
     train = Pairs([], [])
     for row, texts in enumerate(texts_of):
         for text in texts:
@@ -179,6 +180,15 @@ def split_pairs(records: list[dict], cfg: Config) -> Splits:
                 train.items.append(row)
                 relevant.setdefault(text.lower(), set()).add(row)
     return Splits(train, {name: pairs for name, pairs in validation.items() if pairs.texts}, relevant)
+
+
+def with_replay(train: Pairs, new_rows: set[int], replay: float, seed: int) -> Pairs:
+    """The pairs of the `new_rows` items and `replay` times as many of the other items' pairs, drawn with
+    `seed`: what continued training on added items trains on (DSI++: the new alone forgets the old)."""
+    new = [i for i, row in enumerate(train.items) if row in new_rows]
+    old = [i for i, row in enumerate(train.items) if row not in new_rows]
+    chosen = sorted(new + random.Random(f"{seed}/replay").sample(old, min(len(old), round(replay * len(new)))))
+    return Pairs([train.texts[i] for i in chosen], [train.items[i] for i in chosen])
 
 
 def subset_queries(texts: list[str], count: int, largest: int, rng: random.Random,

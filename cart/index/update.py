@@ -76,7 +76,8 @@ def add(run_dir: Path, overrides: list[str] = (), dry_run: bool = False) -> Chan
     if not dry_run:
         embeddings = torch.cat([load_file(str(run_dir / files.EMBEDDINGS))["embeddings"], x])
         _publish(run_dir, records + new, embeddings, np.concatenate([ids.codes, codes]), ids, tensors,
-                 {"added": len(new), "source": corpus_cfg.path or corpus_cfg.source, "skipped": skipped}, "add")
+                 {"added": len(new), "source": corpus_cfg.path or corpus_cfg.source, "skipped": skipped}, "add",
+                 change.ids)
     change.seconds = time.perf_counter() - start
     return change
 
@@ -99,7 +100,7 @@ def remove(run_dir: Path, item_ids: list[str], dry_run: bool = False) -> Change:
     if not dry_run:
         embeddings = load_file(str(run_dir / files.EMBEDDINGS))["embeddings"][torch.from_numpy(keep)]
         _publish(run_dir, [records[row] for row in keep], embeddings, ids.codes[keep], ids,
-                 load_file(str(run_dir / files.IDS)), {"removed": change.ids}, "remove")
+                 load_file(str(run_dir / files.IDS)), {"removed": change.ids}, "remove", [])
     change.seconds = time.perf_counter() - start
     return change
 
@@ -163,9 +164,11 @@ def _embed(records: list[dict], embed_cfg: EmbedConfig) -> torch.Tensor:
 
 
 def _publish(run_dir: Path, records: list[dict], embeddings: torch.Tensor, codes: np.ndarray, ids,
-             tensors: dict, what: dict, stage: str) -> None:
+             tensors: dict, what: dict, stage: str, added: list[str]) -> None:
     """Stage the new corpus, embeddings, identifiers and trie with their manifests, then move them in as one
-    step. Each manifest names the versions of its file it extends: the model trained on one of them fits."""
+    step. Each manifest names the versions of its file it extends: the model trained on one of them fits.
+    The corpus's names every item `cart add` added since `cart corpus` (`added_items`, for `cart train
+    --continue`), less those removed."""
     staged = files.staged_folder(run_dir)
     manifests = {name: files.read_manifest(run_dir / name) for name in (files.CORPUS, files.EMBEDDINGS, files.IDS)}
 
@@ -179,8 +182,10 @@ def _publish(run_dir: Path, records: list[dict], embeddings: torch.Tensor, codes
 
     content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     (staged / files.CORPUS).write_text(content, encoding="utf-8")
+    present = {r["id"] for r in records}
+    added_items = [i for i in [*manifests[files.CORPUS].get("added_items", []), *added] if i in present]
     corpus_sha = manifest(files.CORPUS, {files.CORPUS + " (before)": manifests[files.CORPUS]["sha256"]},
-                          stats=corpus.summarize(records))
+                          stats=corpus.summarize(records), added_items=added_items)
     save_file({"embeddings": embeddings.contiguous()}, str(staged / files.EMBEDDINGS))
     embeddings_sha = manifest(files.EMBEDDINGS, {files.CORPUS: corpus_sha}, items=len(embeddings))
 

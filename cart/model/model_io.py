@@ -35,15 +35,21 @@ def load(run_dir: Path) -> tuple[CartT5, object, Identifiers]:
     if extra:
         raise CartError(f"{run_dir / files.MODEL / extra[0]} is not one of the files the model was saved with: "
                         f"remove it, or rerun `cart train`")
-    for name in (files.IDS, files.CORPUS):
-        files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, name, extended=True)
-    ids = build_ids.load(run_dir)
+    ids = fitting_identifiers(run_dir, manifest)
     model = CartT5.from_pretrained(run_dir / files.MODEL, local_files_only=True).eval()
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise CartError(f"{run_dir / files.MODEL_WEIGHTS} holds NaN or infinite weights: it answers nothing; "
                         f"train again with a lower train.learning_rate")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / files.MODEL, local_files_only=True)
     return model, tokenizer, ids
+
+
+def fitting_identifiers(run_dir: Path, manifest: dict) -> Identifiers:
+    """The run's identifiers, refusing ones (or a corpus) the model of `manifest` was not trained on, unless
+    `cart add` or `cart remove` made them of those it was."""
+    for name in (files.IDS, files.CORPUS):
+        files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, name, extended=True)
+    return build_ids.load(run_dir)
 
 
 def load_tokenizer(cfg: Config):

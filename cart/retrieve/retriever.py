@@ -40,8 +40,10 @@ class Hit:
 class Retriever:
     def __init__(self, model, tokenizer, ids, records: list[dict], *, beam_width: int, max_query_tokens: int,
                  device: torch.device, top_k: int = 10, batch_size: int = RetrieveConfig.batch_size,
-                 manifest: dict | None = None, reranker: Reranker | None = None, rerank_candidates: int | None = None):
+                 manifest: dict | None = None, reranker: Reranker | None = None, rerank_candidates: int | None = None,
+                 run_dir: Path | None = None):
         self.model = model.to(device).eval()
+        self.run_dir = run_dir
         self.tokenizer, self.ids, self.records = tokenizer, ids, records
         self.beam_width, self.max_query_tokens, self.device = beam_width, max_query_tokens, device
         self.rerank_candidates = max(beam_width, rerank_candidates or beam_width)  # the rerank's beams
@@ -76,7 +78,22 @@ class Retriever:
                    max_query_tokens=config["model"]["max_query_tokens"], device=device,
                    top_k=config["retrieve"]["top_k"],
                    batch_size=config["retrieve"].get("batch_size", RetrieveConfig.batch_size),
-                   manifest=manifest, reranker=reranker, rerank_candidates=rerank_candidates)
+                   manifest=manifest, reranker=reranker, rerank_candidates=rerank_candidates, run_dir=run_dir)
+
+    def reloaded(self) -> "Retriever":
+        """This retriever's model (and rerank's encoder) over the run's items as they are now: after `cart add`
+        or `cart remove` changed them. The model's files are not read again."""
+        from cart.model import model_io
+
+        ids = model_io.fitting_identifiers(self.run_dir, self.manifest)
+        records = corpus.read(self.run_dir)
+        reranker = None
+        if self.reranker is not None:
+            reranker = _reranker(self.run_dir, self.manifest, records, self.device, self.reranker.encoder)
+        return Retriever(self.model, self.tokenizer, ids, records, beam_width=self.beam_width,
+                         max_query_tokens=self.max_query_tokens, device=self.device, top_k=self.top_k,
+                         batch_size=self.batch_size, manifest=self.manifest, reranker=reranker,
+                         rerank_candidates=self.rerank_candidates, run_dir=self.run_dir)
 
     def search(self, queries: str | list[str], k: int | None = None, batch_size: int | None = None) -> list[list[Hit]]:
         """Ranked items for each query, best first (fewer than k when the beams found fewer); k and the
@@ -150,9 +167,9 @@ class Retriever:
                 f"tokens): these results mean nothing")
 
 
-def _reranker(run_dir: Path, manifest: dict, records: list[dict], device: torch.device) -> Reranker:
-    """The rerank of the run: its query encoder, item embeddings and BM25 index of the training texts it
-    trained on, and the weights training chose."""
+def _reranker(run_dir: Path, manifest: dict, records: list[dict], device: torch.device, encoder=None) -> Reranker:
+    """The rerank of the run: its query encoder (`encoder`, when one is loaded already), item embeddings and
+    BM25 index of the training texts it trained on, and the weights training chose."""
     from cart.encoders import query_encoder
     from cart.settings import EmbedConfig
 
@@ -172,7 +189,8 @@ def _reranker(run_dir: Path, manifest: dict, records: list[dict], device: torch.
     else:  # a model trained before they were kept: drawn again as training drew them
         held_out = pairs.held_out_texts(records, pairs.splits_config(stored))
     index = lexical_index(records, held_out)
-    return Reranker(query_encoder(EmbedConfig(**stored["embed"]), device), item_embeddings(run_dir), index,
+    encoder = encoder or query_encoder(EmbedConfig(**stored["embed"]), device)
+    return Reranker(encoder, item_embeddings(run_dir), index,
                     weight, manifest.get("rerank_lexical_weight", 0.0))
 
 

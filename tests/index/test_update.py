@@ -194,3 +194,29 @@ def test_new_items_are_coded_as_the_trained_ones_were(run):
         identifiers.code_new_items(x[:1].repeat(len(tensors["centroids"]) + 1, 1),
                                    np.empty((0, ids.codes.shape[1]), dtype=np.int64),
                                    ids.layout.level_sizes[:-1] + [1], tensors["centroids"], quantizer)
+
+
+def test_continued_training_goes_on_from_the_model_on_the_added_items(run, tmp_path, reranked, capsys):
+    from cart import train
+    from cart.errors import CartError
+
+    cfg = reranked(f"output_dir={run.parent}", f"run={run.name}", "train.epochs=1", "train.validate_from=1")
+    with pytest.raises(CartError, match="no item was added"):
+        train.run(cfg, continue_training=True)
+    previous = files.read_manifest(run / files.MODEL_WEIGHTS)
+    assert cart("add", "--run", str(run), "--corpus", new_items(tmp_path)) == 0
+    capsys.readouterr()
+    train.run(cfg, continue_training=True)
+    from cart.data import corpus, pairs
+
+    records = corpus.read(run)
+    every = pairs.split_pairs(records, cfg, pairs.held_out_rows(records, previous["held_out_texts"])).train
+    new = sum(row >= 12 for row in every.items)
+    assert f"train: {2 * new} training pairs" in capsys.readouterr().out  # the new items' and as many old (replay 1)
+    manifest = files.read_manifest(run / files.MODEL_WEIGHTS)
+    assert manifest["continued_from"] == previous["sha256"] and manifest["trained_added"] == ["new100", "new101", "new102"]
+    assert manifest["held_out_texts"] == previous["held_out_texts"]
+    assert manifest["inputs"][files.IDS] == files.read_manifest(run / files.IDS)["sha256"]
+    assert len(Retriever.load(run).records) == 15
+    with pytest.raises(CartError, match="no item was added"):  # each added item is trained on once
+        train.run(cfg, continue_training=True)
