@@ -58,7 +58,9 @@ def run(cfg: Config) -> Path:
 
     # under `accelerate launch` the queries are split over the processes; the main one scores and writes
     main_process = shards.processes().is_main_process
-    state = {"model": retriever.manifest["sha256"], "config": to_dict(cfg)}
+    # the items searched: the model's own, or what `cart add` / `cart remove` made of them since
+    searched = {name: files.read_manifest(run_dir / name)["sha256"] for name in (files.CORPUS, files.IDS)}
+    state = {"model": retriever.manifest["sha256"], "config": to_dict(cfg), **searched}
     results, ranked = {}, {}
     for method, search in methods.items():
         results[method] = {}
@@ -85,7 +87,7 @@ def run(cfg: Config) -> Path:
     report.write_hits(run_dir / files.HITS, query_sets, relevant, ranked, records)
     report.write_report(run_dir / files.REPORT, summary, query_sets, relevant, ranked, records, cfg)
     model = retriever.manifest  # verified by Retriever.load: no second pass over the files
-    files.write_manifest(out, "eval", to_dict(cfg), {**model["inputs"], files.MODEL_WEIGHTS: model["sha256"]})
+    files.write_manifest(out, "eval", to_dict(cfg), {**model["inputs"], **searched, files.MODEL_WEIGHTS: model["sha256"]})
     shutil.rmtree(run_dir / files.EVAL_PARTIAL, ignore_errors=True)
     print(report.table(summary))
     print(f"eval: report -> {run_dir / files.REPORT}")

@@ -293,38 +293,37 @@ def _atomic(x: torch.Tensor, cfg: IdsConfig, seed: int, phases: dict) -> Codes:
     return Codes(np.arange(n, dtype=np.int64)[:, None], [n], stats={"collision_rate": 0.0, "largest_group": 1})
 
 
-def code_new_items(x: torch.Tensor, codes: np.ndarray, level_sizes: list[int], centroids: torch.Tensor | None,
-                   quantizer: rqvae.RQVAE) -> np.ndarray:
-    """Identifiers for new items x (N, D) beside the `codes` (M, L) a trained run has, from its frozen
-    K-Means `centroids` (scheme cart; None for rq) and RQ-VAE, as `cart ids` coded the others: the nearest
-    centroid, the RQ-VAE codes of the residual, and the lowest counter no identifier with that prefix uses.
-    When every counter of the prefix is taken, the next nearest centroid's prefix is tried. The counter
-    level keeps its size: the model's decoder has no tokens beyond it."""
+def code_new_items(x: torch.Tensor, items: torch.Tensor, codes: np.ndarray, counters: int,
+                   neighbours: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Identifiers for new items x (N, D) beside a trained run's items, whose embeddings are `items` (M, D)
+    (both L2-normalised) and identifiers `codes` (M, L): each new item takes the prefix (all but the
+    counter) of its most similar item by cosine, and the lowest of the `counters` counter codes that no
+    identifier under that prefix uses; when all are taken, the next most similar item's prefix. A prefix
+    the model was trained on is one it emits; the run's frozen quantisers gave most new items a prefix no
+    item had, which beam search almost never reaches (docs/add.md measures both). The counter level keeps
+    its size: the model's decoder has no tokens beyond it. Returns the identifiers (N, L) and which items
+    went under another prefix than their most similar item's (N,) bool."""
     taken: dict[tuple, set[int]] = {}
-    for row in codes:
-        taken.setdefault(tuple(row[:-1].tolist()), set()).add(int(row[-1]))
-    counters = level_sizes[-1]
-    x = x.float()
-    if centroids is None:
-        order = np.zeros((len(x), 1), dtype=np.int64)  # one candidate: the RQ-VAE codes of x itself
-        nearest = quantizer.encode(x)
-    else:
-        order = torch.cdist(x, centroids.float()).argsort(dim=1).numpy()
-        nearest = quantizer.encode(x - centroids[order[:, 0]])
-    new = np.empty((len(x), len(level_sizes)), dtype=np.int64)
-    for i in range(len(x)):
-        for rank, cluster in enumerate(order[i]):
-            fine = nearest[i] if rank == 0 else quantizer.encode(x[i: i + 1] - centroids[cluster])[0]
-            prefix = tuple(fine.tolist()) if centroids is None else (int(cluster), *fine.tolist())
-            used = taken.setdefault(prefix, set())
-            free = next((c for c in range(counters) if c not in used), None)
-            if free is not None:
-                used.add(free)
-                new[i] = (*prefix, free)
-                break
-        else:
-            raise ValueError(f"new item {i}: every counter of every prefix it may take is used ({counters} a prefix)")
-    return new
+    for row in codes.tolist():
+        taken.setdefault(tuple(row[:-1]), set()).add(row[-1])
+    new = np.empty((len(x), codes.shape[1]), dtype=np.int64)
+    moved = np.zeros(len(x), dtype=bool)
+    for start in range(0, len(x), 1024):  # a chunk's similarities at a time: (1024, M)
+        similarity = x[start: start + 1024].float() @ items.float().T
+        nearest = similarity.topk(min(neighbours, len(items)), dim=1).indices.numpy()
+        for i, candidates in enumerate(nearest):
+            for order in (candidates, similarity[i].argsort(descending=True).numpy()):  # the rest if all are full
+                prefix = next((p for p in (tuple(codes[j, :-1].tolist()) for j in order)
+                               if len(taken.get(p, ())) < counters), None)
+                if prefix is not None:
+                    break
+            else:
+                raise ValueError(f"new item {start + i}: every counter of every prefix is used ({counters} a prefix)")
+            free = min(set(range(counters)) - taken.setdefault(prefix, set()))
+            taken[prefix].add(free)
+            new[start + i] = (*prefix, free)
+            moved[start + i] = prefix != tuple(codes[candidates[0], :-1].tolist())
+    return new, moved
 
 
 def code_stats(codes: Codes) -> dict:

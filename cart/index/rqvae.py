@@ -6,9 +6,6 @@ its centroid) becomes M fine tokens v1..vM.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,14 +76,3 @@ def train(x: torch.Tensor, *, hidden: int, latent: int, levels: int, codebook_si
                 bar.set_postfix(loss=f"{loss.item():.4f}")
     return model.eval()
 
-
-def load(path: Path) -> RQVAE:
-    """An RQ-VAE as `cart ids` saved it (weights, and its arguments in the metadata), in eval mode."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        args = json.loads(f.metadata()["args"])
-        state = {key: f.get_tensor(key) for key in f.keys()}
-    model = RQVAE(**args)
-    model.load_state_dict(state)
-    return model.eval()

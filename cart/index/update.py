@@ -1,9 +1,10 @@
 """Stages `cart add` and `cart remove`: items into a trained run without training again, and out of it.
 
 `cart add` reads new items from any source `cart corpus` reads and checks them as it does (an id the
-run has is a duplicate), embeds them with the run's encoder and settings, and codes each with the run's
-frozen K-Means centroids and RQ-VAE (`identifiers.code_new_items`): a new item's codes are ones the
-model has learnt, so its prefix is reachable, and rerank's cosine tells it from its neighbours.
+run has is a duplicate), embeds them with the run's encoder and settings, and gives each the prefix of
+its most similar item with a free counter (`identifiers.code_new_items`): a prefix the model has learnt,
+so beam search reaches it; rerank takes the added items under a prefix the beam found as candidates
+beside their trained sibling (`Retriever`), and its cosine tells them apart.
 `cart remove` drops items. Both write new versions of corpus.jsonl, embeddings.safetensors,
 ids.safetensors, trie.marisa, ids.json and ids.png with their manifests, staged and moved in as one
 step (`files.publish_files`): a kill leaves the run as it was or as it is after, never between. The
@@ -27,12 +28,11 @@ from cart.config import load_config
 from cart.data import corpus
 from cart.devices import pick_device
 from cart.errors import CartError
-from cart.index import build_ids, identifiers, rqvae
+from cart.index import build_ids, identifiers
 from cart.index.identifiers import Codes
 from cart.index.trie import PrefixTrie
 from cart.settings import EmbedConfig
 
-CODED_SCHEMES = ("cart", "rq")  # the schemes whose quantisers `cart ids` keeps (K-Means centroids, RQ-VAE)
 
 
 @dataclass
@@ -43,8 +43,7 @@ class Change:
     ids: list[str]  # the items added or removed
     identifiers: np.ndarray  # (n, L) their codes
     seconds: float = 0.0
-    new_prefixes: int = 0  # added items whose prefix (all but the counter) no item had
-    moved: int = 0  # added items coded under another than their nearest cluster: its counters were all taken
+    moved: int = 0  # added items under another prefix than their most similar item's: its counters were all taken
 
 
 def add(run_dir: Path, overrides: list[str] = (), dry_run: bool = False) -> Change:
@@ -53,29 +52,23 @@ def add(run_dir: Path, overrides: list[str] = (), dry_run: bool = False) -> Chan
     start = time.perf_counter()
     run_dir = Path(run_dir)
     records, ids, embed_manifest, ids_manifest = _inputs(run_dir)
-    scheme = ids_manifest["config"]["ids"]["scheme"]
-    if scheme not in CODED_SCHEMES:
-        raise CartError(f"{run_dir / files.IDS}: ids.scheme={scheme} keeps no quantiser to code new items with "
-                        f"(cart and rq do): rebuild the identifiers with the new items (`cart ids`) and train again")
+    if ids.layout.length < 2:
+        raise CartError(f"{run_dir / files.IDS}: ids.scheme={ids_manifest['config']['ids']['scheme']} has no prefix to "
+                        f"put new items under: rebuild the identifiers with them (`cart ids`) and train again")
     stored = files.read_manifest(run_dir / files.CORPUS)["config"]
     corpus_cfg = corpus.expanded(_corpus_settings(stored, overrides))
     new, skipped = corpus.read_source(corpus_cfg, seen={r["id"]: f"{run_dir / files.CORPUS}" for r in records})
     embed_cfg = EmbedConfig(**embed_manifest["config"]["embed"])
     x = _embed(new, embed_cfg)
-    tensors = load_file(str(run_dir / files.IDS))
-    quantizer = rqvae.load(run_dir / files.RQVAE)
-    centroids = tensors.get("centroids") if scheme == "cart" else None
+    items = load_file(str(run_dir / files.EMBEDDINGS))["embeddings"]
     try:
-        codes = identifiers.code_new_items(x, ids.codes, ids.layout.level_sizes, centroids, quantizer)
+        codes, moved = identifiers.code_new_items(x, items, ids.codes, ids.layout.level_sizes[-1])
     except ValueError as e:
         raise CartError(f"cart add: {e}: rebuild the identifiers with the new items (`cart ids`) and train again") from None
-    known = {tuple(row[:-1]) for row in ids.codes.tolist()}
-    change = Change(len(records), len(records) + len(new), [r["id"] for r in new], codes,
-                    new_prefixes=sum(tuple(row[:-1]) not in known for row in codes.tolist()),
-                    moved=0 if centroids is None else int((codes[:, 0] != torch.cdist(x, centroids).argmin(1).numpy()).sum()))
+    change = Change(len(records), len(records) + len(new), [r["id"] for r in new], codes, moved=int(moved.sum()))
     if not dry_run:
-        embeddings = torch.cat([load_file(str(run_dir / files.EMBEDDINGS))["embeddings"], x])
-        _publish(run_dir, records + new, embeddings, np.concatenate([ids.codes, codes]), ids, tensors,
+        _publish(run_dir, records + new, torch.cat([items, x]), np.concatenate([ids.codes, codes]), ids,
+                 load_file(str(run_dir / files.IDS)),
                  {"added": len(new), "source": corpus_cfg.path or corpus_cfg.source, "skipped": skipped}, "add",
                  change.ids)
     change.seconds = time.perf_counter() - start
@@ -112,8 +105,7 @@ def describe(change: Change, command: str, dry_run: bool) -> str:
     head = (f"{command}: {'would have ' if dry_run else ''}{verb} {len(change.ids)} items: {change.items_before} -> "
             f"{change.items_after} in the run")
     if command == "add":
-        head += (f"; {change.new_prefixes} under a prefix no item had, {change.moved} under another than their "
-                 f"nearest cluster (its counters all taken)")
+        head += f"; {change.moved} under another prefix than their most similar item's (its counters all taken)"
     lines = [head + ("" if dry_run else f" ({change.seconds:.1f} s)")]
     lines += [f"  {item:<24} {' '.join(map(str, codes))}" for item, codes in zip(change.ids[:20], change.identifiers.tolist())]
     if len(change.ids) > 20:

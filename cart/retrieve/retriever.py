@@ -9,7 +9,9 @@ A query is encoded, decoded by beam search constrained to the run's identifiers,
 identifier mapped back to its corpus item: the retriever can only ever return real items. With rerank
 (`retrieve.rerank`, `Retriever.load(run, rerank=True)`), the candidates of a beam search with
 `retrieve.rerank_candidates` beams are re-ordered by `cart.rerank`: cosine of the query's and the item's
-embeddings + the weight `cart train` chose times the log-probability.
+embeddings + the weight `cart train` chose times the log-probability. Items `cart add` added that the
+model was not trained on join the candidates beside the trained sibling the beam found under their
+prefix, with its log-probability: the model never learnt their counter, so the beam alone rarely keeps them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ class Retriever:
         self.top_k, self.batch_size = top_k, batch_size  # the run's defaults
         self.manifest = manifest or {}  # the model's: its sha256, the inputs it was trained on, its config
         self.reranker = reranker  # when reranking
+        # prefix (all but the counter) -> the rows `cart add` put under it that the model was not trained on
+        self.untrained: dict[tuple, list[int]] = {}
+        if run_dir is not None:
+            added = set(files.read_manifest(Path(run_dir) / files.CORPUS).get("added_items", []))
+            added -= set(self.manifest.get("trained_added", []))
+            for row, record in enumerate(records):
+                if record["id"] in added:
+                    self.untrained.setdefault(tuple(ids.codes[row, :-1].tolist()), []).append(row)
 
     @classmethod
     def load(cls, run_dir: str | Path, beam_width: int | None = None, device: str = "auto",
@@ -134,12 +144,33 @@ class Retriever:
                                               beams=beams, top_k=beams if rerank else k,
                                               max_tokens=self.max_query_tokens, device=self.device)
             if rerank:
-                items, item_scores = self.reranker(queries[start: start + batch_size], items, item_scores)
+                items, item_scores = self.reranker(queries[start: start + batch_size],
+                                                   *self._with_untrained(items, item_scores))
             rows.append(items[:, :k])
             scores.append(item_scores[:, :k])
         if not rows:
             return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
         return np.concatenate(rows), np.concatenate(scores)
+
+    def _with_untrained(self, rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Beam candidates (Q, C) and log-probabilities, each query's followed by the untrained items under
+        its candidates' prefixes, scored as the candidate (-1 / -inf pad the rows to one width)."""
+        if not self.untrained:
+            return rows, scores
+        joined = []
+        for row, score in zip(rows.tolist(), scores.tolist()):
+            extra: dict[int, float] = {}  # each once, with its best candidate's score (they come best first)
+            for r, s in zip(row, score):
+                for other in self.untrained.get(tuple(self.ids.codes[r, :-1].tolist()), ()) if r >= 0 else ():
+                    if other not in row:
+                        extra.setdefault(other, s)
+            joined.append((row + list(extra), score + list(extra.values())))
+        width = max(len(r) for r, _ in joined)
+        out_rows = np.full((len(joined), width), -1, dtype=np.int64)
+        out_scores = np.full((len(joined), width), -np.inf, dtype=np.float32)
+        for i, (r, s) in enumerate(joined):
+            out_rows[i, :len(r)], out_scores[i, :len(s)] = r, s
+        return out_rows, out_scores
 
     def score_rows(self, queries: list[str], rows) -> np.ndarray:
         """(Q, C) how well each of the corpus rows `rows` answers each query, beam search or not: with

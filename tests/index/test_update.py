@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cart import cli, files
-from cart.index import identifiers, rqvae
+from cart.index import identifiers
 from cart.index.build_ids import load as load_ids
 from cart.retrieve.retriever import Retriever
 from tests.conftest import COLOURS, make_media, write_jsonl
@@ -68,6 +68,12 @@ def test_added_items_are_found_and_the_model_is_untouched(run, tmp_path, capsys)
     assert (retriever.ids.trie.item_of(retriever.ids.tokens[12:]) == np.arange(12, 15)).all()
     hits = retriever.search(["violet spiral 101"], k=15)[0]
     assert "new101" in [h.id for h in hits[:3]]
+    # untrained, they join rerank's candidates beside the trained item the beam finds under their prefix
+    sibling = next(row for row in range(12) if (codes[row, :-1] == codes[13, :-1]).all())
+    under = [row for row in range(12, 15) if (codes[row, :-1] == codes[13, :-1]).all()]
+    rows, scores = retriever._with_untrained(np.array([[sibling, -1]]), np.array([[-1.5, -np.inf]], dtype=np.float32))
+    assert rows[0, :2].tolist() == [sibling, -1] and sorted(rows[0, 2:].tolist()) == under
+    assert (scores[0, 2:] == -1.5).all()
     # the model scores each trained item's identifier as before
     queries, rows = ["red number 0", "shape 7"], np.arange(12)
     pure_before, pure_after = Retriever.load(run.parent / "before", rerank=False), Retriever.load(run, rerank=False)
@@ -169,31 +175,27 @@ def _killed_at(name, write):
     return write_text
 
 
-def test_new_items_are_coded_as_the_trained_ones_were(run):
-    """The trained items' own embeddings, coded again as new items, get their own prefixes back, and
-    counters that no identifier uses yet."""
+def test_new_items_take_their_most_similar_items_prefix_and_a_free_counter(run):
     from safetensors.torch import load_file
 
     ids = load_ids(run)
     x = load_file(str(run / files.EMBEDDINGS))["embeddings"]
-    tensors = load_file(str(run / files.IDS))
-    quantizer = rqvae.load(run / files.RQVAE)
-    again = identifiers.code_new_items(x, ids.codes, ids.layout.level_sizes, tensors["centroids"], quantizer)
-    taken = {tuple(row) for row in ids.codes.tolist()}
-    assert not taken & {tuple(row) for row in again.tolist()}
-    assert len({tuple(row) for row in again.tolist()}) == len(again)
-    # with room under every prefix, each gets the prefix `cart ids` gave it (its nearest centroid: K-Means converged)
-    alone = identifiers.code_new_items(x, np.empty((0, ids.codes.shape[1]), dtype=np.int64),
-                                       ids.layout.level_sizes[:-1] + [len(x)], tensors["centroids"], quantizer)
-    assert (alone[:, :-1] == ids.codes[:, :-1]).all()
-    # one counter a prefix: a second item with the same embedding moves to its next nearest cluster
-    one = identifiers.code_new_items(x[:1].repeat(2, 1), np.empty((0, ids.codes.shape[1]), dtype=np.int64),
-                                     ids.layout.level_sizes[:-1] + [1], tensors["centroids"], quantizer)
-    assert one[0, 0] != one[1, 0] and (one[:, -1] == 0).all()
+    counters = ids.layout.level_sizes[-1]
+    # the trained items' own embeddings as new items: each its own prefix (its most similar item is itself),
+    # under a counter no identifier used
+    again, moved = identifiers.code_new_items(x, x, ids.codes, counters + len(x))
+    assert (again[:, :-1] == ids.codes[:, :-1]).all() and not moved.any()
+    assert not {tuple(r) for r in ids.codes.tolist()} & {tuple(r) for r in again.tolist()}
+    assert len({tuple(r) for r in again.tolist()}) == len(again)
+    # one free counter a prefix (every item at counter 0 of 2): a second copy of an item goes under the prefix
+    # of its next most similar item that has room
+    full = np.c_[ids.codes[:, :-1], np.zeros(len(x), dtype=np.int64)]
+    twice, moved = identifiers.code_new_items(x[:1].repeat(2, 1), x, full, 2)
+    assert (twice[0, :-1] == ids.codes[0, :-1]).all() and (twice[:, -1] == 1).all()
+    assert tuple(twice[1, :-1]) != tuple(twice[0, :-1]) and moved.tolist() == [False, True]
+    prefixes = len({tuple(r) for r in full[:, :-1].tolist()})
     with pytest.raises(ValueError, match="every counter"):
-        identifiers.code_new_items(x[:1].repeat(len(tensors["centroids"]) + 1, 1),
-                                   np.empty((0, ids.codes.shape[1]), dtype=np.int64),
-                                   ids.layout.level_sizes[:-1] + [1], tensors["centroids"], quantizer)
+        identifiers.code_new_items(x[:1].repeat(prefixes + 1, 1), x, full, 2)
 
 
 def test_continued_training_goes_on_from_the_model_on_the_added_items(run, tmp_path, reranked, capsys):
@@ -220,3 +222,21 @@ def test_continued_training_goes_on_from_the_model_on_the_added_items(run, tmp_p
     assert len(Retriever.load(run).records) == 15
     with pytest.raises(CartError, match="no item was added"):  # each added item is trained on once
         train.run(cfg, continue_training=True)
+
+
+def test_bad_commands_are_one_line_errors(run, tmp_path, capsys):
+    before = snapshot(run)
+    (tmp_path / "data.json").write_text("{}", encoding="utf-8")
+    manifest = new_items(tmp_path)
+    for argv, message in [
+        (["add", "--run", str(tmp_path / "nowhere"), "--corpus", manifest], "run folder not found"),
+        (["add", "--run", str(run), "--corpus", str(tmp_path / "data.json")], "say how to read it with --source"),
+        (["add", "--run", str(run), "--corpus", manifest, "train.epochs=3"], "corpus.* settings only"),
+        (["add", "--run", str(run), "--corpus", manifest, "corpus.on_bad=maybe"], "corpus.on_bad"),
+        (["add", "--run", str(run), "--corpus", str(tmp_path / "missing.jsonl")], "corpus.path not found"),
+        (["remove", "--run", str(run), "item1", "nothing", "nought"], "no item 'nothing'"),
+    ]:
+        assert cart(*argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert snapshot(run) == before
