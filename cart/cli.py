@@ -235,11 +235,10 @@ def _serve(args) -> None:
         raise CartError(f"--port must be at most 65535, got {args.port}")
     if not 0 <= args.wait_ms <= 1000:
         raise CartError(f"--wait-ms must be from 0 to 1000, got {args.wait_ms}")
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise CartError("cart serve needs FastAPI and uvicorn: pip install 'cart[serve]'") from None
+    from importlib.util import find_spec
+
+    if find_spec("fastapi") is None or find_spec("uvicorn") is None:
+        raise CartError("cart serve needs FastAPI and uvicorn: pip install 'cart[serve]'")
     from transformers.utils import logging as transformers_logging
 
     from cart.retrieve.serve import serve

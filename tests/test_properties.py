@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from cart.config import Config, load_config, to_dict
 from cart.data import corpus
 from cart.errors import CartError
-from conftest import ROOT, make_media, tiny_data
+from conftest import ROOT, make_media
 
 # derandomized: the same examples on every machine and every run, so CI cannot turn red by chance
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
