@@ -38,6 +38,7 @@ from cart.errors import CartError
 from cart.retrieve.retriever import Hit, Retriever
 
 MAX_BODY = 1 << 20  # bytes of a request body: a search is a few queries, an addition a few thousand rows
+MAX_DRAIN = 64 << 20  # bytes of an oversized body read before its 413 (beyond: answered at once)
 MAX_QUERIES = 1024  # queries a request
 
 
@@ -195,15 +196,21 @@ def create_app(retriever: Retriever, batch_size: int | None = None, wait_ms: flo
 
 
 async def _json_body(request: Request) -> dict:
-    """The request's body as a JSON object, refusing one over MAX_BODY bytes (read no further) or not JSON."""
+    """The request's body as a JSON object, refusing one over MAX_BODY bytes or not JSON. An oversized body
+    is still read (up to MAX_DRAIN bytes, kept no further than MAX_BODY) so that the client, still sending,
+    gets the 413 rather than a connection closed under it."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY:
+    if declared and declared.isdigit() and int(declared) > MAX_DRAIN:
         raise BadRequest(413, f"the body is {declared} bytes; at most {MAX_BODY}")
-    body = bytearray()
+    body, size = bytearray(), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise BadRequest(413, f"the body is over {MAX_BODY} bytes")
+        size += len(chunk)
+        if size <= MAX_BODY:
+            body += chunk
+        elif size > MAX_DRAIN:
+            break
+    if size > MAX_BODY:
+        raise BadRequest(413, f"the body is over {MAX_BODY} bytes; at most {MAX_BODY}")
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
