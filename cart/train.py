@@ -48,7 +48,7 @@ from cart.model import batches
 from cart.model.cart_t5 import CartT5
 from cart.model.decoding import decode_texts
 from cart.model.losses import cart_loss
-from cart.model.model_io import build_model, identifier_geometry, load_tokenizer, training_bytes
+from cart.model.model_io import build_model, identifier_geometry, load_tokenizer, require_fitting, training_bytes
 from cart.retrieve import scoring
 from cart.retrieve.rerank import GRID, Reranker, item_embeddings, lexical_index, rerank
 from cart.retrieve.scoring import DEPTH
@@ -314,8 +314,7 @@ def _continued(run_dir: Path, records: list[dict]) -> tuple[dict, set[int]]:
     """What `cart train --continue` goes on from: the run's model's manifest, and the rows of the items
     `cart add` added that it was not trained on."""
     _, manifest = files.verified_input(run_dir, files.MODEL_WEIGHTS)
-    for name in (files.IDS, files.CORPUS):  # its own, or made of its own by `cart add`
-        files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, name, extended=True)
+    require_fitting(run_dir, manifest)  # its own identifiers, or made of its own by `cart add`
     if "held_out_texts" not in manifest:
         raise CartError(f"{run_dir / files.MODEL_WEIGHTS} was trained before --continue existed (it names no "
                         f"held-out texts): train the run again")

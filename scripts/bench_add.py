@@ -179,14 +179,12 @@ def score_run(run_dir: Path, texts: dict[str, list[str]]) -> dict:
 
 
 def figures(ranked: list[list[str]], relevant: list[set[str]], chosen: list[bool]) -> dict:
-    """R@1, R@10 and MRR@10 over the chosen queries."""
-    ranks = [next((i for i, item in enumerate(row, 1) if item in right), 0)
-             for row, right, keep in zip(ranked, relevant, chosen) if keep]
-    ranks = np.array(ranks)
-    return {"queries": len(ranks), "R@1": round(float(np.mean(ranks == 1)), 4),
-            "R@10": round(float(np.mean(ranks > 0)), 4),
-            "MRR@10": round(float(np.mean(np.where(ranks > 0, 1 / np.maximum(ranks, 1), 0))), 4)}
+    """R@1, R@10 and MRR@10 over the chosen queries (`scoring.metrics`, on item ids)."""
+    from cart.retrieve import scoring
 
+    rows = [row for row, keep in zip(ranked, chosen) if keep]
+    found = scoring.metrics(rows, [right for right, keep in zip(relevant, chosen) if keep])
+    return {"queries": len(rows), **{key: found[key] for key in ("R@1", "R@10", "MRR@10")}}
 
 if __name__ == "__main__":
     main()

@@ -105,7 +105,7 @@ def read_source(corpus_cfg: CorpusConfig, seen: dict[str, str] | None = None) ->
             if corpus_cfg.on_bad == "stop":
                 raise CartError(f"{where}: {bad} (corpus.on_bad=skip leaves such items out)") from None
             skipped.append(f"{where}: {bad}")
-            print(f"cart corpus: skipped {where}: {bad}", file=sys.stderr)
+            print(f"skipped {where}: {bad}", file=sys.stderr)  # `cart corpus` or `cart add`
             continue
         seen[record["id"]] = where
         records.append(record)

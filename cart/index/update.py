@@ -51,10 +51,10 @@ def add(run_dir: Path, overrides: list[str] = (), dry_run: bool = False) -> Chan
     `corpus.*` settings; the rest are the run's own) to the run; the caller holds `files.run_lock`."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    records, ids, embed_manifest, ids_manifest = _inputs(run_dir)
+    records, ids, embed_manifest = _inputs(run_dir)
     if ids.layout.length < 2:
-        raise CartError(f"{run_dir / files.IDS}: ids.scheme={ids_manifest['config']['ids']['scheme']} has no prefix to "
-                        f"put new items under: rebuild the identifiers with them (`cart ids`) and train again")
+        raise CartError(f"{run_dir / files.IDS}: identifiers of one level (ids.scheme=atomic) have no prefix to put "
+                        f"new items under: rebuild the identifiers with them (`cart ids`) and train again")
     stored = files.read_manifest(run_dir / files.CORPUS)["config"]
     corpus_cfg = corpus.expanded(_corpus_settings(stored, overrides))
     new, skipped = corpus.read_source(corpus_cfg, seen={r["id"]: f"{run_dir / files.CORPUS}" for r in records})
@@ -79,7 +79,7 @@ def remove(run_dir: Path, item_ids: list[str], dry_run: bool = False) -> Change:
     """Remove the items `item_ids` from the run: gone from the corpus and the trie, never returned again."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    records, ids, _, _ = _inputs(run_dir)
+    records, ids, _ = _inputs(run_dir)
     row_of = {r["id"]: row for row, r in enumerate(records)}
     missing = [i for i in item_ids if i not in row_of]
     if missing:
@@ -114,19 +114,17 @@ def describe(change: Change, command: str, dry_run: bool) -> str:
 
 
 def _inputs(run_dir: Path):
-    """The run's corpus, identifiers and the manifests of its embeddings and identifiers, each checked
-    against the others."""
+    """The run's corpus, identifiers and the manifest of its embeddings, each checked against the others."""
     if not run_dir.is_dir():
         raise CartError(f"run folder not found: {run_dir}")
     records = corpus.read(run_dir)
     ids = build_ids.load(run_dir)  # built from the present embeddings
     _, embed_manifest = files.verified_input(run_dir, files.EMBEDDINGS)
     files.require_built_from(embed_manifest, files.EMBEDDINGS, run_dir, files.CORPUS)
-    _, ids_manifest = files.verified_input(run_dir, files.IDS)
     if len(ids.codes) != len(records):
         raise CartError(f"{run_dir / files.IDS} has {len(ids.codes)} identifiers for {len(records)} corpus items: "
                         f"rerun `cart embed` and `cart ids`")
-    return records, ids, embed_manifest, ids_manifest
+    return records, ids, embed_manifest
 
 
 def _corpus_settings(stored: dict, overrides: list[str]):

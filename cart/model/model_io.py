@@ -44,11 +44,16 @@ def load(run_dir: Path) -> tuple[CartT5, object, Identifiers]:
     return model, tokenizer, ids
 
 
-def fitting_identifiers(run_dir: Path, manifest: dict) -> Identifiers:
-    """The run's identifiers, refusing ones (or a corpus) the model of `manifest` was not trained on, unless
-    `cart add` or `cart remove` made them of those it was."""
+def require_fitting(run_dir: Path, manifest: dict) -> None:
+    """Refuse identifiers (or a corpus) the model of `manifest` was not trained on, unless `cart add` or
+    `cart remove` made them of those it was."""
     for name in (files.IDS, files.CORPUS):
         files.require_built_from(manifest, files.MODEL_WEIGHTS, run_dir, name, extended=True)
+
+
+def fitting_identifiers(run_dir: Path, manifest: dict) -> Identifiers:
+    """The run's identifiers, once `require_fitting` has found they fit the model of `manifest`."""
+    require_fitting(run_dir, manifest)
     return build_ids.load(run_dir)
 
 

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse
 
 from cart import files
 from cart.errors import CartError
+from cart.index import update
 from cart.retrieve.retriever import Hit, Retriever
 
 MAX_BODY = 1 << 20  # bytes of a request body: a search is a few queries, an addition a few thousand rows
@@ -220,10 +221,8 @@ async def _json_body(request: Request) -> dict:
     return data
 
 
-def _add(batcher: Batcher, rows: list) -> object:
+def _add(batcher: Batcher, rows: list) -> update.Change:
     """`cart add` of the rows (a manifest written to a temporary file), then the new items swapped in."""
-    from cart.index import update
-
     run_dir = batcher.retriever.run_dir
     with tempfile.TemporaryDirectory(prefix="cart-serve-") as folder:
         manifest = Path(folder) / "items.jsonl"
