@@ -236,8 +236,10 @@ class TrainConfig:
     # cosine is below distill_min_cosine, or above its second best by less than distill_min_margin, is dropped,
     # as is one equal to any text of the corpus; the others are trained on toward an item drawn each epoch from
     # softmax(cosine / distill_temperature) over their distill_top_k best items, their loss times
-    # distill_weight (docs/train.md)
+    # distill_weight; distill_targets "levels" also trains each level's token toward the teacher's distribution
+    # given the drawn item's prefix (a KL on each level), "draw" toward the drawn item's token alone (docs/train.md)
     distill_texts: str = ""
+    distill_targets: Literal["draw", "levels"] = "draw"
     distill_top_k: int = 5
     distill_temperature: float = 0.05
     distill_min_cosine: float = 0.5

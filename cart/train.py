@@ -29,6 +29,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -170,9 +171,12 @@ def run(cfg: Config, continue_training: bool = False) -> Path:
     max_tokens = cfg.model.max_query_tokens
     grouped = batches.LengthGroupedBatches(batches.token_lengths(train_pairs.texts, tokenizer, max_tokens),
                                            train_cfg.batch_size, cfg.seed)
+    soft = None
+    if distilled is not None and train_cfg.distill_targets == "levels":
+        soft = partial(distilled.level_targets, first=labelled, labels=labels, vocab_size=ids.layout.vocab_size)
     loader = DataLoader(list(range(len(train_pairs.texts))), batch_sampler=grouped,
                         collate_fn=lambda rows: batches.make_batch(rows, train_pairs, labels, tokenizer, max_tokens,
-                                                                   cache, negatives, weights))
+                                                                   cache, negatives, weights, soft))
     if len(loader) == 0:
         raise CartError(f"{len(train_pairs.texts)} training pairs make no full batch of "
                         f"train.batch_size={train_cfg.batch_size}")

@@ -54,6 +54,10 @@ VARIANTS = {  # name -> (config file, overrides)
     "with distillation (margin 0.05; weight 0.5)": (CONFIG, [*FUSED, f"train.distill_texts={WORDNET}",
                                                              "train.epochs=11", "train.distill_min_margin=0.05",
                                                              "train.distill_weight=0.5"]),
+    # distillation on today's default (no fusion; its 20 epochs with the extra pairs fit the budget): toward the
+    # teacher's drawn item, and toward its per-level distributions (train.distill_targets=levels)
+    "w/o fusion + distillation": (CONFIG, [f"train.distill_texts={WORDNET}"]),
+    "w/o fusion + per-level distillation": (CONFIG, [f"train.distill_texts={WORDNET}", "train.distill_targets=levels"]),
     # GENIUS's query-target interpolation, Beta(2, 2) as GENIUS (batches.toward_targets)
     "with interpolation": (CONFIG, [*FUSED, "train.interpolation=2"]),
     "with a ranking phase": (CONFIG, [*FUSED, "train.rank_weight=1.0", "train.rank_after=9"]),

@@ -514,6 +514,24 @@ def test_distillation_drops_texts_the_teacher_hesitates_on():
     assert gated.texts == ["sure"] and gated.draw(0) == [0]
 
 
+def test_level_targets_are_the_teachers_conditionals_along_the_drawn_prefix():
+    # tokens (level 0, level 1, EOS) of four items: 0 and 1 share their first token, 2 and 3 theirs
+    labels = torch.tensor([[2, 5, 1], [2, 6, 1], [3, 7, 1], [3, 8, 1]])
+    distilled = batches.Distilled(["t"], torch.eye(4)[:1], torch.eye(4), top_k=3, temperature=1.0, min_cosine=0,
+                                  seed=0)
+    distilled.rows, distilled.weights = np.array([[0, 1, 2]]), np.array([[0.5, 0.3, 0.2]])
+    # pair 0 is labelled (item 3), pair 1 (row first + 0) is the distilled text, drawn to item 1 this epoch
+    targets = distilled.level_targets([4, 10], torch.tensor([3, 1]), first=10, labels=labels, vocab_size=9)
+    assert torch.equal(targets[0], torch.nn.functional.one_hot(labels[3], 9).float())
+    expected = torch.zeros(3, 9)
+    expected[0, 2], expected[0, 3] = 0.8, 0.2  # every candidate
+    expected[1, 5], expected[1, 6] = 0.5 / 0.8, 0.3 / 0.8  # those under the drawn item's first token
+    expected[2, 1] = 1.0
+    assert torch.allclose(targets[1], expected, atol=1e-6)
+    drawn_elsewhere = distilled.level_targets([10], torch.tensor([2]), first=10, labels=labels, vocab_size=9)[0]
+    assert drawn_elsewhere[1, 7] == 1 and torch.allclose(drawn_elsewhere[0], expected[0])
+
+
 def test_unlabelled_texts_leave_out_every_text_of_the_corpus(tmp_path):
     records = [{"texts": [{"text": "red heart", "kind": "caption"}, {"text": "Love-Letter", "kind": "query", "set": "A"},
                           {"text": "heart on fire", "kind": "validation"}]}]
@@ -574,14 +592,15 @@ def test_splits_config_draws_the_runs_splits_without_its_training_only_inputs(re
     assert again.train == drawn.train and again.validation == drawn.validation and drawn.validation["names"].texts
 
 
-def test_distilled_texts_are_trained_on_beside_the_corpus_and_recorded_as_an_input(reranked, tmp_path):
+@pytest.mark.parametrize("targets", ["draw", "levels"])
+def test_distilled_texts_are_trained_on_beside_the_corpus_and_recorded_as_an_input(reranked, tmp_path, targets):
     from cart.data import corpus
     from cart.encoders import embed
 
     words = tmp_path / "words.txt"  # a training text and a validation query of the corpus, and three new texts
     words.write_text("red number 0\norange item 3\ncrimson\nsquare\nviolet shape\n", encoding="utf-8")
     cfg = reranked(f"output_dir={tmp_path / 'runs'}", f"train.distill_texts={words}", "train.distill_min_cosine=-1",
-                   "train.distill_weight=0.5")
+                   "train.distill_weight=0.5", f"train.distill_targets={targets}")
     for stage in (corpus, embed, build_ids, train):
         stage.run(cfg)
     log = json.loads((cfg.run_dir / files.TRAIN_LOG).read_text())

@@ -145,13 +145,37 @@ class Distilled:
         picks = (rng.random((len(self.texts), 1)) > self.weights.cumsum(axis=1)).sum(axis=1)
         return self.rows[np.arange(len(self.texts)), np.minimum(picks, self.rows.shape[1] - 1)].tolist()
 
+    def level_targets(self, rows: list[int], items: torch.Tensor, first: int, labels: torch.Tensor,
+                      vocab_size: int) -> torch.Tensor:
+        """`train.distill_targets=levels`: (B, L, V) targets of a batch's pairs (`rows`, their `items`), whose rows
+        from `first` on are this object's texts in order, and `labels` every item's tokens. A labelled pair's are
+        its item's tokens, one-hot; a distilled text's, at each level of its drawn item's identifier, the
+        teacher's distribution over that level's token among its top-k items that share the drawn prefix
+        before it. The level's cross-entropy is then the KL toward the teacher's conditional (up to a
+        constant): what the drawn token gives in expectation, at once."""
+        out = F.one_hot(labels[items], vocab_size).float()
+        distilled = [j for j, row in enumerate(rows) if row >= first]
+        if distilled:
+            texts = [rows[j] - first for j in distilled]
+            candidates = labels[torch.from_numpy(self.rows[texts])]  # (b, k, L)
+            path = labels[items[distilled]].unsqueeze(1)  # (b, 1, L)
+            shared = (candidates == path).int().cumprod(-1)  # 1 while a candidate follows the path
+            before = torch.cat([torch.ones_like(shared[..., :1]), shared[..., :-1]], dim=-1)
+            mass = torch.from_numpy(self.weights[texts]).float().unsqueeze(-1) * before
+            # the drawn item is a candidate, so a level's mass is 0 only if its weight underflowed
+            mass = mass / mass.sum(1, keepdim=True).clamp(min=torch.finfo(mass.dtype).tiny)
+            out[distilled] = torch.zeros_like(out[distilled]).scatter_add_(2, candidates.transpose(1, 2),
+                                                                           mass.transpose(1, 2))
+        return out
+
 
 def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, max_tokens: int,
                cache: LayerCache | None = None, negatives: HardNegatives | None = None,
-               weights: torch.Tensor | None = None) -> dict:
+               weights: torch.Tensor | None = None, soft=None) -> dict:
     """The model inputs of some pairs (token ids, or the cached layer outputs), their labels (the rows of
     `labels`, each item's identifier tokens ending in EOS) and items; with `negatives`, also the labels of each
-    pair's hard negatives, (B, count, L + 1); with `weights` (one a pair), the pairs' loss weights."""
+    pair's hard negatives, (B, count, L + 1); with `weights` (one a pair), the pairs' loss weights; with `soft`
+    ((rows, items) -> (B, L + 1, V), `Distilled.level_targets`), the soft labels the cross-entropy then reads."""
     texts = [pairs.texts[i] for i in rows]
     if cache is not None:
         layers, mask = cache.batch(texts)
@@ -165,6 +189,8 @@ def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, m
         batch["negatives"] = labels[negatives(rows)]
     if weights is not None:
         batch["weights"] = weights[rows]
+    if soft is not None:
+        batch["soft_labels"] = soft(rows, targets)
     return batch
 
 

@@ -29,17 +29,22 @@ def cart_loss(model, batch: dict, omega: float, rank_weight: float = 0.0) -> Los
     """batch: the model's inputs (`input_ids` or a frozen encoder's `encoder_layers`, and `attention_mask`),
     `labels`, (B, L) identifier tokens ending in EOS, -100 where ignored, and for the ranking loss
     `negatives`, (B, k, L) the same for k wrong items a query; optionally `weights`, (B,) each example's weight
-    in the cross-entropy."""
+    in the cross-entropy, and `soft_labels`, (B, L, V) target distributions it then reads instead of `labels`
+    (which still teacher-force the decoder)."""
     labels, negatives = batch["labels"], batch.get("negatives") if rank_weight > 0 else None
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "negatives", "items", "weights")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "negatives", "items", "weights", "soft_labels")}
     copies = 2 if omega > 0 else 1
     targets = torch.stack([labels] * copies, dim=1)  # (B, passes, L): an example's passes side by side
     if negatives is not None:
         targets = torch.cat([targets, negatives], dim=1)
     size, passes = targets.shape[:2]
     logits = model(**inputs, labels=targets.flatten(0, 1), passes=passes).logits.unflatten(0, (size, passes))
-    tokens = F.cross_entropy(logits[:, :copies].flatten(0, 2).float(), targets[:, :copies].flatten(),
-                             ignore_index=-100, reduction="none").view(size, copies, -1)
+    if "soft_labels" in batch:  # -sum q log p; a token outside its level has log p of about float32's min
+        q, log_p = batch["soft_labels"].unsqueeze(1), logits[:, :copies].float().log_softmax(-1)
+        tokens = -torch.where(q > 0, q * log_p, 0).sum(-1)  # (B, copies, L)
+    else:
+        tokens = F.cross_entropy(logits[:, :copies].flatten(0, 2).float(), targets[:, :copies].flatten(),
+                                 ignore_index=-100, reduction="none").view(size, copies, -1)
     if "weights" in batch:  # each example's share of the mean over the target tokens, times its weight
         tokens = tokens * batch["weights"].view(-1, 1, 1)
     cross_entropy = tokens.sum() / (targets[:, :copies] != -100).sum()

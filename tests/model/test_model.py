@@ -238,6 +238,27 @@ def test_example_weights_scale_each_examples_share_of_the_cross_entropy():
     assert torch.allclose(loss(1.0, 1.0, 0.5), loss() - parts[2] / 2, atol=1e-6)
 
 
+def test_soft_labels_give_the_cross_entropy_toward_each_levels_distribution():
+    # levels (4, 6): level 0 is tokens 2-5, level 1 tokens 6-11; the level softmax gives other tokens no mass
+    model = tiny_model(level_softmax=True)
+    input_ids, mask = padded_batch()
+    labels = torch.tensor([[2, 6, 1], [3, 7, 1], [4, 8, 1]])
+    other = torch.tensor([[5, 11, 1], [2, 9, 1], [3, 6, 1]])
+    onehot = lambda rows: torch.nn.functional.one_hot(rows, 12).float()
+
+    def loss(soft=None, **extra):
+        batch = batch_of(input_ids, mask, labels) | extra | ({} if soft is None else {"soft_labels": soft})
+        return cart_loss(model, batch, omega=0.0).cross_entropy
+
+    hard = loss()
+    assert torch.allclose(loss(onehot(labels)), hard, atol=1e-6)
+    weights = torch.tensor([1.0, 0.5, 0.0])
+    assert torch.allclose(loss(onehot(labels), weights=weights), loss(weights=weights), atol=1e-6)
+    # linear in the targets: 0.7 / 0.3 between two identifiers' tokens is that mix of their cross-entropies
+    mixed = loss(0.7 * onehot(labels) + 0.3 * onehot(other))
+    assert torch.isfinite(mixed) and torch.allclose(mixed, 0.7 * hard + 0.3 * loss(onehot(other)), atol=1e-5)
+
+
 @pytest.mark.parametrize("bert", [False, True])
 def test_ranking_loss_is_a_softmax_over_whole_identifier_log_probabilities(bert):
     # levels (4, 6): level 0 is tokens 2-5, level 1 tokens 6-11, then EOS (1)
