@@ -81,7 +81,7 @@ def run(cfg: Config, force: bool = False) -> Path:
                "special_tokens": {"pad": TokenLayout.PAD, "eos": TokenLayout.EOS},
                "level_offsets": layout.offsets.tolist(), "stats": stats, "phases": phases}
     files.write_text(run_dir / files.IDS_STATS, json.dumps(summary, indent=2) + "\n")
-    plot(stats, codes.codes, run_dir / files.IDS_PLOT)
+    identifiers.plot_codes(stats, codes.codes, run_dir / files.IDS_PLOT)
     with files.atomic_path(out) as tmp:
         save_file(tensors, str(tmp))
     files.write_manifest(out, "ids", to_dict(cfg), {files.EMBEDDINGS: embed_manifest["sha256"]}, recipe=recipe,
@@ -160,26 +160,3 @@ def describe(summary: dict) -> str:
     if "relative_reconstruction_error" in s:
         lines.append(f"     quantiser relative reconstruction error {s['relative_reconstruction_error']:.3f}")
     return "\n".join(lines)
-
-
-def plot(stats: dict, codes: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    levels = codes.shape[1]
-    fig, axes = plt.subplots(1, levels + 1, figsize=(3.2 * (levels + 1), 3), squeeze=False)
-    sizes = np.sort(np.bincount(codes[:, 0]))[::-1]
-    axes[0, 0].bar(np.arange(len(sizes)), sizes, width=1.0)
-    axes[0, 0].set(title="first-level group sizes", xlabel="group (sorted)", ylabel="items")
-    for level in range(levels):
-        counts = np.sort(np.bincount(codes[:, level], minlength=stats["levels"][level]["size"]))[::-1]
-        ax = axes[0, level + 1]
-        ax.bar(np.arange(len(counts)), counts, width=1.0)
-        ax.set(title=f"level {level}: {stats['levels'][level]['used']}/{len(counts)} codes used",
-               xlabel="code (sorted by use)", ylabel="items")
-    fig.tight_layout()
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)

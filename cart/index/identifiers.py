@@ -10,12 +10,14 @@ through the same `Codes` result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
+from cart import files
 from cart.devices import phase
 from cart.index import rqvae
 from cart.index.vocab import TokenLayout
@@ -346,3 +348,27 @@ def code_stats(codes: Codes) -> dict:
         "levels": per_level,
         **codes.stats,
     }
+
+
+def plot_codes(stats: dict, codes: np.ndarray, path: Path) -> None:
+    """ids.png: the first-level groups' sizes and each level's code use (`stats`: `code_stats`'s)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = codes.shape[1]
+    fig, axes = plt.subplots(1, levels + 1, figsize=(3.2 * (levels + 1), 3), squeeze=False)
+    sizes = np.sort(np.bincount(codes[:, 0]))[::-1]
+    axes[0, 0].bar(np.arange(len(sizes)), sizes, width=1.0)
+    axes[0, 0].set(title="first-level group sizes", xlabel="group (sorted)", ylabel="items")
+    for level in range(levels):
+        counts = np.sort(np.bincount(codes[:, level], minlength=stats["levels"][level]["size"]))[::-1]
+        ax = axes[0, level + 1]
+        ax.bar(np.arange(len(counts)), counts, width=1.0)
+        ax.set(title=f"level {level}: {stats['levels'][level]['used']}/{len(counts)} codes used",
+               xlabel="code (sorted by use)", ylabel="items")
+    fig.tight_layout()
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)

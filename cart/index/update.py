@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from cart import encoders, files
 from cart.config import load_config
-from cart.data import corpus
+from cart.data import corpus, sources
 from cart.devices import pick_device
 from cart.errors import CartError
 from cart.index import build_ids, identifiers
@@ -56,8 +56,8 @@ def add(run_dir: Path, overrides: list[str] = (), dry_run: bool = False) -> Chan
         raise CartError(f"{run_dir / files.IDS}: identifiers of one level (ids.scheme=atomic) have no prefix to put "
                         f"new items under: rebuild the identifiers with them (`cart ids`) and train again")
     stored = files.read_manifest(run_dir / files.CORPUS)["config"]
-    corpus_cfg = corpus.expanded(_corpus_settings(stored, overrides))
-    new, skipped = corpus.read_source(corpus_cfg, seen={r["id"]: f"{run_dir / files.CORPUS}" for r in records})
+    corpus_cfg = sources.expanded(_corpus_settings(stored, overrides))
+    new, skipped = sources.read_source(corpus_cfg, seen={r["id"]: f"{run_dir / files.CORPUS}" for r in records})
     embed_cfg = EmbedConfig(**embed_manifest["config"]["embed"])
     x = _embed(new, embed_cfg)
     items = load_file(str(run_dir / files.EMBEDDINGS))["embeddings"]
@@ -175,7 +175,7 @@ def _publish(run_dir: Path, records: list[dict], embeddings: torch.Tensor, codes
     present = {r["id"] for r in records}
     added_items = [i for i in [*manifests[files.CORPUS].get("added_items", []), *added] if i in present]
     corpus_sha = manifest(files.CORPUS, {files.CORPUS + " (before)": manifests[files.CORPUS]["sha256"]},
-                          stats=corpus.summarize(records), added_items=added_items)
+                          stats=sources.summarize(records), added_items=added_items)
     save_file({"embeddings": embeddings.contiguous()}, str(staged / files.EMBEDDINGS))
     embeddings_sha = manifest(files.EMBEDDINGS, {files.CORPUS: corpus_sha}, items=len(embeddings))
 
@@ -187,7 +187,7 @@ def _publish(run_dir: Path, records: list[dict], embeddings: torch.Tensor, codes
                                                                  "reconstruction_error", "relative_reconstruction_error")}
     summary["stats"] = identifiers.code_stats(Codes(codes, layout.level_sizes, stats=built))
     (staged / files.IDS_STATS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    build_ids.plot(summary["stats"], codes, staged / files.IDS_PLOT)
+    identifiers.plot_codes(summary["stats"], codes, staged / files.IDS_PLOT)
     save_file({**{k: v for k, v in tensors.items() if k not in ("codes", "item_of_key")},
                "codes": torch.from_numpy(codes), "item_of_key": torch.from_numpy(trie.item_of_key)},
               str(staged / files.IDS))
