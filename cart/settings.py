@@ -246,8 +246,10 @@ class TrainConfig:
     distill_min_margin: float = 0.0
     distill_weight: float = 1.0
     # GENIUS's query-target interpolation (0: off; GENIUS uses 2): each training query's sentence embedding is
-    # mixed toward its item's embedding, s ~ Beta(interpolation, interpolation) a dimension (batches.toward_targets)
+    # mixed toward its item's embedding, s ~ Beta(interpolation, interpolation) a dimension (batches.toward_targets);
+    # the item's share 1 - s is scaled by interpolation_share (1: GENIUS's mix; smaller: gentler)
     interpolation: float = 0.0
+    interpolation_share: float = 1.0
     cache_encoder: bool = True  # a frozen encoder's layer outputs computed once per training text, not each step
     tune_after: int = 0  # epochs of frozen warm-up before the encoder's model.tune_layers top layers train
     encoder_learning_rate: float = 5e-5  # their peak learning rate (warm-up, then the cosine to the last step)
@@ -279,6 +281,8 @@ class TrainConfig:
         if not self.encoder_learning_rate > 0:
             raise InvalidValue("encoder_learning_rate", f"must be above 0, got {self.encoder_learning_rate!r}")
         below(self, 1, "validation_fraction")
+        if not 0 < self.interpolation_share <= 1:
+            raise InvalidValue("interpolation_share", f"should be in (0, 1], got {self.interpolation_share!r}")
         if not self.learning_rate > 0:
             raise InvalidValue("learning_rate", f"must be above 0, got {self.learning_rate!r}")
 

@@ -240,7 +240,8 @@ def run(cfg: Config, continue_training: bool = False) -> Path:
                 if train_cfg.interpolation:
                     batch["encoder_layers"] = batches.toward_targets(batch["encoder_layers"], batch["attention_mask"],
                                                                   items[batch["items"]].to(accelerator.device),
-                                                                  train_cfg.interpolation)
+                                                                  train_cfg.interpolation,
+                                                                  train_cfg.interpolation_share)
                 loss = cart_loss(model, batch, train_cfg.rdrop_weight, ranking)
                 _require_finite_loss(accelerator, loss.total, progress, cfg)
                 accelerator.backward(loss.total)

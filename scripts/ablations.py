@@ -64,6 +64,8 @@ VARIANTS = {  # name -> (config file, overrides)
     "w/o fusion + per-level distillation": (CONFIG, [f"train.distill_texts={WORDNET}", "train.distill_targets=levels"]),
     # GENIUS's query-target interpolation, Beta(2, 2) as GENIUS (batches.toward_targets)
     "with interpolation": (CONFIG, [*FUSED, "train.interpolation=2"]),
+    # a gentler mix on today's default: the item's share at most a fifth (a tenth on average)
+    "w/o fusion + gentle interpolation": (CONFIG, ["train.interpolation=2", "train.interpolation_share=0.2"]),
     "with a ranking phase": (CONFIG, [*FUSED, "train.rank_weight=1.0", "train.rank_after=9"]),
     "with residual counter": (CONFIG, ["ids.counter=residual"]),
     # issue 15: residual K-Means with balanced levels (the emoji setting with the fewest collisions)

@@ -568,6 +568,10 @@ def test_query_target_interpolation_moves_the_last_layers_mean_toward_the_target
     assert torch.allclose(after.norm(dim=-1), before.norm(dim=-1), rtol=1e-5)
     halfway = torch.nn.functional.normalize(torch.nn.functional.normalize(before, dim=-1) + targets, dim=-1)
     assert (torch.nn.functional.normalize(after, dim=-1) * halfway).sum(-1).min() > 0.999
+    gentle = mean(batches.toward_targets(layers, mask, targets, alpha=1e4, share=0.2))  # the item's share 0.1
+    q = torch.nn.functional.normalize(before, dim=-1)
+    expected = torch.nn.functional.normalize(0.9 ** 0.5 * q + 0.1 ** 0.5 * targets, dim=-1)
+    assert (torch.nn.functional.normalize(gentle, dim=-1) * expected).sum(-1).min() > 0.999
 
 
 def test_query_target_interpolation_needs_frozen_cached_minilm_states_and_minilm_item_embeddings(ready_run):
@@ -577,6 +581,8 @@ def test_query_target_interpolation_needs_frozen_cached_minilm_states_and_minilm
         ready_run(*MINILM, "train.interpolation=2")  # the items' embeddings are not MiniLM's
     with pytest.raises(CartError, match="train.interpolation must be at least 0"):
         ready_run("train.interpolation=-1")
+    with pytest.raises(CartError, match=r"train.interpolation_share should be in \(0, 1\]"):
+        ready_run("train.interpolation_share=0")
 
 
 def test_splits_config_draws_the_runs_splits_without_its_training_only_inputs(ready_run, tmp_path):

@@ -194,17 +194,18 @@ def make_batch(rows: list[int], pairs: Pairs, labels: torch.Tensor, tokenizer, m
     return batch
 
 
-def toward_targets(layers: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, alpha: float) -> torch.Tensor:
+def toward_targets(layers: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, alpha: float,
+                   share: float = 1.0) -> torch.Tensor:
     """GENIUS's query-target interpolation on a frozen MiniLM's layer outputs (B, T, S, d). A query's sentence
     embedding q (its last layer's masked mean m, normalised) becomes sqrt(s) q + sqrt(1 - s) t, t its item's
-    embedding (B, d) and s ~ Beta(alpha, alpha) a dimension, normalised again and of m's length; every real
+    embedding (B, d) and 1 - s ~ share x Beta(alpha, alpha) a dimension, normalised again and of m's length; every real
     token of the last layer moves by the same step, so the last layer's mean is the mixed embedding. Only the
     last layer lives in the items' space: the layers below stay as they are."""
     last = layers[:, :, -1]
     weights = mask.unsqueeze(-1).to(last.dtype)
     mean = (last * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, d)
     length = mean.norm(dim=-1, keepdim=True)
-    s = torch.distributions.Beta(alpha, alpha).sample(mean.shape).to(mean)
+    s = 1 - share * torch.distributions.Beta(alpha, alpha).sample(mean.shape).to(mean)
     mixed = F.normalize(s.sqrt() * mean / length + (1 - s).sqrt() * targets, dim=-1) * length
     return torch.cat([layers[:, :, :-1], (last + (mixed - mean).unsqueeze(1) * weights).unsqueeze(2)], dim=2)
 
