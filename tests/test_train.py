@@ -623,19 +623,19 @@ def test_query_target_interpolation_mixes_every_training_batch_toward_its_items(
 
     calls = []
 
-    def spy(layers, mask, targets, alpha):
-        calls.append((targets, alpha))
-        return mix(layers, mask, targets, alpha)
+    def spy(layers, mask, targets, alpha, share):
+        calls.append((targets, alpha, share))
+        return mix(layers, mask, targets, alpha, share)
 
     mix = batches.toward_targets
     monkeypatch.setattr(batches, "toward_targets", spy)
     cfg = reranked(f"output_dir={tmp_path / 'runs'}", "model.encoder=minilm", "model.d_model=384", "model.num_heads=6",
                    "model.d_ff=64", "model.num_decoder_layers=1", "model.freeze_encoder=true", "train.interpolation=2",
-                   "retrieve.rerank=false")
+                   "retrieve.rerank=false", "train.interpolation_share=0.5")
     for stage in (corpus, embed, build_ids, train):
         stage.run(cfg)
     items = item_embeddings(cfg.run_dir)
-    assert len(calls) >= cfg.train.epochs and all(alpha == 2 for _, alpha in calls)
-    for targets, _ in calls:  # each query mixed toward an item's own embedding, a row of them as it is
+    assert len(calls) >= cfg.train.epochs and all((alpha, share) == (2, 0.5) for _, alpha, share in calls)
+    for targets, _, _ in calls:  # each query mixed toward an item's own embedding, a row of them as it is
         assert (targets.unsqueeze(1) == items.unsqueeze(0)).all(-1).any(1).all()
     assert files.EMBEDDINGS in files.read_manifest(cfg.run_dir / files.MODEL_WEIGHTS)["inputs"]  # a model input
