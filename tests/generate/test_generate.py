@@ -124,10 +124,11 @@ def test_preview_board_and_record_in_subquery_mode(trained, selection):
         assert item["score"] == max(item["scores"].values())
     assert {q for item in record["retrieved"] for q in item["covers"]} == {"red number 0", "shape 3"}
     if selection == "hybrid":  # the captions decide: item0's "red number 0"; "shape" and "3" are in item3's
-        # and item6's captions ("shape 3", "red thing 3"), the better dense score of the two is kept
-        assert [item["id"] for item in record["retrieved"]][0] == "item0"
-        assert record["retrieved"][1]["id"] in {"item3", "item6"}
-        assert record["retrieved"][0]["covers"] == ["red number 0"] and len(record["retrieved"][0]["scores"]) == 2
+        # and item6's captions ("shape 3", "red thing 3"), the better dense score of the two is kept. Each covers
+        # one sub-query, so their order is the tiny model's dense scores, which float order may swap
+        chosen = {item["id"]: item for item in record["retrieved"][:2]}
+        assert "item0" in chosen and len(chosen.keys() & {"item3", "item6"}) == 1
+        assert chosen["item0"]["covers"] == ["red number 0"] and len(chosen["item0"]["scores"]) == 2
         assert record["selection"]["pareto_optimal"] == 2 and record["selection"]["beta"] == 0.015
     board = Image.open(record["outputs"][0])
     assert board.width >= 480 and board.getextrema() != ((255, 255), (255, 255), (255, 255))
