@@ -52,14 +52,18 @@ class Retriever:
         self.top_k, self.batch_size = top_k, batch_size  # the run's defaults
         self.manifest = manifest or {}  # the model's: its sha256, the inputs it was trained on, its config
         self.reranker = reranker  # when reranking
-        # prefix (all but the counter) -> the rows `cart add` put under it that the model was not trained on
-        self.untrained: dict[tuple, list[int]] = {}
+        # row -> the rows `cart add` put under its prefix (all but the counter) that the model was not trained on
+        self.untrained: dict[int, list[int]] = {}
         if run_dir is not None:
             added = set(files.read_manifest(Path(run_dir) / files.CORPUS).get("added_items", []))
             added -= set(self.manifest.get("trained_added", []))
+            prefixes = [tuple(row) for row in ids.codes[:, :-1].tolist()]
+            under: dict[tuple, list[int]] = {}
             for row, record in enumerate(records):
                 if record["id"] in added:
-                    self.untrained.setdefault(tuple(ids.codes[row, :-1].tolist()), []).append(row)
+                    under.setdefault(prefixes[row], []).append(row)
+            if under:
+                self.untrained = {row: under[p] for row, p in enumerate(prefixes) if p in under}
 
     @classmethod
     def load(cls, run_dir: str | Path, beam_width: int | None = None, device: str = "auto",
@@ -160,9 +164,10 @@ class Retriever:
         joined = []
         for row, score in zip(rows.tolist(), scores.tolist()):
             extra: dict[int, float] = {}  # each once, with its best candidate's score (they come best first)
+            beam = set(row)
             for r, s in zip(row, score):
-                for other in self.untrained.get(tuple(self.ids.codes[r, :-1].tolist()), ()) if r >= 0 else ():
-                    if other not in row:
+                for other in self.untrained.get(r, ()):  # the padding row -1 has none
+                    if other not in beam:
                         extra.setdefault(other, s)
             joined.append((row + list(extra), score + list(extra.values())))
         width = max(len(r) for r, _ in joined)
