@@ -28,7 +28,8 @@ def run(cfg: Config, force: bool = False) -> Path:
                            for name, f in row["validation"].items())
         print(f"  epoch {row['epoch']:>2}  step {row['step']:>5}  {splits}  training-query R@1 {row['train_r1']:.3f}")
     retriever = Retriever.load(cfg.run_dir, beam_width=cfg.retrieve.beam_width,  # examples and generation
-                               rerank_candidates=cfg.retrieve.rerank_candidates)
+                               rerank_candidates=cfg.retrieve.rerank_candidates,
+                               untrained_by_cosine=cfg.retrieve.untrained_by_cosine)
     if cfg.retrieve.examples:
         score = "rerank score" if retriever.reranker is not None else "log-probability"
         print(f"\nexample retrievals (rank, {score}, item, path):")

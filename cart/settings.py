@@ -299,9 +299,14 @@ class RetrieveConfig:
     # pure CART (beam_width beams)
     rerank: bool = False
     rerank_candidates: int = 10  # at least beam_width: a wider beam only for the rerank's candidates
+    # items `cart add` added that the model was not trained on, most similar to the query by the run's
+    # embeddings, that join the rerank's candidates (scored as their most similar trained item): the beam
+    # reaches them only beside a trained item under their prefix. Chosen on validation (docs/add.md)
+    untrained_by_cosine: int = 2
 
     def __post_init__(self):
         at_least(self, 1, "beam_width", "top_k", "batch_size")
+        at_least(self, 0, "untrained_by_cosine")
         if self.rerank_candidates < self.beam_width:
             raise InvalidValue("rerank_candidates", f"({self.rerank_candidates}) must be at least retrieve.beam_width "
                                                     f"({self.beam_width})")

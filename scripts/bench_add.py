@@ -3,7 +3,8 @@
 For each share (10%, and 50% for a harder row): hold out that share of the items, stratified by CLDR group
 with the config's seed; train on the rest with the real stages (`cart corpus`, `embed`, `ids`, `train`);
 score the set A and B queries of the trained items; `cart add` the held-out items; score the queries of
-(a) the added items and (b) the trained items again, each with pure CART and CART + rerank; then the
+(a) the added items and (b) the trained items again, each with pure CART and CART + rerank (and rerank
+without the untrained items cosine adds, `retrieve.untrained_by_cosine=0`: prefixes only); then the
 same after `cart train --continue` (on a copy of the run: the added items' pairs and as many replayed old
 ones, CONTINUE's settings). Beside them in the same run: a full retrain on every item (the ceiling) and
 BM25 / MiniLM over every item. A query's
@@ -96,6 +97,7 @@ def main() -> None:
         rows = {}
         for group, member in groups.items():
             for method, ranked in [("CART", after["CART"]), ("CART + rerank", after["CART + rerank"]),
+                                   ("CART + rerank, prefixes only", after["CART + rerank, prefixes only"]),
                                    ("CART after --continue", tuned["CART"]),
                                    ("CART + rerank after --continue", tuned["CART + rerank"]),
                                    ("CART before add", before["CART"]),
@@ -108,6 +110,7 @@ def main() -> None:
                 rows[f"{group}: {method}"] = {
                     s: figures(ranked[s], relevant[s], [member(item) for _, item in queries[s]]) for s in queries}
         report["shares"][share] = {"items_added": len(held), "rows": rows, "seconds": timings[run],
+                                   "search_seconds_after_add": after["seconds"],
                                    "continue_settings": CONTINUE}
     report["seconds"] = timings
     report["training_times_from"] = "a previous run (--reuse)" if previous else "this run"
@@ -165,17 +168,24 @@ def right_answers(records: list[dict], queries: dict, kinds: list[str]) -> dict[
 
 
 def score_run(run_dir: Path, texts: dict[str, list[str]]) -> dict:
-    """Each query set's top 10 item ids from the run's model, pure and reranked (the run's own settings)."""
+    """Each query set's top 10 item ids from the run's model, pure and reranked (the run's own settings),
+    and reranked without untrained items found by cosine (`retrieve.untrained_by_cosine=0`); the seconds
+    each method took over every set."""
     from cart.retrieve.retriever import Retriever
 
     retriever = Retriever.load(run_dir, rerank=True)
-    out = {}
-    for method, rerank in (("CART", False), ("CART + rerank", True)):
+    chosen = retriever.untrained_by_cosine
+    out, seconds = {}, {}
+    for method, rerank, by_cosine in (("CART", False, chosen), ("CART + rerank", True, chosen),
+                                      ("CART + rerank, prefixes only", True, 0)):
+        retriever.untrained_by_cosine = by_cosine
         out[method] = {}
+        start = time.perf_counter()
         for s, queries in texts.items():
             rows, _ = retriever.search_rows(queries, 10, batch_size=32, rerank=rerank)
             out[method][s] = [[retriever.records[r]["id"] for r in row if r >= 0] for row in rows]
-    return out
+        seconds[method] = round(time.perf_counter() - start, 1)
+    return out | {"seconds": seconds}
 
 
 def figures(ranked: list[list[str]], relevant: list[set[str]], chosen: list[bool]) -> dict:

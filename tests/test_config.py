@@ -85,6 +85,7 @@ def test_cli_prints_one_line_errors(args, message):
     ("caption.save_every=0", "caption.save_every must be at least 1"),
     ("eval.save_every=-2", "eval.save_every must be at least 1"),
     ("retrieve.batch_size=0", "retrieve.batch_size must be at least 1"),
+    ("retrieve.untrained_by_cosine=-1", "retrieve.untrained_by_cosine must be at least 0, got -1"),
     ("ids.balance=0.5", r"ids.balance must be 0 \(off\) or at least 1 \(an even share\), got 0.5"),
     ("ids.balance=.nan", "ids.balance must be a finite number"),
     ("ids.balance=.inf", "ids.balance must be a finite number"),

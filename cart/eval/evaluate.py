@@ -40,7 +40,8 @@ def run(cfg: Config) -> Path:
     if cfg.retrieve.beam_width < DEPTH:
         raise CartError(f"retrieve.beam_width={cfg.retrieve.beam_width}: eval needs at least {DEPTH} beams for R@10")
     retriever = Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=eval_cfg.device,  # checks every input
-                               rerank_candidates=cfg.retrieve.rerank_candidates)
+                               rerank_candidates=cfg.retrieve.rerank_candidates,
+                               untrained_by_cosine=cfg.retrieve.untrained_by_cosine)
     # with generated captions: the baselines see what CART trained on
     records, _ = pairs.with_generated_captions(run_dir, retriever.records)
     query_sets = held_out_queries(records)

@@ -281,7 +281,8 @@ def run(cfg: Config, prompt: str | None = None, run_dir: Path | None = None,
     run_dir = Path(run_dir or cfg.run_dir)
     generator = generators.load(generate_cfg)  # fail on a bad model folder before decoding anything
     retriever = retriever or Retriever.load(run_dir, beam_width=cfg.retrieve.beam_width, device=generate_cfg.device,
-                                            rerank_candidates=cfg.retrieve.rerank_candidates)
+                                            rerank_candidates=cfg.retrieve.rerank_candidates,
+                                            untrained_by_cosine=cfg.retrieve.untrained_by_cosine)
     critic = None
     if generate_cfg.rounds > 1:
         embed = EmbedConfig(**retriever.manifest["config"]["embed"]) if generate_cfg.critic == "cosine" else None

@@ -51,16 +51,23 @@ class Reranker:
     weight: float = 0.0
     lexical_weight: float = 0.0
 
-    def features(self, queries: list[str], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def query_vectors(self, queries: list[str]) -> torch.Tensor:
+        """(Q, D) the queries embedded by the run's encoder's text side, L2-normalised, on the CPU."""
+        return self.encoder.encode_text(queries).float().cpu()
+
+    def features(self, queries: list[str], rows: np.ndarray,
+                 vectors: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(Q, k) cosine and lexical score of each candidate (0 where missing); the lexical score is BM25
-        divided by the best of the query's candidates, so it lies in [0, 1] whatever the corpus."""
-        vectors = self.encoder.encode_text(queries).float().cpu()
+        divided by the best of the query's candidates, so it lies in [0, 1] whatever the corpus. `vectors`:
+        the queries' `query_vectors` when the caller has them."""
+        vectors = self.query_vectors(queries) if vectors is None else vectors
         cosine = torch.einsum("qd,qkd->qk", vectors, self.items[np.maximum(rows, 0)].float()).numpy()
         bm25 = self.index.candidate_scores(queries, rows)
         return cosine, bm25 / np.maximum(bm25.max(axis=1, keepdims=True), 1e-9)
 
-    def __call__(self, queries: list[str], rows: np.ndarray, log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cosine, lexical = self.features(queries, rows)
+    def __call__(self, queries: list[str], rows: np.ndarray, log_probs: np.ndarray,
+                 vectors: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        cosine, lexical = self.features(queries, rows, vectors)
         return rerank(rows, log_probs, cosine, lexical, self.weight, self.lexical_weight)
 
 

@@ -11,7 +11,9 @@ identifier mapped back to its corpus item: the retriever can only ever return re
 `retrieve.rerank_candidates` beams are re-ordered by `cart.rerank`: cosine of the query's and the item's
 embeddings + the weight `cart train` chose times the log-probability. Items `cart add` added that the
 model was not trained on join the candidates beside the trained sibling the beam found under their
-prefix, with its log-probability: the model never learnt their counter, so the beam alone rarely keeps them.
+prefix, with its log-probability: the model never learnt their counter, so the beam alone rarely keeps them; so do the `retrieve.untrained_by_cosine`
+of them most similar to the query by the run's embeddings, each with the log-probability of its most similar
+trained item, found by the beam or not.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Retriever:
     def __init__(self, model, tokenizer, ids, records: list[dict], *, beam_width: int, max_query_tokens: int,
                  device: torch.device, top_k: int = 10, batch_size: int = RetrieveConfig.batch_size,
                  manifest: dict | None = None, reranker: Reranker | None = None, rerank_candidates: int | None = None,
-                 run_dir: Path | None = None):
+                 run_dir: Path | None = None, untrained_by_cosine: int = RetrieveConfig.untrained_by_cosine):
         self.model = model.to(device).eval()
         self.run_dir = run_dir
         self.tokenizer, self.ids, self.records = tokenizer, ids, records
@@ -52,25 +54,32 @@ class Retriever:
         self.top_k, self.batch_size = top_k, batch_size  # the run's defaults
         self.manifest = manifest or {}  # the model's: its sha256, the inputs it was trained on, its config
         self.reranker = reranker  # when reranking
-        # row -> the rows `cart add` put under its prefix (all but the counter) that the model was not trained on
+        self.untrained_by_cosine = untrained_by_cosine
+        # the rows `cart add` added that the model was not trained on; row -> those under its prefix (all but
+        # the counter); and each one's most similar trained row, whose identifier scores it when cosine finds it
         self.untrained: dict[int, list[int]] = {}
+        self.untrained_rows = np.empty(0, dtype=np.int64)
+        self.stand_ins = np.empty(0, dtype=np.int64)
         if run_dir is not None:
             added = set(files.read_manifest(Path(run_dir) / files.CORPUS).get("added_items", []))
             added -= set(self.manifest.get("trained_added", []))
+            self.untrained_rows = np.array([row for row, r in enumerate(records) if r["id"] in added], dtype=np.int64)
             prefixes = [tuple(row) for row in ids.codes[:, :-1].tolist()]
             under: dict[tuple, list[int]] = {}
-            for row, record in enumerate(records):
-                if record["id"] in added:
-                    under.setdefault(prefixes[row], []).append(row)
+            for row in self.untrained_rows.tolist():
+                under.setdefault(prefixes[row], []).append(row)
             if under:
                 self.untrained = {row: under[p] for row, p in enumerate(prefixes) if p in under}
+        if reranker is not None and 0 < len(self.untrained_rows) < len(records):
+            self.stand_ins = _most_similar_trained(reranker.items, self.untrained_rows)
 
     @classmethod
     def load(cls, run_dir: str | Path, beam_width: int | None = None, device: str = "auto",
-             rerank: bool | None = None, rerank_candidates: int | None = None) -> "Retriever":
+             rerank: bool | None = None, rerank_candidates: int | None = None,
+             untrained_by_cosine: int | None = None) -> "Retriever":
         """The run's best model, tokenizer, identifiers and corpus; beam width, query length, rerank and its
-        candidates (never fewer than the beam width) default to the values the model was trained and
-        validated with."""
+        candidates (never fewer than the beam width, and the untrained items cosine adds) default to the
+        values the model was trained and validated with."""
         from cart.model import model_io
 
         run_dir = Path(run_dir)
@@ -92,7 +101,9 @@ class Retriever:
                    max_query_tokens=config["model"]["max_query_tokens"], device=device,
                    top_k=config["retrieve"]["top_k"],
                    batch_size=config["retrieve"].get("batch_size", RetrieveConfig.batch_size),
-                   manifest=manifest, reranker=reranker, rerank_candidates=rerank_candidates, run_dir=run_dir)
+                   manifest=manifest, reranker=reranker, rerank_candidates=rerank_candidates, run_dir=run_dir,
+                   untrained_by_cosine=config["retrieve"].get("untrained_by_cosine", RetrieveConfig.untrained_by_cosine)
+                   if untrained_by_cosine is None else untrained_by_cosine)
 
     def reloaded(self) -> "Retriever":
         """This retriever's model (and rerank's encoder) over the run's items as they are now: after `cart add`
@@ -107,7 +118,8 @@ class Retriever:
         return Retriever(self.model, self.tokenizer, ids, records, beam_width=self.beam_width,
                          max_query_tokens=self.max_query_tokens, device=self.device, top_k=self.top_k,
                          batch_size=self.batch_size, manifest=self.manifest, reranker=reranker,
-                         rerank_candidates=self.rerank_candidates, run_dir=self.run_dir)
+                         rerank_candidates=self.rerank_candidates, run_dir=self.run_dir,
+                         untrained_by_cosine=self.untrained_by_cosine)
 
     def search(self, queries: str | list[str], k: int | None = None, batch_size: int | None = None) -> list[list[Hit]]:
         """Ranked items for each query, best first (fewer than k when the beams found fewer); k and the
@@ -144,31 +156,40 @@ class Retriever:
                 raise CartError(f"query {i + 1} is empty")
         rows, scores = [], []
         for start in range(0, len(queries), batch_size):
-            items, item_scores = decode_texts(self.model, self.tokenizer, self.ids.trie, queries[start: start + batch_size],
+            batch = queries[start: start + batch_size]
+            items, item_scores = decode_texts(self.model, self.tokenizer, self.ids.trie, batch,
                                               beams=beams, top_k=beams if rerank else k,
                                               max_tokens=self.max_query_tokens, device=self.device)
             if rerank:
-                items, item_scores = self.reranker(queries[start: start + batch_size],
-                                                   *self._with_untrained(items, item_scores))
+                vectors = self.reranker.query_vectors(batch)
+                items, item_scores = self.reranker(batch, *self._with_untrained(batch, vectors, items, item_scores),
+                                                   vectors)
             rows.append(items[:, :k])
             scores.append(item_scores[:, :k])
         if not rows:
             return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
         return np.concatenate(rows), np.concatenate(scores)
 
-    def _with_untrained(self, rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _with_untrained(self, queries: list[str], vectors: torch.Tensor, rows: np.ndarray,
+                        scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Beam candidates (Q, C) and log-probabilities, each query's followed by the untrained items under
-        its candidates' prefixes, scored as the candidate (-1 / -inf pad the rows to one width)."""
-        if not self.untrained:
+        its candidates' prefixes, scored as the candidate, then by the `untrained_by_cosine` untrained items
+        most similar to the query (`vectors`, its query vector) not among them yet, scored as their most
+        similar trained item (-1 / -inf pad the rows to one width)."""
+        picks, pick_scores = self._untrained_by_cosine(queries, vectors)
+        if not self.untrained and not picks.size:
             return rows, scores
         joined = []
-        for row, score in zip(rows.tolist(), scores.tolist()):
+        for row, score, picked, picked_scores in zip(rows.tolist(), scores.tolist(), picks.tolist(), pick_scores.tolist()):
             extra: dict[int, float] = {}  # each once, with its best candidate's score (they come best first)
             beam = set(row)
             for r, s in zip(row, score):
                 for other in self.untrained.get(r, ()):  # the padding row -1 has none
                     if other not in beam:
                         extra.setdefault(other, s)
+            for other, s in zip(picked, picked_scores):
+                if other not in beam:
+                    extra.setdefault(other, s)
             joined.append((row + list(extra), score + list(extra.values())))
         width = max(len(r) for r, _ in joined)
         out_rows = np.full((len(joined), width), -1, dtype=np.int64)
@@ -176,6 +197,20 @@ class Retriever:
         for i, (r, s) in enumerate(joined):
             out_rows[i, :len(r)], out_scores[i, :len(s)] = r, s
         return out_rows, out_scores
+
+    def _untrained_by_cosine(self, queries: list[str], vectors: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, m) the untrained rows most similar to each query and the log-probability of each one's most
+        similar trained item's identifier under the query: the model's belief in the place the item sits,
+        since it never learnt the item itself. (Q, 0) when there are none or the setting is 0."""
+        count = min(self.untrained_by_cosine, len(self.stand_ins))
+        if not count:
+            return np.empty((len(queries), 0), dtype=np.int64), np.empty((len(queries), 0), dtype=np.float32)
+        similarity = vectors @ self.reranker.items[torch.from_numpy(self.untrained_rows)].float().T  # (Q, U)
+        chosen = similarity.topk(count, dim=1).indices.numpy()
+        stand_ins, where = np.unique(self.stand_ins[chosen], return_inverse=True)
+        log_probs = score_identifiers(self.model, self.tokenizer, queries, self.ids.tokens[stand_ins],
+                                      max_tokens=self.max_query_tokens, device=self.device)  # (Q, S)
+        return self.untrained_rows[chosen], np.take_along_axis(log_probs, where.reshape(chosen.shape), axis=1)
 
     def score_rows(self, queries: list[str], rows) -> np.ndarray:
         """(Q, C) how well each of the corpus rows `rows` answers each query, beam search or not: with
@@ -234,3 +269,13 @@ def format_hits(query: str, hits: list[Hit]) -> str:
     """A query and its ranked items as indented lines: rank, log-probability, id, path."""
     return "\n".join([query] + [f"  {rank:>3}  {hit.score:>9.3f}  {hit.id:<24} {hit.path}"
                                 for rank, hit in enumerate(hits, 1)])
+
+
+def _most_similar_trained(items: torch.Tensor, untrained: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """For each untrained row, the trained row (every row not in `untrained`) whose embedding is most
+    similar: items (N, D), L2-normalised; a chunk of untrained rows at a time."""
+    trained = np.setdiff1d(np.arange(len(items)), untrained)
+    corpus = items[torch.from_numpy(trained)].float()
+    nearest = [(items[torch.from_numpy(untrained[start: start + chunk])].float() @ corpus.T).argmax(dim=1).numpy()
+               for start in range(0, len(untrained), chunk)]
+    return trained[np.concatenate(nearest)]

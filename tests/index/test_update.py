@@ -70,7 +70,11 @@ def test_added_items_are_found_and_the_model_is_untouched(run, tmp_path, capsys)
     # untrained, they join rerank's candidates beside the trained item the beam finds under their prefix
     sibling = next(row for row in range(12) if (codes[row, :-1] == codes[13, :-1]).all())
     under = [row for row in range(12, 15) if (codes[row, :-1] == codes[13, :-1]).all()]
-    rows, scores = retriever._with_untrained(np.array([[sibling, -1]]), np.array([[-1.5, -np.inf]], dtype=np.float32))
+    query = ["violet spiral 101"]
+    vectors = retriever.reranker.query_vectors(query)
+    retriever.untrained_by_cosine = 0
+    rows, scores = retriever._with_untrained(query, vectors, np.array([[sibling, -1]]),
+                                             np.array([[-1.5, -np.inf]], dtype=np.float32))
     assert rows[0, :2].tolist() == [sibling, -1] and sorted(rows[0, 2:].tolist()) == under
     assert (scores[0, 2:] == -1.5).all()
     # the model scores each trained item's identifier as before
@@ -83,6 +87,35 @@ def test_added_items_are_found_and_the_model_is_untouched(run, tmp_path, capsys)
     ids_manifest = files.read_manifest(run / files.IDS)
     model_manifest = files.read_manifest(run / files.MODEL_WEIGHTS)
     assert model_manifest["inputs"][files.IDS] == ids_manifest["extends"][0] != ids_manifest["sha256"]
+
+
+def test_untrained_items_most_similar_to_the_query_join_the_candidates(run, tmp_path):
+    assert cart("add", "--run", str(run), "--corpus", new_items(tmp_path)) == 0
+    retriever = Retriever.load(run, rerank=True, untrained_by_cosine=2)
+    items = retriever.reranker.items
+    # each untrained row's stand-in is the trained row whose embedding is most similar
+    assert retriever.untrained_rows.tolist() == [12, 13, 14]
+    assert retriever.stand_ins.tolist() == (items[12:] @ items[:12].T).argmax(dim=1).tolist()
+    queries = ["violet spiral 101", "red number 0"]
+    vectors = retriever.reranker.query_vectors(queries)
+    expected = (vectors @ items[12:].T).topk(2, dim=1).indices.numpy() + 12
+    beam = np.array([[0], [1]])  # a trained row whose prefix holds none of them
+    retriever.untrained = {}
+    rows, scores = retriever._with_untrained(queries, vectors, beam, np.array([[-0.5], [-0.5]], dtype=np.float32))
+    # scored as the stand-in: its identifier's log-probability under the model (pure CART's score_rows)
+    exact = Retriever.load(run, rerank=False).score_rows(queries, retriever.stand_ins)
+    for q in range(2):
+        assert rows[q, 0] == beam[q, 0] and rows[q, 1:].tolist() == expected[q].tolist()
+        assert np.allclose(scores[q, 1:], exact[q, expected[q] - 12], atol=1e-5)
+    # a pick the beam already has keeps the beam's score; none are added with the setting at 0
+    rows, scores = retriever._with_untrained(queries[:1], vectors[:1], expected[:1, :1], np.array([[-0.25]], dtype=np.float32))
+    assert rows[0, 0] == expected[0, 0] and scores[0, 0] == np.float32(-0.25) and rows[0, 1:].tolist() == expected[0, 1:].tolist()
+    retriever.untrained_by_cosine = 0
+    rows, _ = retriever._with_untrained(queries, vectors, beam, np.array([[-0.5], [-0.5]], dtype=np.float32))
+    assert rows.tolist() == beam.tolist()
+    # through search, with no prefix expansion at all: the query's own new item comes back
+    retriever.untrained_by_cosine = 2
+    assert "new101" in [hit.id for hit in retriever.search(["violet spiral 101"], k=5)[0]]
 
 
 def test_a_second_add_and_a_rebuild_of_the_identifiers_needs_force(run, tmp_path, reranked):
