@@ -151,22 +151,26 @@ def decode_texts(model, tokenizer, trie: PrefixTrie, texts: list[str], *, beams:
 @torch.no_grad()
 def score_identifiers(model, tokenizer, texts: list[str], tokens: np.ndarray, *, max_tokens: int,
                       device: torch.device, chunk: int = 256) -> np.ndarray:
-    """The log-probability of every identifier under every query text, by teacher forcing: (Q, C) for Q
-    texts and `tokens` (C, L), the identifiers' decoder tokens. The same number beam search reports for an
-    identifier it finds (EOS included: with the level softmax its log-probability is 0), for any identifier,
-    found or not. The texts are encoded once; a query's candidates run as passes over its memory."""
+    """The log-probability of identifiers under query texts, by teacher forcing: (Q, C) for Q texts and
+    `tokens` (C, L), the identifiers' decoder tokens, every one under every text; or (Q, C, L), each text's
+    own C. The same number beam search reports for an identifier it finds (EOS included: with the level
+    softmax its log-probability is 0), for any identifier, found or not. The texts are encoded once; a
+    query's candidates run as passes over its memory."""
     encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
     mask = encoded["attention_mask"]
     memory = model.get_encoder()(input_ids=encoded["input_ids"], attention_mask=mask)
     labels = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
-    labels = torch.cat([labels, torch.full((len(labels), 1), TokenLayout.EOS, device=device)], dim=1)  # (C, L + 1)
+    own = labels.dim() == 3  # each text its own candidates
+    eos = torch.full((*labels.shape[:-1], 1), TokenLayout.EOS, device=device)
+    labels = torch.cat([labels, eos], dim=-1)  # (C, L + 1) or (Q, C, L + 1)
     scores = []
-    for start in range(0, len(labels), chunk):
-        part = labels[start: start + chunk]
-        targets = part.repeat(len(texts), 1)  # rows q * C' + c
-        rows_memory, rows_mask = _memory_for_rows(model, memory, mask, len(part))
+    for start in range(0, labels.shape[-2], chunk):
+        part = labels[..., start: start + chunk, :]
+        width = part.shape[-2]
+        targets = part.reshape(-1, part.shape[-1]) if own else part.repeat(len(texts), 1)  # rows q * C' + c
+        rows_memory, rows_mask = _memory_for_rows(model, memory, mask, width)
         logits = model(encoder_outputs=rows_memory, attention_mask=rows_mask, labels=targets).logits
-        scores.append(sequence_log_prob(logits, targets).view(len(texts), len(part)))
+        scores.append(sequence_log_prob(logits, targets).view(len(texts), width))
     return torch.cat(scores, dim=1).float().cpu().numpy() if scores else np.zeros((len(texts), 0), np.float32)
 
 

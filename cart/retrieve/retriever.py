@@ -206,11 +206,10 @@ class Retriever:
         if not count:
             return np.empty((len(queries), 0), dtype=np.int64), np.empty((len(queries), 0), dtype=np.float32)
         similarity = vectors @ self.reranker.items[torch.from_numpy(self.untrained_rows)].float().T  # (Q, U)
-        chosen = similarity.topk(count, dim=1).indices.numpy()
-        stand_ins, where = np.unique(self.stand_ins[chosen], return_inverse=True)
-        log_probs = score_identifiers(self.model, self.tokenizer, queries, self.ids.tokens[stand_ins],
-                                      max_tokens=self.max_query_tokens, device=self.device)  # (Q, S)
-        return self.untrained_rows[chosen], np.take_along_axis(log_probs, where.reshape(chosen.shape), axis=1)
+        chosen = similarity.topk(count, dim=1).indices.numpy()  # (Q, m)
+        log_probs = score_identifiers(self.model, self.tokenizer, queries, self.ids.tokens[self.stand_ins[chosen]],
+                                      max_tokens=self.max_query_tokens, device=self.device)  # each query its own
+        return self.untrained_rows[chosen], log_probs
 
     def score_rows(self, queries: list[str], rows) -> np.ndarray:
         """(Q, C) how well each of the corpus rows `rows` answers each query, beam search or not: with

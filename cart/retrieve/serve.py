@@ -151,6 +151,7 @@ def create_app(retriever: Retriever, batch_size: int | None = None, wait_ms: flo
                 "ids_version": files.read_manifest(current.run_dir / files.IDS)["sha256"],
                 "rerank": current.reranker is not None, "beam_width": current.beam_width,
                 "rerank_candidates": current.rerank_candidates, "top_k": current.top_k,
+                "untrained_items": len(current.untrained_rows), "untrained_by_cosine": current.untrained_by_cosine,
                 "batch_size": batcher.batch_size, "batches": batcher.batches, "requests": batcher.requests}
 
     @app.post("/search")

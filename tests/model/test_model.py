@@ -405,6 +405,10 @@ def test_scoring_any_identifier_gives_beam_search_scores(fusion, level_softmax):
     for q in range(3):  # chunks of 7 candidates, per-row memory without fusion: the same numbers
         found = items[q] >= 0
         assert np.allclose(every[q, items[q][found].numpy()], scores[q][found].numpy(), atol=1e-4)
+    # each query its own candidates: the same numbers as every candidate under every query
+    own = np.array([[0, 5], [2, 2], [len(trie.tokens) - 1, 1]])
+    mine = score_identifiers(model, tokenizer, ["a", "b", "c"], trie.tokens[own], max_tokens=6, device="cpu", chunk=1)
+    assert np.allclose(mine, np.take_along_axis(every, own, axis=1), atol=1e-5)
 
 
 def test_cached_layer_outputs_give_the_same_loss_as_the_encoder():

@@ -125,7 +125,8 @@ def test_items_added_over_http_are_found_and_bad_ones_change_nothing(server, tmp
             for i in range(2)]
     status, answer = call(url + "/items", {"items": rows})
     assert status == 200 and answer["added"] == ["new0", "new1"] and answer["items"] == 14
-    assert call(url + "/info")[1]["items"] == 14
+    info = call(url + "/info")[1]
+    assert info["items"] == 14 and info["untrained_items"] == 2
     hits = call(url + "/search", {"queries": ["violet spiral 1"], "k": 3, "rerank": True})[1]["results"][0]["hits"]
     assert "new1" in [h["id"] for h in hits]
     before = {p.name: files.sha256_file(p) for p in run.iterdir() if p.is_file() and p.name != files.LOCK}
