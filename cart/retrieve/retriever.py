@@ -11,9 +11,9 @@ identifier mapped back to its corpus item: the retriever can only ever return re
 `retrieve.rerank_candidates` beams are re-ordered by `cart.rerank`: cosine of the query's and the item's
 embeddings + the weight `cart train` chose times the log-probability. Items `cart add` added that the
 model was not trained on join the candidates beside the trained sibling the beam found under their
-prefix, with its log-probability: the model never learnt their counter, so the beam alone rarely keeps them; so do the `retrieve.untrained_by_cosine`
-of them most similar to the query by the run's embeddings, each with the log-probability of its most similar
-trained item, found by the beam or not.
+prefix, with its log-probability: the model never learnt their counter, so the beam alone rarely keeps
+them. So do the `retrieve.untrained_by_cosine` of them most similar to the query by the run's embeddings,
+found by the beam or not, each with the log-probability of its most similar trained item.
 """
 
 from __future__ import annotations
