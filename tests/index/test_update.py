@@ -106,7 +106,7 @@ def test_untrained_items_most_similar_to_the_query_join_the_candidates(run, tmp_
     exact = Retriever.load(run, rerank=False).score_rows(queries, retriever.stand_ins)
     for q in range(2):
         assert rows[q, 0] == beam[q, 0] and rows[q, 1:].tolist() == expected[q].tolist()
-        assert np.allclose(scores[q, 1:], exact[q, expected[q] - 12], atol=1e-5)
+        assert np.allclose(scores[q, 1:], exact[q, expected[q] - 12], atol=1e-4)
     # a pick the beam already has keeps the beam's score; none are added with the setting at 0
     rows, scores = retriever._with_untrained(queries[:1], vectors[:1], expected[:1, :1], np.array([[-0.25]], dtype=np.float32))
     assert rows[0, 0] == expected[0, 0] and scores[0, 0] == np.float32(-0.25) and rows[0, 1:].tolist() == expected[0, 1:].tolist()

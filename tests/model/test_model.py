@@ -408,7 +408,7 @@ def test_scoring_any_identifier_gives_beam_search_scores(fusion, level_softmax):
     # each query its own candidates: the same numbers as every candidate under every query
     own = np.array([[0, 5], [2, 2], [len(trie.tokens) - 1, 1]])
     mine = score_identifiers(model, tokenizer, ["a", "b", "c"], trie.tokens[own], max_tokens=6, device="cpu", chunk=1)
-    assert np.allclose(mine, np.take_along_axis(every, own, axis=1), atol=1e-5)
+    assert np.allclose(mine, np.take_along_axis(every, own, axis=1), atol=1e-4)
 
 
 def test_cached_layer_outputs_give_the_same_loss_as_the_encoder():
