@@ -198,9 +198,9 @@ def toward_targets(layers: torch.Tensor, mask: torch.Tensor, targets: torch.Tens
                    share: float = 1.0) -> torch.Tensor:
     """GENIUS's query-target interpolation on a frozen MiniLM's layer outputs (B, T, S, d). A query's sentence
     embedding q (its last layer's masked mean m, normalised) becomes sqrt(s) q + sqrt(1 - s) t, t its item's
-    embedding (B, d) and 1 - s ~ share x Beta(alpha, alpha) a dimension, normalised again and of m's length; every real
-    token of the last layer moves by the same step, so the last layer's mean is the mixed embedding. Only the
-    last layer lives in the items' space: the layers below stay as they are."""
+    embedding (B, d) and 1 - s ~ share x Beta(alpha, alpha) a dimension, normalised again and of m's length;
+    every real token of the last layer moves by the same step, so the last layer's mean is the mixed
+    embedding. Only the last layer lives in the items' space: the layers below stay as they are."""
     last = layers[:, :, -1]
     weights = mask.unsqueeze(-1).to(last.dtype)
     mean = (last * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, d)

@@ -93,6 +93,10 @@ class Retriever:
             raise CartError(f"beam width must be at least 1, got {beam_width}")
         if rerank_candidates is None:  # runs trained before the setting re-ranked the beam itself
             rerank_candidates = config["retrieve"].get("rerank_candidates", beam_width)
+        if untrained_by_cosine is None:  # runs trained before the setting: its default
+            untrained_by_cosine = config["retrieve"].get("untrained_by_cosine", RetrieveConfig.untrained_by_cosine)
+        if isinstance(untrained_by_cosine, bool) or not isinstance(untrained_by_cosine, int) or untrained_by_cosine < 0:
+            raise CartError(f"untrained_by_cosine must be a whole number, at least 0, got {untrained_by_cosine!r}")
         device = pick_device(device)
         rerank = config["retrieve"].get("rerank", False) if rerank is None else rerank
         records = corpus.read(run_dir)
@@ -102,8 +106,7 @@ class Retriever:
                    top_k=config["retrieve"]["top_k"],
                    batch_size=config["retrieve"].get("batch_size", RetrieveConfig.batch_size),
                    manifest=manifest, reranker=reranker, rerank_candidates=rerank_candidates, run_dir=run_dir,
-                   untrained_by_cosine=config["retrieve"].get("untrained_by_cosine", RetrieveConfig.untrained_by_cosine)
-                   if untrained_by_cosine is None else untrained_by_cosine)
+                   untrained_by_cosine=untrained_by_cosine)
 
     def reloaded(self) -> "Retriever":
         """This retriever's model (and rerank's encoder) over the run's items as they are now: after `cart add`

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cart import cli, files
+from cart.errors import CartError
 from cart.index import identifiers
 from cart.index.build_ids import load as load_ids
 from cart.retrieve.retriever import Retriever
@@ -113,13 +114,15 @@ def test_untrained_items_most_similar_to_the_query_join_the_candidates(run, tmp_
     retriever.untrained_by_cosine = 0
     rows, _ = retriever._with_untrained(queries, vectors, beam, np.array([[-0.5], [-0.5]], dtype=np.float32))
     assert rows.tolist() == beam.tolist()
+    for bad in (-1, 1.5, True):  # a bad count from the Python API: one line, not a traceback from topk
+        with pytest.raises(CartError, match="untrained_by_cosine must be a whole number, at least 0"):
+            Retriever.load(run, rerank=True, untrained_by_cosine=bad)
     # through search, with no prefix expansion at all: the query's own new item comes back
     retriever.untrained_by_cosine = 2
     assert "new101" in [hit.id for hit in retriever.search(["violet spiral 101"], k=5)[0]]
 
 
 def test_a_second_add_and_a_rebuild_of_the_identifiers_needs_force(run, tmp_path, reranked):
-    from cart.errors import CartError
     from cart.index import build_ids
 
     assert cart("add", "--run", str(run), "--corpus", new_items(tmp_path)) == 0
@@ -232,7 +235,6 @@ def test_new_items_take_their_most_similar_items_prefix_and_a_free_counter(run):
 
 def test_continued_training_goes_on_from_the_model_on_the_added_items(run, tmp_path, reranked, capsys):
     from cart import train
-    from cart.errors import CartError
 
     cfg = reranked(f"output_dir={run.parent}", f"run={run.name}", "train.epochs=1", "train.validate_from=1")
     with pytest.raises(CartError, match="no item was added"):
